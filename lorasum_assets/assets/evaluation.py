@@ -1,0 +1,146 @@
+"""bertscore_report: BERTScore and ROUGE for base vs tuned, appended to the evaluation history."""
+
+from datetime import UTC, datetime
+
+import dagster as dg
+
+from lorasum_assets import __version__
+from lorasum_assets.assets.data import filtered_split, read_dialogues
+from lorasum_assets.assets.plots import histogram, markdown_table
+from lorasum_assets.assets.predictions import base_predictions, tuned_predictions
+from lorasum_assets.ml.metrics import ROUGE_TYPES
+from lorasum_assets.ml.report import METRICS, metric_value, score_predictions
+from lorasum_assets.profiles import get_profile
+from lorasum_assets.resources import BertScorerResource, LoraModelResource, LorasumStore
+from lorasum_assets.store.history import write_evaluation
+
+
+class ReportConfig(dg.Config):
+    split: str = "test"
+    bootstrap_resamples: int = 1000
+    seed: int = 0
+
+
+def _predictions(con, table: str, split: str) -> dict[str, tuple]:
+    rows = con.execute(
+        f"SELECT id, prediction, new_tokens, hit_limit, adapter_id FROM {table} WHERE split = ?", [split]
+    ).fetchall()
+    return {r[0]: r[1:] for r in rows}
+
+
+def report_tables(report) -> str:
+    """The notebook's two tables (scores, and the tuned-vs-base percentage difference) with CIs."""
+    rows = []
+    for metric in METRICS:
+        base = metric_value(report, "base", metric)
+        tuned = metric_value(report, "tuned", metric)
+        delta = metric_value(report, "delta", metric)
+        pct = 100.0 * (tuned["value"] - base["value"]) / base["value"] if base["value"] else float("nan")
+        rows.append(
+            (
+                metric,
+                f"{base['value']:.4f} [{base['ci_low']:.4f}, {base['ci_high']:.4f}]",
+                f"{tuned['value']:.4f} [{tuned['ci_low']:.4f}, {tuned['ci_high']:.4f}]",
+                f"{delta['value']:+.4f} [{delta['ci_low']:+.4f}, {delta['ci_high']:+.4f}]",
+                f"{pct:+.2f}%",
+            )
+        )
+    return markdown_table(["metric", "base (95% CI)", "tuned (95% CI)", "tuned − base (paired 95% CI)", "% difference"], rows)
+
+
+@dg.asset(
+    deps=[base_predictions, tuned_predictions, filtered_split],
+    group_name="evaluation",
+    kinds={"python", "duckdb"},
+    code_version="1",
+    description="BERTScore P/R/F1 and ROUGE for base vs tuned with bootstrap CIs; one history row set per run.",
+)
+def bertscore_report(
+    context: dg.AssetExecutionContext,
+    config: ReportConfig,
+    scorer: BertScorerResource,
+    model: LoraModelResource,
+    store: LorasumStore,
+) -> dg.MaterializeResult:
+    with store.connect() as con:
+        dialogues = read_dialogues(con, "filtered_split", config.split)
+        base = _predictions(con, "base_predictions", config.split)
+        tuned = _predictions(con, "tuned_predictions", config.split)
+        dataset_hash = con.execute(
+            "SELECT sha256(string_agg(id || dialogue, '' ORDER BY id)) FROM filtered_split WHERE split = ?", [config.split]
+        ).fetchone()[0]
+    missing = [d.id for d in dialogues if d.id not in base or d.id not in tuned]
+    if missing:
+        raise ValueError(f"{len(missing)} {config.split} dialogues lack a base or tuned prediction, e.g. {missing[:5]}")
+    adapter_ids = {v[3] for v in tuned.values()}
+    if len(adapter_ids) != 1:
+        raise ValueError(f"tuned predictions come from several adapters: {sorted(map(str, adapter_ids))}")
+    adapter_id = adapter_ids.pop()
+    with store.connect() as con:
+        adapter_sha = con.execute("SELECT sha256 FROM adapters WHERE adapter_id = ?", [adapter_id]).fetchone()
+    scoring = scorer.scorer()
+    references = [d.references for d in dialogues]
+    predictions = {"base": [base[d.id][0] for d in dialogues], "tuned": [tuned[d.id][0] for d in dialogues]}
+    report = score_predictions(scoring, predictions, references, config.bootstrap_resamples, config.seed)
+
+    run_id = context.run_id
+    profile = get_profile()
+    examples = []
+    for model_name, source in (("base", base), ("tuned", tuned)):
+        scores = report.per_example[model_name]
+        for i, d in enumerate(dialogues):
+            prediction, new_tokens, hit_limit, _ = source[d.id]
+            examples.append(
+                dict(
+                    run_id=run_id, model=model_name, id=d.id, prediction=prediction, new_tokens=new_tokens,
+                    hit_limit=hit_limit, **{m: scores[m][i] for m in METRICS}, scorer_hash=scoring.hash,
+                )
+            )
+    metrics = [dict(run_id=run_id, **m, scorer_hash=scoring.hash) for m in report.metrics]
+    with store.connect() as con:
+        write_evaluation(
+            con,
+            dict(
+                run_id=run_id,
+                created_at=datetime.now(UTC).replace(tzinfo=None),
+                profile=profile.name,
+                params={"split": config.split, "bootstrap_resamples": config.bootstrap_resamples, "seed": config.seed,
+                        "generation": str(profile.generation)},
+                code_version=__version__,
+                base_model=model.model,
+                dataset_hash=dataset_hash,
+                split=config.split,
+                n_examples=len(dialogues),
+                adapter_id=adapter_id,
+                adapter_sha256=adapter_sha[0] if adapter_sha else None,
+                scorer_hash=scoring.hash,
+            ),
+            metrics,
+            examples,
+        )
+
+    table = report_tables(report)
+    context.log.info(f"base vs tuned on {len(dialogues)} {config.split} dialogues:\n{table}")
+    f1_base, f1_tuned = report.per_example["base"]["bertscore_f1"], report.per_example["tuned"]["bertscore_f1"]
+    deltas = [t - b for t, b in zip(f1_tuned, f1_base)]
+    side_by_side = markdown_table(
+        ["id", "dialogue (start)", "reference", "base", "tuned", "F1 Δ"],
+        [
+            (d.id, d.dialogue[:160] + "…", d.references[0], predictions["base"][i], predictions["tuned"][i], deltas[i])
+            for i, d in list(enumerate(dialogues))[:5]
+        ],
+    )
+    metadata = {
+        "dagster/row_count": len(report.metrics),
+        "n_examples": len(dialogues),
+        "adapter_id": adapter_id,
+        "scorer_hash": scoring.hash,
+        "empty_predictions": report.empty_predictions,
+        "report": dg.MetadataValue.md(table),
+        "examples": dg.MetadataValue.md(side_by_side),
+        "f1_delta_histogram": histogram(deltas, "Per-example BERTScore F1, tuned − base", "F1 delta", bins=20),
+    }
+    for model_name in ("base", "tuned"):
+        for metric in ("bertscore_precision", "bertscore_recall", "bertscore_f1", *ROUGE_TYPES):
+            metadata[f"{model_name}_{metric}"] = round(metric_value(report, model_name, metric)["value"], 4)
+    return dg.MaterializeResult(metadata=metadata)

@@ -1,0 +1,18 @@
+"""Assembles the code location: assets, checks, resources and jobs. Nothing else happens here."""
+
+import dagster as dg
+
+from lorasum_assets.assets import ALL_ASSETS
+from lorasum_assets.automation import train_and_evaluate
+from lorasum_assets.checks import ALL_CHECKS
+from lorasum_assets.resources.factory import build_resources
+
+defs = dg.Definitions(
+    assets=ALL_ASSETS,
+    asset_checks=ALL_CHECKS,
+    jobs=[train_and_evaluate],
+    resources=build_resources(),
+    # One process runs every step, so the model loads once per run and no two processes ever
+    # hold it at the same time.
+    executor=dg.in_process_executor,
+)

