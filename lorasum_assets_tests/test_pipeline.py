@@ -69,3 +69,19 @@ def test_whole_graph_materializes_on_the_tiny_model(materialized):
     assert "tuned − base" in report_meta["report"].value
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["quarantine_share_within_limit"] and checks["labels_end_with_eos"]
+
+
+def test_two_materializations_leave_two_history_runs(fresh_home):
+    instance = dg.DagsterInstance.ephemeral()
+    assert materialize_all(instance).success
+    second = dg.materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        resources=build_resources(get_profile("tiny")),
+        instance=instance,
+        selection="base_predictions*",
+    )
+    assert second.success
+    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    assert con.execute("SELECT count(DISTINCT run_id) FROM eval_runs").fetchone()[0] == 2
+    assert con.execute("SELECT count(*) FROM eval_metrics").fetchone()[0] == 42
+    assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 1

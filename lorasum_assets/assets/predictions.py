@@ -4,7 +4,7 @@ import dagster as dg
 
 from lorasum_assets.assets.data import filtered_split, read_dialogues
 from lorasum_assets.assets.training import GPU_POOL, lora_adapter
-from lorasum_assets.ml.generate import GenerationSpec, generate, has_active_adapter
+from lorasum_assets.ml.generate import GenerationSpec, generate, generate_with_adapter, has_active_adapter
 from lorasum_assets.ml.prompts import encode_prompt
 from lorasum_assets.profiles import get_profile, with_overrides
 from lorasum_assets.resources import LoraModelResource, LorasumStore
@@ -97,8 +97,6 @@ def base_predictions(
 def tuned_predictions(
     context: dg.AssetExecutionContext, config: TunedGenerationConfig, model: LoraModelResource, store: LorasumStore
 ) -> dg.MaterializeResult:
-    from peft import PeftModel
-
     with store.connect() as con:
         if config.adapter_id:
             row = con.execute("SELECT adapter_id, path FROM adapters WHERE adapter_id = ?", [config.adapter_id]).fetchone()
@@ -111,15 +109,7 @@ def tuned_predictions(
         adapter_id, path = row
         tokenizer = model.tokenizer()
         dialogues, prompts = _prompts(con, tokenizer, config, model.use_chat_template)
-    base = model.base_model()
-    # PeftModel.from_pretrained injects LoRA layers into ``base`` in place; unload() takes them out
-    # again so the shared base stays clean for base_predictions.
-    tuned = PeftModel.from_pretrained(base, path, is_trainable=False)
-    try:
-        tuned.eval()
-        outputs = generate(tuned, tokenizer, prompts, _spec(config), on_batch=lambda d, n: context.log.info(f"tuned: {d}/{n}"))
-    finally:
-        tuned.unload()
-    if has_active_adapter(base):
-        raise RuntimeError("unloading the adapter left LoRA layers in the base model")
+    outputs = generate_with_adapter(
+        model.base_model(), path, tokenizer, prompts, _spec(config), on_batch=lambda d, n: context.log.info(f"tuned: {d}/{n}")
+    )
     return _write(context, store, "tuned_predictions", config, dialogues, outputs, adapter_id)

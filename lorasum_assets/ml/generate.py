@@ -101,3 +101,28 @@ def generate(
         if on_batch is not None:
             on_batch(done, len(prompts))
     return [r for r in results if r is not None]
+
+
+def generate_with_adapter(
+    base_model,
+    adapter_path: str,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    spec: GenerationSpec,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[Generation]:
+    """Generate with ``adapter_path`` applied to ``base_model``, and leave the base as it was.
+
+    ``PeftModel.from_pretrained`` injects LoRA layers into the base in place (the notebook's base
+    column was contaminated this way); ``unload()`` takes them out again without merging.
+    """
+    from peft import PeftModel
+
+    tuned = PeftModel.from_pretrained(base_model, adapter_path, is_trainable=False)
+    try:
+        tuned.eval()
+        return generate(tuned, tokenizer, prompts, spec, on_batch)
+    finally:
+        restored = tuned.unload()
+        if has_active_adapter(restored):
+            raise RuntimeError("unloading the adapter left LoRA layers in the base model")

@@ -152,6 +152,9 @@ def prepare_peft_model(model, spec: TrainSpec):
         bias=spec.bias,
         task_type="CAUSAL_LM",
     )
+    import torch
+
+    torch.manual_seed(spec.seed)  # LoRA A matrices are randomly initialised: same seed, same start
     peft_model = get_peft_model(model, config)
     for _name, param in peft_model.named_parameters():
         if param.requires_grad and param.dtype != _float32():
@@ -346,7 +349,7 @@ def train_lora(
                     scaler.scale(loss).backward()
                 else:
                     loss.backward()
-                window_loss += float(loss)
+                window_loss += float(loss.detach())
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm))

@@ -1,0 +1,78 @@
+"""Our scoring agrees with bert_score and rouge_score called directly."""
+
+import bert_score
+import pytest
+from rouge_score import rouge_scorer
+
+from lorasum_assets.ml.metrics import (
+    BertScoreModel,
+    BertScoreSpec,
+    bootstrap_ci,
+    package_minilm_path,
+    paired_bootstrap_ci,
+    rouge_scores,
+)
+from lorasum_assets.ml.report import metric_value, score_predictions
+
+CANDS = ["#Person1# books a table for two.", "They plan a trip to the lake.", ""]
+REFS = [
+    ["#Person1# reserves a table for two people.", "A table for two is booked."],
+    ["#Person2# and #Person1# plan a weekend trip to the lake."],
+    ["Somebody says something."],
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return BertScoreModel(BertScoreSpec(model="all-MiniLM-L6-v2", model_path=package_minilm_path(), num_layers=6))
+
+
+def test_bertscore_matches_bert_score_directly(minilm):
+    p, r, f = minilm(CANDS, REFS)
+    direct = {}
+    for i, (cand, refs) in enumerate(zip(CANDS[:2], REFS[:2])):
+        dp, dr, df = bert_score.score([cand] * len(refs), refs, model_type=package_minilm_path(), num_layers=6)
+        best = int(df.argmax())
+        direct[i] = (float(dp[best]), float(dr[best]), float(df[best]))
+    for i in (0, 1):
+        assert (p[i], r[i], f[i]) == pytest.approx(direct[i], abs=1e-5)
+    assert (p[2], r[2], f[2]) == (0.0, 0.0, 0.0)  # empty candidate scores 0 explicitly
+    assert minilm.hash == "all-MiniLM-L6-v2_L6_no-idf_version=0.3.12(hug_trans=" + __import__("transformers").__version__ + ")"
+
+
+def test_rouge_matches_rouge_score_directly():
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    ours = rouge_scores(CANDS, REFS)
+    for i in (0, 1):
+        for key in ours:
+            best = max(scorer.score(ref, CANDS[i])[key].fmeasure for ref in REFS[i])
+            assert ours[key][i] == pytest.approx(best)
+    assert all(ours[k][2] == 0.0 for k in ours)
+
+
+def test_rescaling_without_a_baseline_file_is_an_error():
+    with pytest.raises(FileNotFoundError, match="no baseline file"):
+        BertScoreModel(BertScoreSpec(model="all-MiniLM-L6-v2", model_path=package_minilm_path(), num_layers=6, rescale_with_baseline=True))
+
+
+def test_num_layers_is_required():
+    with pytest.raises(ValueError, match="num_layers"):
+        BertScoreModel(BertScoreSpec(model="x", num_layers=None))
+
+
+def test_bootstrap_is_seeded_and_paired():
+    values = [0.1, 0.5, 0.9, 0.4, 0.6]
+    assert bootstrap_ci(values, seed=1) == bootstrap_ci(values, seed=1)
+    ci = bootstrap_ci(values)
+    assert ci.low <= ci.mean <= ci.high and ci.mean == pytest.approx(0.5)
+    delta = paired_bootstrap_ci([v + 0.1 for v in values], values)
+    assert delta.low == pytest.approx(0.1) and delta.high == pytest.approx(0.1)
+
+
+def test_report_scores_multi_reference_and_first_reference(minilm):
+    report = score_predictions(minilm, {"base": ["", "x", "y"], "tuned": CANDS}, REFS, n_resamples=200)
+    assert {m["reference_set"] for m in report.metrics} == {"all", "first"}
+    assert report.empty_predictions == {"base": 1, "tuned": 1}
+    all_f1 = metric_value(report, "tuned", "rouge1", "all")["value"]
+    first_f1 = metric_value(report, "tuned", "rouge1", "first")["value"]
+    assert all_f1 >= first_f1

@@ -1,0 +1,107 @@
+"""Evaluation history: append-only, idempotent per run, views that answer the questions."""
+
+import duckdb
+import pytest
+
+from lorasum_assets.store.history import record_training_step, transaction, write_evaluation
+from lorasum_assets.store.schema import SCHEMA_VERSION, current_version, migrate
+
+
+def seed_run(con, run_id, created_at, adapter, f1_base, f1_tuned, per_example, dataset="d1", scorer="s1"):
+    metrics = []
+    for model, value in (("base", f1_base), ("tuned", f1_tuned), ("delta", f1_tuned - f1_base)):
+        metrics.append(dict(run_id=run_id, model=model, metric="bertscore_f1", reference_set="all", value=value, ci_low=value - 0.01, ci_high=value + 0.01, scorer_hash=scorer))
+    examples = []
+    for ex_id, (b, t) in per_example.items():
+        for model, f1 in (("base", b), ("tuned", t)):
+            examples.append(dict(run_id=run_id, model=model, id=ex_id, prediction=f"{model} {ex_id}", new_tokens=3, hit_limit=False,
+                                 bertscore_precision=f1, bertscore_recall=f1, bertscore_f1=f1, rouge1=0.0, rouge2=0.0, rougeL=0.0, rougeLsum=0.0, scorer_hash=scorer))
+    run = dict(run_id=run_id, created_at=created_at, profile="tiny", params={"seed": 0}, code_version="0.1.0", base_model="m",
+               dataset_hash=dataset, split="test", n_examples=len(per_example), adapter_id=adapter, adapter_sha256="sha-" + adapter, scorer_hash=scorer)
+    write_evaluation(con, run, metrics, examples)
+
+
+@pytest.fixture()
+def con(tmp_path):
+    connection = duckdb.connect(str(tmp_path / "h.duckdb"))
+    migrate(connection)
+    yield connection
+    connection.close()
+
+
+def test_a_retried_run_replaces_its_rows(con):
+    seed_run(con, "run-a", "2026-01-01", "ad1", 0.5, 0.6, {"x": (0.5, 0.6)})
+    seed_run(con, "run-a", "2026-01-01", "ad1", 0.5, 0.7, {"x": (0.5, 0.7)})
+    assert con.execute("SELECT count(*) FROM eval_runs").fetchone()[0] == 1
+    assert con.execute("SELECT count(*) FROM eval_metrics").fetchone()[0] == 3
+    assert con.execute("SELECT value FROM eval_metrics WHERE model = 'tuned'").fetchone()[0] == 0.7
+    seed_run(con, "run-b", "2026-01-02", "ad2", 0.5, 0.65, {"x": (0.5, 0.65)})
+    assert con.execute("SELECT count(*) FROM eval_runs").fetchone()[0] == 2
+
+
+def test_a_failed_write_leaves_nothing(con):
+    with pytest.raises(duckdb.Error):
+        write_evaluation(con, dict(run_id="bad", created_at="2026-01-01"), [dict(run_id="bad", no_such_column=1)], [])
+    assert con.execute("SELECT count(*) FROM eval_runs").fetchone()[0] == 0
+
+
+def test_views_answer_history_best_adapter_and_worse_examples(con):
+    seed_run(con, "r1", "2026-01-01", "ad1", 0.50, 0.55, {"a": (0.5, 0.6), "b": (0.5, 0.4)})
+    seed_run(con, "r2", "2026-01-02", "ad2", 0.50, 0.70, {"a": (0.5, 0.7), "b": (0.5, 0.7)})
+    seed_run(con, "r3", "2026-01-03", "ad3", 0.50, 0.60, {"a": (0.6, 0.5), "b": (0.5, 0.7)})
+    seed_run(con, "r4", "2026-01-04", "ad4", 0.50, 0.99, {"a": (0.5, 0.99)}, scorer="other-scorer")
+
+    # how did tuned F1 change across the last N runs
+    last = con.execute(
+        "SELECT run_id, value FROM eval_history WHERE model = 'tuned' AND metric = 'bertscore_f1' AND scorer_hash = 's1' "
+        "ORDER BY created_at DESC LIMIT 2"
+    ).fetchall()
+    assert last == [("r3", 0.60), ("r2", 0.70)]
+
+    # which adapter is best on this dataset and metric (same scorer hash only)
+    best = con.execute(
+        "SELECT adapter_id FROM best_adapters WHERE dataset_hash = 'd1' AND scorer_hash = 's1' AND metric = 'bertscore_f1' AND rank = 1"
+    ).fetchall()
+    assert best == [("ad2",)]
+
+    # examples where tuned is worse than base
+    worse = con.execute("SELECT run_id, id FROM tuned_worse_examples ORDER BY run_id, id").fetchall()
+    assert worse == [("r1", "b"), ("r3", "a")]
+
+    # bertscore_report shows the latest run only
+    assert {r[0] for r in con.execute("SELECT run_id FROM bertscore_report").fetchall()} == {"r4"}
+
+
+def test_training_steps_are_keyed_so_a_resume_never_duplicates(con):
+    class Log:
+        step, epoch, loss, learning_rate, grad_norm, label_tokens, seconds = 1, 0.1, 2.0, 1e-4, 0.5, 10, 0.1
+
+    record_training_step(con, "k", "run-1", Log)
+    Log.loss = 1.5
+    record_training_step(con, "k", "run-2", Log)
+    assert con.execute("SELECT count(*), max(loss), max(run_id) FROM training_steps").fetchone() == (1, 1.5, "run-2")
+
+
+def test_an_older_database_upgrades_in_place(tmp_path):
+    path = str(tmp_path / "old.duckdb")
+    old = duckdb.connect(path)
+    old.execute("CREATE TABLE schema_version (version INTEGER, applied_at TIMESTAMP)")
+    assert current_version(old) == 0
+    old.execute("CREATE TABLE eval_runs (run_id VARCHAR PRIMARY KEY, created_at TIMESTAMP, profile VARCHAR, params JSON, code_version VARCHAR, "
+                "base_model VARCHAR, dataset_hash VARCHAR, split VARCHAR, n_examples INTEGER, adapter_id VARCHAR, adapter_sha256 VARCHAR, scorer_hash VARCHAR)")
+    old.execute("INSERT INTO eval_runs (run_id, created_at) VALUES ('kept', '2025-01-01')")
+    old.close()
+    con = duckdb.connect(path)
+    assert migrate(con) == SCHEMA_VERSION
+    assert current_version(con) == SCHEMA_VERSION
+    assert con.execute("SELECT run_id FROM eval_runs").fetchall() == [("kept",)]
+    assert con.execute("SELECT count(*) FROM eval_history").fetchone()[0] == 0
+    assert migrate(con) == SCHEMA_VERSION  # idempotent
+
+
+def test_transaction_rolls_back(con):
+    with pytest.raises(RuntimeError):
+        with transaction(con):
+            con.execute("INSERT INTO run_failures VALUES ('r', 'j', now(), 'e')")
+            raise RuntimeError("boom")
+    assert con.execute("SELECT count(*) FROM run_failures").fetchone()[0] == 0

@@ -1,0 +1,154 @@
+"""Training: only LoRA weights change, it learns, 4-bit works on CPU, adapters reload, resume works."""
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorasum_assets.ml.modeling import ModelSpec, load_model
+from lorasum_assets.ml.prompts import encode_example
+from lorasum_assets.ml.train import (
+    TrainExample,
+    TrainSpec,
+    collate_right,
+    plan_batches,
+    prepare_peft_model,
+    save_adapter,
+    steps_per_epoch,
+    train_lora,
+)
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def examples(tokenizer, n, split="train"):
+    text = resources.files("lorasum_assets").joinpath("sample_data/dialogues.jsonl").read_text("utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if json.loads(line)["split"] == split][:n]
+    out = []
+    for row in rows:
+        e = encode_example(tokenizer, row["dialogue"], row["summary"], 512)
+        out.append(TrainExample(e.input_ids, e.labels))
+    return out
+
+
+def test_only_lora_weights_change_and_they_do(tiny_model, tiny_tokenizer):
+    before = {k: v.detach().clone() for k, v in tiny_model.state_dict().items()}
+    spec = TrainSpec(epochs=1, batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, warmup_ratio=0.0, gradient_checkpointing=True)
+    peft_model = prepare_peft_model(tiny_model, spec)
+    train_lora(peft_model, examples(tiny_tokenizer, 8), [], spec, tiny_tokenizer.pad_token_id)
+    changed_lora, base_names = 0, 0
+    for name, value in peft_model.named_parameters():
+        if "lora_" in name:
+            if "lora_B" in name:
+                changed_lora += int(not torch.all(value == 0))
+            continue
+        base_name = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(value.detach(), before[base_name]), f"{base_name} changed"
+        base_names += 1
+    assert base_names == len(before)
+    assert changed_lora == 8  # q/k/v/o in 2 layers
+
+
+def test_overfitting_eight_examples_halves_the_loss(tiny_model, tiny_tokenizer):
+    spec = TrainSpec(
+        epochs=40, batch_size=8, gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.0,
+        lora_r=16, lora_alpha=32, lora_dropout=0.0, gradient_checkpointing=False,
+    )
+    data = examples(tiny_tokenizer, 8)
+    peft_model = prepare_peft_model(tiny_model, spec)
+    result = train_lora(peft_model, data, data, spec, tiny_tokenizer.pad_token_id)
+    assert result.total_steps == 40
+    assert result.steps[-1].loss <= 0.5 * result.steps[0].loss, (result.steps[0].loss, result.steps[-1].loss)
+    assert result.val_losses[-1] < result.val_losses[0]
+
+
+def test_nf4_trains_and_saves_on_cpu(tiny_model_dir, tiny_tokenizer, tmp_path):
+    model = load_model(ModelSpec(model=str(tiny_model_dir), quantization="nf4", device="cpu"))
+    assert model.is_loaded_in_4bit
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    spec = TrainSpec(epochs=1, batch_size=2, gradient_accumulation_steps=2, learning_rate=5e-3, warmup_ratio=0.0)
+    peft_model = prepare_peft_model(model, spec)
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            assert "lora_" in name and param.dtype == torch.float32
+    result = train_lora(peft_model, examples(tiny_tokenizer, 8), examples(tiny_tokenizer, 2, "validation"), spec, tiny_tokenizer.pad_token_id)
+    assert result.total_steps == 2 and all(s.grad_norm > 0 for s in result.steps)
+    target = save_adapter(peft_model, tiny_tokenizer, tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in target.iterdir()}
+
+
+def test_reloaded_adapter_reproduces_logits(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from peft import PeftModel
+
+    spec = TrainSpec(epochs=1, batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.0, lora_dropout=0.0)
+    peft_model = prepare_peft_model(load_model(ModelSpec(model=str(tiny_model_dir), device="cpu")), spec)
+    data = examples(tiny_tokenizer, 8)
+    train_lora(peft_model, data, [], spec, tiny_tokenizer.pad_token_id)
+    save_adapter(peft_model, tiny_tokenizer, tmp_path / "adapter")
+    batch = collate_right(data[:4], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        trained = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        reloaded_model = PeftModel.from_pretrained(load_model(ModelSpec(model=str(tiny_model_dir), device="cpu")), tmp_path / "adapter")
+        reloaded = reloaded_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        plain = load_model(ModelSpec(model=str(tiny_model_dir), device="cpu"))(input_ids=batch["input_ids"]).logits
+    assert torch.allclose(trained, reloaded, atol=1e-5)
+    assert not torch.allclose(trained, plain, atol=1e-3)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_killed_training_resumes_to_the_planned_step_count(tiny_model_dir, tiny_tokenizer, tmp_path):
+    spec = TrainSpec(epochs=3, batch_size=2, gradient_accumulation_steps=2, learning_rate=5e-3, checkpoint_steps=2, lora_dropout=0.0, gradient_checkpointing=False)
+    data = examples(tiny_tokenizer, 10)
+    planned = steps_per_epoch(len(data), spec) * spec.epochs
+    logged: dict[int, int] = {}
+
+    def crash_at_step_5(log):
+        logged[log.step] = logged.get(log.step, 0) + 1
+        if log.step == 5:
+            raise Crash("killed")
+
+    model = lambda: prepare_peft_model(load_model(ModelSpec(model=str(tiny_model_dir), device="cpu")), spec)  # noqa: E731
+    with pytest.raises(Crash):
+        train_lora(model(), data, [], spec, tiny_tokenizer.pad_token_id, checkpoint_dir=tmp_path / "ckpt", on_step=crash_at_step_5)
+    resumed = train_lora(model(), data, [], spec, tiny_tokenizer.pad_token_id, checkpoint_dir=tmp_path / "ckpt",
+                         on_step=lambda log: logged.__setitem__(log.step, logged.get(log.step, 0) + 1))
+    assert resumed.resumed_from_step == 4
+    assert resumed.total_steps == planned == 9
+    assert [s.step for s in resumed.steps] == list(range(1, planned + 1))
+    # A straight run gives the same final loss: the resume restored optimizer, schedule and data order.
+    straight = train_lora(model(), data, [], spec, tiny_tokenizer.pad_token_id)
+    assert resumed.steps[-1].loss == pytest.approx(straight.steps[-1].loss, rel=1e-4)
+    assert logged[5] == 2  # step 5 ran twice (before and after the crash); a keyed store keeps one row
+
+
+def test_length_grouped_batches_cover_every_example_once():
+    lengths = [5, 50, 7, 48, 6, 49, 8, 51]
+    batches = plan_batches(lengths, batch_size=2, seed=0, epoch=0, group_by_length=True)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    spread = [abs(lengths[b[0]] - lengths[b[1]]) for b in batches]
+    assert max(spread) <= 3
+    assert plan_batches(lengths, 2, 0, 0, True) == batches
+    assert plan_batches(lengths, 2, 0, 1, True) != batches
+
+
+def test_adapter_write_is_atomic_and_reports_unwritable_folder(tiny_model, tiny_tokenizer, tmp_path):
+    spec = TrainSpec(epochs=1)
+    peft_model = prepare_peft_model(tiny_model, spec)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not __import__("os").access(locked, __import__("os").W_OK):
+            with pytest.raises(PermissionError, match="not writable"):
+                save_adapter(peft_model, tiny_tokenizer, locked / "adapter")
+            assert not (locked / "adapter").exists()
+    finally:
+        locked.chmod(0o700)
+    target = save_adapter(peft_model, tiny_tokenizer, tmp_path / "ok")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked", "ok"]  # no staging left behind
+    assert Path(target, "adapter_model.safetensors").stat().st_size > 0
