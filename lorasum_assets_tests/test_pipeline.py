@@ -85,3 +85,39 @@ def test_two_materializations_leave_two_history_runs(fresh_home):
     assert con.execute("SELECT count(DISTINCT run_id) FROM eval_runs").fetchone()[0] == 2
     assert con.execute("SELECT count(*) FROM eval_metrics").fetchone()[0] == 42
     assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 1
+
+
+def test_too_many_quarantined_rows_block_the_run(fresh_home, tmp_path):
+    rows = [{"id": f"train_{i}", "dialogue": "#Person1#: Hi." if i < 5 else "", "summary": "s", "topic": "t"} for i in range(10)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result = dg.materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        resources=build_resources(get_profile("tiny")),
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {"raw_dialogsum": {"config": {"source": "local", "path": str(tmp_path / "data")}}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks["quarantine_share_within_limit"].passed is False
+    assert checks["quarantine_share_within_limit"].metadata["quarantined"].value == 5
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialized == {"raw_dialogsum"}  # the blocking check stopped everything downstream
+
+
+def test_wrong_columns_fail_with_expected_and_found(fresh_home, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "a", "label": "b"}\n')
+    result = dg.materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        resources=build_resources(get_profile("tiny")),
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {"raw_dialogsum": {"config": {"source": "local", "path": str(tmp_path / "data")}}}},
+        selection="raw_dialogsum",
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = result.failure_data_for_node("raw_dialogsum").error
+    message = str(failure.cause.message if failure.cause else failure.message)
+    assert "expected ['id', 'dialogue', 'summary', 'topic']" in message and "found ['label', 'text']" in message

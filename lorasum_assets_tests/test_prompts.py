@@ -112,3 +112,23 @@ def test_prompt_is_the_notebooks():
 def test_chat_template_wrapping_is_stable(tiny_tokenizer):
     with pytest.raises(ValueError, match="chat template"):
         render_prompt("D", tiny_tokenizer, use_chat_template=True)
+
+
+def test_chat_template_gets_a_fixed_date(tiny_tokenizer):
+    import copy
+
+    from lorasum_assets.ml.prompts import FIXED_DATE_STRING
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = (
+        "{{ bos_token }}Today Date: {{ date_string | default('NOW') }}\n"
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    prompt = render_prompt("#Person1#: Hi.", tokenizer, use_chat_template=True)
+    assert f"Today Date: {FIXED_DATE_STRING}" in prompt
+    assert "Summarize the following conversation.\n\n#Person1#: Hi.\n\nSummary: " in prompt
+    ids, _ = encode_prompt(tokenizer, "#Person1#: Hi.", use_chat_template=True)
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    example = encode_example(tokenizer, "#Person1#: Hi.", "A greeting.", 256, use_chat_template=True)
+    assert_labels_are_summary_plus_eos(tokenizer, example, "A greeting.")

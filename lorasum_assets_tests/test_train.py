@@ -152,3 +152,34 @@ def test_adapter_write_is_atomic_and_reports_unwritable_folder(tiny_model, tiny_
     target = save_adapter(peft_model, tiny_tokenizer, tmp_path / "ok")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["locked", "ok"]  # no staging left behind
     assert Path(target, "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_a_prequantized_checkpoint_loads_without_quantizing_twice(tiny_model_dir, tmp_path, monkeypatch):
+    """Like unsloth/Llama-3.2-3B-Instruct-bnb-4bit: the folder carries its own quantization config."""
+    import transformers
+
+    quantized = load_model(ModelSpec(model=str(tiny_model_dir), quantization="nf4", device="cpu"))
+    quantized.save_pretrained(tmp_path / "prequantized")
+    seen = {}
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(path, **kwargs):
+        seen.update(kwargs)
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    model = load_model(ModelSpec(model=str(tmp_path / "prequantized"), quantization="nf4", device="cpu"))
+    assert "quantization_config" not in seen
+    assert model.is_loaded_in_4bit
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+
+
+def test_precision_follows_the_hardware():
+    import torch
+
+    from lorasum_assets.ml.modeling import pick_dtype
+
+    assert pick_dtype(ModelSpec(model="x"), "cpu") == torch.float32
+    assert pick_dtype(ModelSpec(model="x", compute_dtype="bfloat16"), "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="quantization"):
+        ModelSpec(model="x", quantization="int3")

@@ -37,6 +37,7 @@ class TrainingConfig(dg.Config):
     max_steps: int | None = None
     max_grad_norm: float | None = None
     gradient_checkpointing: bool | None = None
+    mixed_precision: str | None = None
     group_by_length: bool | None = None
     logging_steps: int | None = None
     checkpoint_steps: int | None = None

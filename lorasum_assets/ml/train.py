@@ -42,6 +42,7 @@ class TrainSpec:
     max_steps: int | None = None
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; none on CPU) | bf16 | fp16 | no
     group_by_length: bool = True
     logging_steps: int = 1
     checkpoint_steps: int = 10
@@ -168,11 +169,17 @@ def _float32():
     return torch.float32
 
 
-def _autocast_dtype(model):
-    """bf16/fp16 autocast on CUDA, nothing on CPU."""
+def _autocast_dtype(model, mixed_precision: str = "auto"):
+    """The autocast dtype for training; adapters themselves stay fp32."""
     import torch
 
     device = next(model.parameters()).device
+    if mixed_precision == "no":
+        return None
+    if mixed_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    if mixed_precision != "auto":
+        raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {mixed_precision!r}")
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -316,8 +323,9 @@ def train_lora(
         num_warmup_steps=math.ceil(spec.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    autocast_dtype = _autocast_dtype(peft_model)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    autocast_dtype = _autocast_dtype(peft_model, spec.mixed_precision)
+    on_cuda = next(peft_model.parameters()).device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 and on_cuda else None
 
     step = 0
     if checkpoint_dir is not None:

@@ -1,0 +1,63 @@
+"""lora_adapter as users run it: killed mid-run with SIGKILL, then materialized again."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_CONFIG = {"ops": {"lora_adapter": {"config": {"epochs": 12, "checkpoint_steps": 4, "logging_steps": 1}}}}
+
+
+def materialize(home: Path, selection: str, config_file: Path) -> subprocess.Popen:
+    env = {**os.environ, "LORASUM_HOME": str(home), "LORASUM_PROFILE": "tiny", "DAGSTER_HOME": str(home / "dagster")}
+    (home / "dagster").mkdir(exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "lorasum_assets.definitions",
+         "--select", selection, "-c", str(config_file)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def test_killed_training_resumes_and_logs_each_step_once(fresh_home, tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(RUN_CONFIG))
+    prep = materialize(fresh_home, "raw_dialogsum,filtered_split,tokenized_dataset", config_file)
+    assert prep.wait(timeout=300) == 0, prep.stdout.read().decode()[-3000:]
+
+    training = materialize(fresh_home, "lora_adapter", config_file)
+    checkpoints = fresh_home / "checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and training.poll() is None:
+        if any(checkpoints.glob("*/step-8/COMPLETE")):
+            break
+        time.sleep(0.05)
+    assert training.poll() is None, "training finished before it could be killed; make it longer"
+    os.killpg(training.pid, signal.SIGKILL)
+    training.wait(timeout=60)
+
+    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    logged_before = con.execute("SELECT count(*) FROM training_steps").fetchone()[0]
+    assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 0  # no half adapter registered
+    con.close()
+    assert not list((fresh_home / "adapters").glob("*")) if (fresh_home / "adapters").exists() else True
+
+    again = materialize(fresh_home, "lora_adapter", config_file)
+    output = again.communicate(timeout=600)[0].decode()
+    assert again.returncode == 0, output[-3000:]
+    assert "resumed from checkpoint at step" in output
+
+    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    planned = 11 * 12  # ceil(44 / 4) optimizer steps per epoch x 12 epochs
+    steps = [r[0] for r in con.execute("SELECT step FROM training_steps ORDER BY step").fetchall()]
+    assert logged_before >= 8
+    assert steps == list(range(1, planned + 1))
+    assert con.execute("SELECT count(DISTINCT run_id) FROM training_steps").fetchone()[0] == 2
+    assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 1
+    adapter_dirs = [p for p in (fresh_home / "adapters").iterdir()]
+    assert len(adapter_dirs) == 1 and not adapter_dirs[0].name.startswith(".")
