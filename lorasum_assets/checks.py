@@ -49,4 +49,40 @@ def tuned_f1_not_below_base(context: dg.AssetCheckExecutionContext, store: Loras
         metadata={"base_f1": rows.get("base"), "tuned_f1": rows.get("tuned")},
     )
 
-ALL_CHECKS = [quarantine_share_within_limit, labels_end_with_eos, tuned_f1_not_below_base]
+class RegressionCheckConfig(dg.Config):
+    metric: str = "bertscore_f1"
+    severity: str = "WARN"  # WARN or ERROR
+
+
+@dg.asset_check(
+    asset=bertscore_report,
+    description="The tuned model is not worse than the best earlier run on the same dataset and scorer, beyond its CI.",
+)
+def tuned_not_worse_than_previous_best(
+    context: dg.AssetCheckExecutionContext, config: RegressionCheckConfig, store: LorasumStore
+) -> dg.AssetCheckResult:
+    severity = dg.AssetCheckSeverity[config.severity.upper()]
+    with store.connect() as con:
+        latest = con.execute(
+            """SELECT run_id, dataset_hash, scorer_hash, value, ci_low, ci_high FROM bertscore_report
+               WHERE model = 'tuned' AND metric = ? AND reference_set = 'all'""",
+            [config.metric],
+        ).fetchone()
+        if latest is None:
+            return dg.AssetCheckResult(passed=False, severity=severity, metadata={"reason": "no evaluation in the history"})
+        run_id, dataset_hash, scorer_hash, value, ci_low, ci_high = latest
+        best = con.execute(
+            """SELECT run_id, adapter_id, value FROM eval_history
+               WHERE model = 'tuned' AND metric = ? AND reference_set = 'all' AND dataset_hash = ?
+                 AND scorer_hash = ? AND run_id != ?
+               ORDER BY value DESC LIMIT 1""",
+            [config.metric, dataset_hash, scorer_hash, run_id],
+        ).fetchone()
+    metadata = {"metric": config.metric, "value": value, "ci_low": ci_low, "ci_high": ci_high, "scorer_hash": scorer_hash}
+    if best is None:
+        return dg.AssetCheckResult(passed=True, severity=severity, metadata={**metadata, "previous_best": "none (first run on this dataset and scorer)"})
+    metadata.update(previous_best_run=best[0], previous_best_adapter=str(best[1]), previous_best_value=best[2])
+    return dg.AssetCheckResult(passed=ci_high >= best[2], severity=severity, metadata=metadata)
+
+
+ALL_CHECKS = [quarantine_share_within_limit, labels_end_with_eos, tuned_f1_not_below_base, tuned_not_worse_than_previous_best]

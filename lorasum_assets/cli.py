@@ -1,4 +1,8 @@
-"""The ``lorasum`` command: read the evaluation history in the DuckDB database."""
+"""The ``lorasum`` command: the evaluation history, run comparisons, summaries and exports.
+
+Reads open the database read-only and retry with jitter while a pipeline run holds the write
+lock; past ``--wait`` seconds they stop with a clear message (exit code 3).
+"""
 
 from __future__ import annotations
 
@@ -6,55 +10,72 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lorasum_assets.home import database_path
 from lorasum_assets.store.history import DatabaseBusyError, with_lock_retry
 
+EXPORT_TABLES = ("eval_runs", "eval_metrics", "eval_examples", "adapters", "training_steps", "training_epochs", "run_failures")
 
-def _connect(read_only: bool = True, timeout_s: float = 30.0):
+
+def _connect(args: argparse.Namespace):
     import duckdb
 
     path = database_path()
     if not path.exists():
         raise SystemExit(f"no lorasum database at {path}; run the pipeline first (make demo)")
-    return with_lock_retry(lambda: duckdb.connect(str(path), read_only=read_only), timeout_s)
+    return with_lock_retry(lambda: duckdb.connect(str(path), read_only=True), args.wait)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    def fmt(value: object) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        return "" if value is None else str(value)
-
-    cells = [[fmt(v) for v in row] for row in rows]
+    cells = [[_fmt(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     print("  ".join("-" * w for w in widths))
     for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _emit(args: argparse.Namespace, header: Sequence[str], rows: Sequence[Sequence[object]], extra: dict | None = None) -> None:
+    if args.json:
+        payload = {**(extra or {}), "rows": [dict(zip(header, r)) for r in rows]}
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        _print_table(header, rows)
+
+
+def _latest_run(con) -> str:
+    row = con.execute("SELECT run_id FROM eval_runs ORDER BY created_at DESC LIMIT 1").fetchone()
+    if row is None:
+        raise SystemExit("no evaluation runs yet")
+    return row[0]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """The latest run's base-vs-tuned table (or a given run's)."""
-    con = _connect()
-    run_id = args.run or (con.execute("SELECT run_id FROM eval_runs ORDER BY created_at DESC LIMIT 1").fetchone() or [None])[0]
-    if run_id is None:
-        raise SystemExit("no evaluation runs yet")
-    run = con.execute("SELECT profile, base_model, n_examples, split, adapter_id, scorer_hash FROM eval_runs WHERE run_id = ?", [run_id]).fetchone()
+    con = _connect(args)
+    run_id = args.run or _latest_run(con)
+    run = con.execute(
+        "SELECT profile, base_model, n_examples, split, adapter_id, scorer_hash FROM eval_runs WHERE run_id = ?", [run_id]
+    ).fetchone()
+    if run is None:
+        raise SystemExit(f"no evaluation run {run_id!r}")
     rows = con.execute(
         """SELECT metric,
-                  max(value) FILTER (WHERE model = 'base') AS base,
-                  max(value) FILTER (WHERE model = 'tuned') AS tuned,
-                  max(value) FILTER (WHERE model = 'delta') AS delta,
-                  max(ci_low) FILTER (WHERE model = 'delta') AS delta_low,
-                  max(ci_high) FILTER (WHERE model = 'delta') AS delta_high
-           FROM eval_metrics WHERE run_id = ? AND reference_set = 'all'
-           GROUP BY metric ORDER BY metric""",
+                  max(value) FILTER (WHERE model = 'base'), max(value) FILTER (WHERE model = 'tuned'),
+                  max(value) FILTER (WHERE model = 'delta'), max(ci_low) FILTER (WHERE model = 'delta'),
+                  max(ci_high) FILTER (WHERE model = 'delta')
+           FROM eval_metrics WHERE run_id = ? AND reference_set = 'all' GROUP BY metric ORDER BY metric""",
         [run_id],
     ).fetchall()
+    header = ("metric", "base", "tuned", "delta", "delta_ci_low", "delta_ci_high")
     if args.json:
-        keys = ("metric", "base", "tuned", "delta", "delta_ci_low", "delta_ci_high")
-        print(json.dumps({"run_id": run_id, "metrics": [dict(zip(keys, r)) for r in rows]}, indent=2))
+        _emit(args, header, rows, {"run_id": run_id})
         return 0
     print(f"run {run_id}  profile {run[0]}  model {run[1]}  {run[2]} {run[3]} dialogues  adapter {run[4]}")
     print(f"scorer {run[5]}")
@@ -66,14 +87,169 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorasum", description="Query the lorasum evaluation history.")
+def cmd_history(args: argparse.Namespace) -> int:
+    con = _connect(args)
+    query = """
+        SELECT created_at, run_id, profile, adapter_id,
+               max(value) FILTER (WHERE model = 'base') AS base,
+               max(value) FILTER (WHERE model = 'tuned') AS tuned,
+               max(ci_low) FILTER (WHERE model = 'tuned') AS tuned_ci_low,
+               max(ci_high) FILTER (WHERE model = 'tuned') AS tuned_ci_high,
+               max(value) FILTER (WHERE model = 'delta') AS delta
+        FROM eval_history WHERE metric = ? AND reference_set = 'all'"""
+    params: list = [args.metric]
+    if args.profile:
+        query += " AND profile = ?"
+        params.append(args.profile)
+    query += " GROUP BY ALL ORDER BY created_at DESC LIMIT ?"
+    params.append(args.last)
+    rows = con.execute(query, params).fetchall()
+    header = ("created_at", "run_id", "profile", "adapter_id", "base", "tuned", "tuned_ci_low", "tuned_ci_high", "delta")
+    _emit(args, header, rows, {"metric": args.metric})
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    con = _connect(args)
+    hashes = dict(con.execute("SELECT run_id, scorer_hash FROM eval_runs WHERE run_id IN (?, ?)", [args.run_a, args.run_b]).fetchall())
+    for run in (args.run_a, args.run_b):
+        if run not in hashes:
+            raise SystemExit(f"no evaluation run {run!r}")
+    if hashes[args.run_a] != hashes[args.run_b] and not args.force:
+        raise SystemExit(
+            f"the runs were scored differently ({hashes[args.run_a]} vs {hashes[args.run_b]}); "
+            "their scores are not comparable (--force to show them anyway)"
+        )
+    metrics = con.execute(
+        """SELECT a.model, a.metric, a.value, b.value, b.value - a.value
+           FROM eval_metrics a JOIN eval_metrics b USING (model, metric, reference_set)
+           WHERE a.run_id = ? AND b.run_id = ? AND a.reference_set = 'all' AND a.model IN ('base', 'tuned')
+           ORDER BY a.metric, a.model""",
+        [args.run_a, args.run_b],
+    ).fetchall()
+    examples = con.execute(
+        """SELECT a.id, a.bertscore_f1, b.bertscore_f1, b.bertscore_f1 - a.bertscore_f1 AS change, a.prediction, b.prediction
+           FROM eval_examples a JOIN eval_examples b USING (id, model)
+           WHERE a.run_id = ? AND b.run_id = ? AND a.model = 'tuned'
+           ORDER BY abs(change) DESC LIMIT ?""",
+        [args.run_a, args.run_b, args.examples],
+    ).fetchall()
+    metric_header = ("model", "metric", "run_a", "run_b", "change")
+    example_header = ("id", "f1_a", "f1_b", "change", "prediction_a", "prediction_b")
+    if args.json:
+        print(json.dumps({"run_a": args.run_a, "run_b": args.run_b,
+                          "metrics": [dict(zip(metric_header, r)) for r in metrics],
+                          "examples": [dict(zip(example_header, r)) for r in examples]}, indent=2, default=str))
+        return 0
+    _print_table(metric_header, metrics)
+    print(f"\ntuned examples that changed most (BERTScore F1), {args.run_a} -> {args.run_b}:")
+    _print_table(example_header, [(i, a, b, c, pa[:60], pb[:60]) for i, a, b, c, pa, pb in examples])
+    return 0
+
+
+def cmd_summarize(args: argparse.Namespace) -> int:
+    con = _connect(args)
+    row = con.execute("SELECT base_model, base_revision, config, path FROM adapters WHERE adapter_id = ?", [args.adapter]).fetchone()
+    con.close()
+    if row is None:
+        raise SystemExit(f"no adapter with id {args.adapter!r}; `lorasum adapters` lists them")
+    base_model, revision, config, path = row
+    if not Path(path, "adapter_model.safetensors").exists():
+        raise SystemExit(f"adapter {args.adapter!r} is registered but its files are missing at {path}")
+    dialogue = Path(args.file).read_text("utf-8") if args.file else sys.stdin.read()
+    if not dialogue.strip():
+        raise SystemExit("no dialogue given (use --file or standard input)")
+    from lorasum_assets.home import home_subdir
+    from lorasum_assets.ml.generate import GenerationSpec, generate_with_adapter
+    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
+    from lorasum_assets.ml.prompts import encode_prompt
+
+    quantization = json.loads(config).get("quantization", "none")
+    spec = ModelSpec(model=base_model, revision=revision, quantization=quantization, cache_dir=str(home_subdir("models")))
+    tokenizer = load_tokenizer(spec)
+    prompt, truncated = encode_prompt(tokenizer, dialogue.strip(), max_prompt_tokens=args.max_prompt_tokens)
+    model = load_model(spec)
+    try:
+        output = generate_with_adapter(model, path, tokenizer, [prompt], GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=1))[0]
+    except Exception as exc:  # a corrupted adapter file fails here
+        raise SystemExit(f"could not apply adapter {args.adapter!r} from {path}: {exc}") from exc
+    if args.json:
+        print(json.dumps({"adapter_id": args.adapter, "summary": output.text, "new_tokens": output.new_tokens,
+                          "hit_limit": output.hit_limit, "prompt_truncated": truncated}))
+    else:
+        print(output.text)
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    con = _connect(args)
+    rows = con.execute(
+        "SELECT adapter_id, created_at, profile, base_model, final_train_loss, final_val_loss, sha256 FROM adapters ORDER BY created_at DESC"
+    ).fetchall()
+    _emit(args, ("adapter_id", "created_at", "profile", "base_model", "final_train_loss", "final_val_loss", "sha256"), rows)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    con = _connect(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for table in tqdm(EXPORT_TABLES, desc="export", disable=args.json or not sys.stderr.isatty(), file=sys.stderr):
+        target = out / f"{table}.{args.format}"
+        option = "(FORMAT parquet)" if args.format == "parquet" else "(FORMAT csv, HEADER)"
+        quoted = target.as_posix().replace("'", "''")
+        con.execute(f"COPY (SELECT * FROM {table}) TO '{quoted}' {option}")
+        written[table] = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    _emit(args, ("table", "rows", "file"), [(t, n, str(out / f"{t}.{args.format}")) for t, n in written.items()])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorasum", description="Query the lorasum evaluation history (DuckDB under LORASUM_HOME).")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--wait", type=float, default=30.0, help="seconds to wait while a pipeline run holds the database")
     sub = parser.add_subparsers(dest="command", required=True)
-    report = sub.add_parser("report", help="base vs tuned scores of the latest (or a given) run")
-    report.add_argument("--run", help="Dagster run id (default: the latest)")
-    report.add_argument("--json", action="store_true", help="machine-readable output")
-    report.set_defaults(func=cmd_report)
-    args = parser.parse_args(argv)
+
+    p = sub.add_parser("report", parents=[common], help="base vs tuned scores of the latest (or a given) run")
+    p.add_argument("--run", help="Dagster run id (default: the latest)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("history", parents=[common], help="the last N evaluation runs for one metric, with CIs")
+    p.add_argument("-n", "--last", type=int, default=10)
+    p.add_argument("--metric", default="bertscore_f1")
+    p.add_argument("--profile")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("compare", parents=[common], help="per-metric changes between two runs and the examples that moved most")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--examples", type=int, default=5)
+    p.add_argument("--force", action="store_true", help="compare even when the scorer differs")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("summarize", parents=[common], help="summarize a dialogue (file or stdin) with a registered adapter")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--file")
+    p.add_argument("--max-new-tokens", type=int, default=150)
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("adapters", parents=[common], help="registered adapters")
+    p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("export", parents=[common], help="export the history tables to Parquet or CSV")
+    p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    p.add_argument("--out", default="lorasum-export")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except DatabaseBusyError as exc:

@@ -3,14 +3,22 @@
 import dagster as dg
 
 from lorasum_assets.assets import ALL_ASSETS
-from lorasum_assets.automation import train_and_evaluate
+from lorasum_assets.automation import (
+    build_retrain_schedule,
+    evaluate,
+    record_run_failures,
+    retrain_on_data_change,
+    train_and_evaluate,
+)
 from lorasum_assets.checks import ALL_CHECKS
 from lorasum_assets.resources.factory import build_resources
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
-    jobs=[train_and_evaluate],
+    jobs=[train_and_evaluate, evaluate],
+    schedules=[build_retrain_schedule()],
+    sensors=[retrain_on_data_change, record_run_failures],
     resources=build_resources(),
     # One process runs every step, so the model loads once per run and no two processes ever
     # hold it at the same time.

