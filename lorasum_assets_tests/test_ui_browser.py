@@ -1,0 +1,111 @@
+"""The Dagster UI in headless Chromium: the lineage shows the seven assets, "Materialize all"
+launches a run on the tiny profile, and the run succeeds. Run with `make test-browser`."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+ASSETS = ["raw_dialogsum", "filtered_split", "tokenized_dataset", "lora_adapter", "base_predictions", "tuned_predictions", "bertscore_report"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def dagster_ui(tmp_path):
+    if shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    port = free_port()
+    env = {**os.environ, "LORASUM_PROFILE": "tiny", "LORASUM_HOME": str(tmp_path / "home"), "DAGSTER_HOME": str(tmp_path / "dagster")}
+    (tmp_path / "dagster").mkdir()
+    log = open(tmp_path / "dagster-dev.log", "w")
+    # dagster dev and its code-server children ignore a plain SIGTERM for a while: run them in a
+    # session of their own and end the whole group.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(port), "-m", "lorasum_assets.definitions"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(f"{url}/server_info", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"dagster dev exited: {(tmp_path / 'dagster-dev.log').read_text()[-2000:]}")
+                time.sleep(1)
+        else:
+            pytest.fail("dagster dev did not start within 180 s")
+        yield url
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
+
+
+def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(f"{dagster_ui}/asset-groups", wait_until="networkidle")
+        skip = page.get_by_role("button", name="Skip")  # "Join the Dagster community" on a first visit
+        try:
+            skip.wait_for(timeout=8000)
+            skip.click()
+        except PlaywrightTimeout:
+            pass
+        # Groups start collapsed; the UI keeps expanded groups in the URL.
+        expanded = ",".join(f"global@global:{g}" for g in ("data", "training", "evaluation"))
+        page.goto(f"{dagster_ui}/asset-groups/?expanded={urllib.parse.quote(expanded)}", wait_until="networkidle")
+        page.wait_for_timeout(2000)
+        for asset in ASSETS:
+            assert page.get_by_text(asset, exact=True).count() >= 1, f"{asset} not shown in the lineage"
+        page.screenshot(path=str(ARTIFACTS / "ui-lineage.png"))
+
+        page.get_by_role("button", name="Materialize all").click()
+        page.wait_for_timeout(2000)
+        page.goto(f"{dagster_ui}/runs", wait_until="networkidle")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if page.get_by_text("Success", exact=True).count() or page.get_by_text("Failure", exact=True).count():
+                break
+            page.wait_for_timeout(2000)
+            page.reload(wait_until="networkidle")
+        page.screenshot(path=str(ARTIFACTS / "ui-runs.png"))
+        assert page.get_by_text("Failure", exact=True).count() == 0, "the run failed"
+        assert page.get_by_text("Success", exact=True).count() == 1, "no successful run within 300 s"
+
+        page.goto(f"{dagster_ui}/assets/bertscore_report", wait_until="networkidle")
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(ARTIFACTS / "ui-report.png"), full_page=True)
+        browser.close()
