@@ -136,22 +136,28 @@ def test_length_grouped_batches_cover_every_example_once():
     assert plan_batches(lengths, 2, 0, 1, True) != batches
 
 
-def test_adapter_write_is_atomic_and_reports_unwritable_folder(tiny_model, tiny_tokenizer, tmp_path):
-    spec = TrainSpec(epochs=1)
-    peft_model = prepare_peft_model(tiny_model, spec)
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        if not __import__("os").access(locked, __import__("os").W_OK):
-            with pytest.raises(PermissionError, match="not writable"):
-                save_adapter(peft_model, tiny_tokenizer, locked / "adapter")
-            assert not (locked / "adapter").exists()
-    finally:
-        locked.chmod(0o700)
+def test_adapter_write_is_atomic_and_reports_an_unwritable_place(tiny_model, tiny_tokenizer, tmp_path):
+    from lorasum_assets.ml.train import AdapterWriteError
+
+    peft_model = prepare_peft_model(tiny_model, TrainSpec(epochs=1))
+    (tmp_path / "blocked").write_text("a file where the adapters folder should be")
+    with pytest.raises(AdapterWriteError, match="cannot write the adapter to"):
+        save_adapter(peft_model, tiny_tokenizer, tmp_path / "blocked" / "adapter")
     target = save_adapter(peft_model, tiny_tokenizer, tmp_path / "ok")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked", "ok"]  # no staging left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked", "ok"]  # no staging left behind
     assert Path(target, "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_cuda_out_of_memory_says_which_knobs_to_turn(tiny_model, tiny_tokenizer, monkeypatch):
+    import lorasum_assets.ml.train as train_module
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "token_loss_sum", out_of_memory)
+    spec = TrainSpec(epochs=1, batch_size=4, gradient_accumulation_steps=1)
+    with pytest.raises(RuntimeError, match=r"lower batch_size \(now 4\).*max_length \(now \d+\)"):
+        train_lora(prepare_peft_model(tiny_model, spec), examples(tiny_tokenizer, 4), [], spec, tiny_tokenizer.pad_token_id)
 
 
 def test_a_prequantized_checkpoint_loads_without_quantizing_twice(tiny_model_dir, tmp_path, monkeypatch):

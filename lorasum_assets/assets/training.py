@@ -10,7 +10,7 @@ import dagster as dg
 
 from lorasum_assets.assets.data import tokenized_dataset
 from lorasum_assets.assets.plots import line_plot
-from lorasum_assets.home import home_subdir
+from lorasum_assets.home import home_subdir, lorasum_home
 from lorasum_assets.ml.train import TrainExample, TrainSpec, prepare_peft_model, save_adapter, sha256_file, train_lora
 from lorasum_assets.profiles import get_profile, with_overrides
 from lorasum_assets.resources import LoraModelResource, LorasumStore
@@ -104,7 +104,7 @@ def lora_adapter(
 
     created_at = datetime.now(UTC)
     adapter_id = f"{profile.name}-{created_at:%Y%m%d-%H%M%S}-{run_id[:8]}"
-    target = home_subdir("adapters") / adapter_id
+    target = lorasum_home() / "adapters" / adapter_id
     save_adapter(peft_model, tokenizer, target)
     weights_sha = sha256_file(target / "adapter_model.safetensors")
     trainable_pct = 100.0 * result.trainable_params / max(result.total_params, 1)

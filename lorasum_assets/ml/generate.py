@@ -81,10 +81,17 @@ def generate(
         indices = order[start : start + spec.batch_size]
         input_ids, attention_mask = collate_left([prompts[i] for i in indices], pad_id)
         started = time.perf_counter()
-        with torch.inference_mode():
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **generation_kwargs
-            )
+        try:
+            with torch.inference_mode():
+                output = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **generation_kwargs
+                )
+        except torch.cuda.OutOfMemoryError as exc:
+            raise RuntimeError(
+                f"CUDA ran out of memory while generating: lower the generation batch_size (now {spec.batch_size}) "
+                f"or max_new_tokens (now {spec.max_new_tokens}), or set max_prompt_tokens (longest prompt here: "
+                f"{input_ids.shape[1]} tokens)"
+            ) from exc
         elapsed = time.perf_counter() - started
         new = output[:, input_ids.shape[1] :].cpu()
         for row, index in enumerate(indices):

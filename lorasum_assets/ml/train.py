@@ -337,61 +337,62 @@ def train_lora(
     lengths = [len(e.input_ids) for e in train_examples]
     started = time.perf_counter()
     peft_model.train()
-    while step < total_steps:
-        epoch = step // per_epoch
-        batches = plan_batches(lengths, spec.batch_size, spec.seed, epoch, spec.group_by_length)
-        first_micro = (step % per_epoch) * spec.gradient_accumulation_steps
-        for window_start in range(first_micro, len(batches), spec.gradient_accumulation_steps):
-            window = batches[window_start : window_start + spec.gradient_accumulation_steps]
-            label_tokens = sum(sum(1 for x in train_examples[i].labels[1:] if x != IGNORE_INDEX) for b in window for i in b)
-            step_started = time.perf_counter()
-            window_loss = 0.0
-            for batch_indices in window:
-                examples = [train_examples[i] for i in batch_indices]
-                batch = collate_right(examples, pad_id)
-                result.real_tokens += int(batch["attention_mask"].sum())
-                result.padded_tokens += batch["attention_mask"].numel()
-                loss_sum, _ = token_loss_sum(peft_model, batch, autocast_dtype)
-                loss = loss_sum / max(label_tokens, 1)
+    with explain_out_of_memory(spec, max(lengths)):
+        while step < total_steps:
+            epoch = step // per_epoch
+            batches = plan_batches(lengths, spec.batch_size, spec.seed, epoch, spec.group_by_length)
+            first_micro = (step % per_epoch) * spec.gradient_accumulation_steps
+            for window_start in range(first_micro, len(batches), spec.gradient_accumulation_steps):
+                window = batches[window_start : window_start + spec.gradient_accumulation_steps]
+                label_tokens = sum(sum(1 for x in train_examples[i].labels[1:] if x != IGNORE_INDEX) for b in window for i in b)
+                step_started = time.perf_counter()
+                window_loss = 0.0
+                for batch_indices in window:
+                    examples = [train_examples[i] for i in batch_indices]
+                    batch = collate_right(examples, pad_id)
+                    result.real_tokens += int(batch["attention_mask"].sum())
+                    result.padded_tokens += batch["attention_mask"].numel()
+                    loss_sum, _ = token_loss_sum(peft_model, batch, autocast_dtype)
+                    loss = loss_sum / max(label_tokens, 1)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                    window_loss += float(loss.detach())
                 if scaler is not None:
-                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm))
+                learning_rate = scheduler.get_last_lr()[0]
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
                 else:
-                    loss.backward()
-                window_loss += float(loss.detach())
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm))
-            learning_rate = scheduler.get_last_lr()[0]
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            log = StepLog(
-                step=step,
-                epoch=round(step / per_epoch, 4),
-                loss=window_loss,
-                learning_rate=learning_rate,
-                grad_norm=grad_norm,
-                label_tokens=label_tokens,
-                seconds=time.perf_counter() - step_started,
-            )
-            result.steps.append(log)
-            if on_step is not None and (step % spec.logging_steps == 0 or step == total_steps):
-                on_step(log)
-            epoch_done = step % per_epoch == 0 or step == total_steps
-            if epoch_done:
-                val_loss = evaluate_loss(peft_model, val_examples, pad_id)
-                result.val_losses.append(val_loss)
-                if on_epoch is not None:
-                    on_epoch(math.ceil(step / per_epoch), val_loss)
-            if checkpoint_dir is not None and (step % spec.checkpoint_steps == 0 or epoch_done) and step < total_steps:
-                _save_checkpoint(checkpoint_dir, step, peft_model, optimizer, scheduler, scaler, result)
-            if step >= total_steps or epoch_done:
-                break
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                log = StepLog(
+                    step=step,
+                    epoch=round(step / per_epoch, 4),
+                    loss=window_loss,
+                    learning_rate=learning_rate,
+                    grad_norm=grad_norm,
+                    label_tokens=label_tokens,
+                    seconds=time.perf_counter() - step_started,
+                )
+                result.steps.append(log)
+                if on_step is not None and (step % spec.logging_steps == 0 or step == total_steps):
+                    on_step(log)
+                epoch_done = step % per_epoch == 0 or step == total_steps
+                if epoch_done:
+                    val_loss = evaluate_loss(peft_model, val_examples, pad_id)
+                    result.val_losses.append(val_loss)
+                    if on_epoch is not None:
+                        on_epoch(math.ceil(step / per_epoch), val_loss)
+                if checkpoint_dir is not None and (step % spec.checkpoint_steps == 0 or epoch_done) and step < total_steps:
+                    _save_checkpoint(checkpoint_dir, step, peft_model, optimizer, scheduler, scaler, result)
+                if step >= total_steps or epoch_done:
+                    break
     peft_model.eval()
     result.seconds = time.perf_counter() - started
     return result
@@ -408,6 +409,10 @@ def sha256_file(path: Path) -> str:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+class AdapterWriteError(OSError):
+    """The adapter folder could not be written; nothing was left that looks like an adapter."""
+
+
 def save_adapter(peft_model, tokenizer, target: Path) -> Path:
     """Write the adapter folder (the notebook's ``training-output/`` layout) atomically.
 
@@ -415,19 +420,43 @@ def save_adapter(peft_model, tokenizer, target: Path) -> Path:
     leaves a folder that looks complete.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(target.parent, os.W_OK):
-        raise PermissionError(f"cannot write the adapter: {target.parent} is not writable")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         peft_model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         missing = [name for name in ADAPTER_FILES if not (staging / name).exists()]
         if missing:
-            raise RuntimeError(f"adapter save did not write {missing}")
+            raise AdapterWriteError(f"adapter save did not write {missing}")
         if target.exists():
             shutil.rmtree(target)
         os.rename(staging, target)
+    except OSError as exc:
+        if isinstance(exc, AdapterWriteError):
+            raise
+        raise AdapterWriteError(f"cannot write the adapter to {target}: {exc.strerror or exc}") from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(spec: TrainSpec, max_length: int | None = None):
+    """Turn a CUDA OOM into an error that says which knobs to turn."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        raise RuntimeError(out_of_memory_advice(spec, max_length)) from exc
+
+
+def out_of_memory_advice(spec: TrainSpec, max_length: int | None = None) -> str:
+    length = f", or max_length (now {max_length})" if max_length else ", or max_length"
+    return (
+        f"CUDA ran out of memory while training: lower batch_size (now {spec.batch_size}) and raise "
+        f"gradient_accumulation_steps (now {spec.gradient_accumulation_steps}) to keep the effective batch{length}; "
+        "gradient_checkpointing=true and quantization=nf4 also save memory"
+    )
