@@ -189,3 +189,43 @@ def test_precision_follows_the_hardware():
     assert pick_dtype(ModelSpec(model="x", compute_dtype="bfloat16"), "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="quantization"):
         ModelSpec(model="x", quantization="int3")
+
+
+def test_completion_only_logits_give_the_same_loss(tiny_model, tiny_tokenizer):
+    from lorasum_assets.ml.train import token_loss_sum
+
+    peft_model = prepare_peft_model(tiny_model, TrainSpec(lora_dropout=0.0, gradient_checkpointing=False))
+    batch = collate_right(examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
+    full, n_full = token_loss_sum(peft_model, dict(batch), None, completion_only_logits=False)
+    only, n_only = token_loss_sum(peft_model, dict(batch), None, completion_only_logits=True)
+    assert n_full == n_only == int((batch["labels"][:, 1:] != -100).sum())
+    assert float(only) == pytest.approx(float(full), rel=1e-5)
+    only.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+
+
+def test_bf16_autocast_on_cpu_keeps_the_loss(tiny_model, tiny_tokenizer):
+    from lorasum_assets.ml.train import token_loss_sum
+
+    peft_model = prepare_peft_model(tiny_model, TrainSpec(lora_dropout=0.0, gradient_checkpointing=False))
+    batch = collate_right(examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
+    fp32, _ = token_loss_sum(peft_model, dict(batch), None)
+    bf16, _ = token_loss_sum(peft_model, dict(batch), torch.bfloat16)
+    assert float(bf16) == pytest.approx(float(fp32), rel=1e-2)
+
+
+def test_packing_gives_the_same_loss_as_padding(tiny_model, tiny_tokenizer):
+    """Position ids reset per example and no cross-example attention: packed == padded loss."""
+    from lorasum_assets.ml.train import collate_packed, token_loss_sum
+
+    peft_model = prepare_peft_model(tiny_model, TrainSpec(lora_dropout=0.0, gradient_checkpointing=False))
+    data = examples(tiny_tokenizer, 4)
+    padded, n_padded = token_loss_sum(peft_model, collate_right(data, tiny_tokenizer.pad_token_id), None)
+    packed_batch = collate_packed(data, tiny_tokenizer.pad_token_id)
+    assert packed_batch["input_ids"].shape == (1, sum(len(e.input_ids) for e in data))
+    packed, n_packed = token_loss_sum(peft_model, packed_batch, None)
+    assert n_packed == n_padded
+    assert float(packed) == pytest.approx(float(padded), rel=1e-4)
+    # without the position-id resets the examples would see each other, and the loss would differ
+    leaky = dict(packed_batch, position_ids=torch.arange(packed_batch["input_ids"].shape[1]).unsqueeze(0))
+    assert float(token_loss_sum(peft_model, leaky, None)[0]) != pytest.approx(float(padded), rel=1e-4)

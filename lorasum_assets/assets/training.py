@@ -38,6 +38,8 @@ class TrainingConfig(dg.Config):
     max_grad_norm: float | None = None
     gradient_checkpointing: bool | None = None
     mixed_precision: str | None = None
+    completion_only_logits: bool | None = None
+    packing: bool | None = None
     group_by_length: bool | None = None
     logging_steps: int | None = None
     checkpoint_steps: int | None = None

