@@ -77,3 +77,16 @@ def test_generation_stops_at_eos_and_decodes_only_new_tokens(tiny_model_dir, tin
     for g in out:
         assert "Summarize the following" not in g.text
         assert g.new_tokens <= 5 and g.latency_s > 0
+
+
+def test_generation_batches_bound_their_padding():
+    from lorasum_assets.ml.generate import plan_generation_batches
+
+    lengths = [128, 174, 174, 181, 185, 194, 195, 200, 219, 224, 226, 241, 245, 332, 348, 442]
+    batches = plan_generation_batches(lengths, batch_size=16, max_padding_share=0.25)
+    assert sorted(i for b in batches for i in b) == list(range(16))
+    for batch in batches:
+        width = max(lengths[i] for i in batch)
+        assert len(batch) == 1 or width * len(batch) <= 1.25 * sum(lengths[i] for i in batch)
+    assert len(batches) > 1
+    assert plan_generation_batches(lengths, batch_size=4, max_padding_share=10.0) == [list(range(i, i + 4)) for i in range(0, 16, 4)]
