@@ -6,15 +6,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from dagster_duckdb import DuckDBResource
+from pydantic import PrivateAttr
 
 from lorasum_assets.store.history import with_lock_retry
 from lorasum_assets.store.schema import migrate
 
 
 class LorasumStore(DuckDBResource):
-    """Opens short-lived connections; each one is migrated to the current schema first."""
+    """Opens short-lived connections. The first one migrates the database to the current schema;
+    later ones (training opens one per logged step) skip that."""
 
     lock_timeout_s: float = 120.0
+
+    _migrated: bool = PrivateAttr(default=False)
 
     @contextmanager
     def connect(self) -> Iterator:
@@ -24,7 +28,9 @@ class LorasumStore(DuckDBResource):
             manager = self.get_connection()
             con = manager.__enter__()
             try:
-                migrate(con)
+                if not self._migrated:
+                    migrate(con)
+                    self._migrated = True
             except BaseException:
                 manager.__exit__(None, None, None)
                 raise
