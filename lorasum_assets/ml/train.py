@@ -260,16 +260,25 @@ def token_loss_sum(model, batch, autocast_dtype=None, completion_only_logits: bo
 
 
 def evaluate_loss(
-    model, examples: Sequence[TrainExample], pad_id: int, batch_size: int = 8, mixed_precision: str = "auto"
+    model,
+    examples: Sequence[TrainExample],
+    pad_id: int,
+    batch_size: int = 8,
+    mixed_precision: str = "auto",
+    accelerator=None,
 ) -> float | None:
+    """Mean token loss over ``examples``; with several processes each scores a share and the sums are reduced."""
     import torch
+
+    from lorasum_assets.ml.distributed import reduce_sum
 
     if not examples:
         return None
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))[rank::world]
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = collate_right([examples[i] for i in order[start : start + batch_size]], pad_id)
@@ -277,6 +286,7 @@ def evaluate_loss(
             total += float(loss)
             count += n
     model.train(was_training)
+    total, count = reduce_sum(accelerator, [total, count])
     return total / max(count, 1)
 
 
@@ -350,14 +360,25 @@ def train_lora(
     checkpoint_dir: Path | None = None,
     on_step: Callable[[StepLog], None] | None = None,
     on_epoch: Callable[[int, float | None], None] | None = None,
+    accelerator=None,
 ) -> TrainResult:
-    """Train the LoRA weights of ``peft_model`` in place."""
+    """Train the LoRA weights of ``peft_model`` in place.
+
+    With an ``accelerate.Accelerator`` of several processes (``accelerate launch``), the model is
+    wrapped in DDP and each accumulation window's micro-batches are shared out between the
+    processes: same optimizer steps, same examples per step, gradients summed across processes.
+    Only the main process calls ``on_step``/``on_epoch`` and writes checkpoints.
+    """
     import torch
     from transformers import get_scheduler
 
+    from lorasum_assets.ml.distributed import LabelLossModule, label_token_count, micro_batch_seed, reduce_sum, window_share
+    from lorasum_assets.ml.modeling import count_parameters
+
     if not train_examples:
         raise ValueError("no training examples")
-    from lorasum_assets.ml.modeling import count_parameters
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    is_main = rank == 0
 
     torch.manual_seed(spec.seed)
     result = TrainResult()
@@ -383,6 +404,8 @@ def train_lora(
     autocast_dtype = _autocast_dtype(peft_model, spec.mixed_precision)
     on_cuda = next(peft_model.parameters()).device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 and on_cuda else None
+    loss_module = LabelLossModule(peft_model, autocast_dtype, spec.completion_only_logits)
+    runner = accelerator.prepare_model(loss_module) if world > 1 else loss_module
 
     step = 0
     if checkpoint_dir is not None:
@@ -401,21 +424,31 @@ def train_lora(
             first_micro = (step % per_epoch) * spec.gradient_accumulation_steps
             for window_start in range(first_micro, len(batches), spec.gradient_accumulation_steps):
                 window = batches[window_start : window_start + spec.gradient_accumulation_steps]
-                label_tokens = sum(sum(1 for x in train_examples[i].labels[1:] if x != IGNORE_INDEX) for b in window for i in b)
+                label_tokens = sum(label_token_count(train_examples[i].labels) for b in window for i in b)
                 step_started = time.perf_counter()
                 window_loss = 0.0
-                for batch_indices in window:
-                    examples = [train_examples[i] for i in batch_indices]
+                share = window_share(len(window), rank, world)
+                for pass_index, micro_index in enumerate(share):
+                    real = micro_index is not None
+                    examples = [train_examples[i] for i in window[micro_index if real else 0]]
                     batch = collate_packed(examples, pad_id) if spec.packing else collate_right(examples, pad_id)
-                    result.real_tokens += sum(len(e.input_ids) for e in examples)
-                    result.padded_tokens += batch["input_ids"].numel()
-                    loss_sum, _ = token_loss_sum(peft_model, batch, autocast_dtype, spec.completion_only_logits)
-                    loss = loss_sum / max(label_tokens, 1)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                    window_loss += float(loss.detach())
+                    if real:
+                        result.real_tokens += sum(len(e.input_ids) for e in examples)
+                        result.padded_tokens += batch["input_ids"].numel()
+                    torch.manual_seed(micro_batch_seed(spec.seed, step, micro_index if real else -1))
+                    last_pass = pass_index == len(share) - 1
+                    sync = runner.no_sync() if world > 1 and not last_pass else contextlib.nullcontext()
+                    with sync:
+                        loss_sum = runner(batch)
+                        # DDP averages gradients over processes; scaling by the world size makes that a sum.
+                        loss = loss_sum * (world / max(label_tokens, 1)) if real else loss_sum * 0.0
+                        if scaler is not None:
+                            scaler.scale(loss).backward()
+                        else:
+                            loss.backward()
+                    if real:
+                        window_loss += float(loss.detach()) / world
+                (window_loss,) = reduce_sum(accelerator, [window_loss])
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm))
@@ -438,19 +471,25 @@ def train_lora(
                     seconds=time.perf_counter() - step_started,
                 )
                 result.steps.append(log)
-                if on_step is not None and (step % spec.logging_steps == 0 or step == total_steps):
+                if is_main and on_step is not None and (step % spec.logging_steps == 0 or step == total_steps):
                     on_step(log)
                 epoch_done = step % per_epoch == 0 or step == total_steps
                 if epoch_done:
-                    val_loss = evaluate_loss(peft_model, val_examples, pad_id, mixed_precision=spec.mixed_precision)
+                    val_loss = evaluate_loss(
+                        peft_model, val_examples, pad_id, mixed_precision=spec.mixed_precision, accelerator=accelerator
+                    )
                     result.val_losses.append(val_loss)
-                    if on_epoch is not None:
+                    if is_main and on_epoch is not None:
                         on_epoch(math.ceil(step / per_epoch), val_loss)
                 if checkpoint_dir is not None and (step % spec.checkpoint_steps == 0 or epoch_done) and step < total_steps:
-                    _save_checkpoint(checkpoint_dir, step, peft_model, optimizer, scheduler, scaler, result)
+                    if is_main:
+                        _save_checkpoint(checkpoint_dir, step, peft_model, optimizer, scheduler, scaler, result)
+                    if world > 1:
+                        accelerator.wait_for_everyone()
                 if step >= total_steps or epoch_done:
                     break
     peft_model.eval()
+    result.real_tokens, result.padded_tokens = (int(v) for v in reduce_sum(accelerator, [result.real_tokens, result.padded_tokens]))
     result.seconds = time.perf_counter() - started
     return result
 

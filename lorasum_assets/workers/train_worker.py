@@ -1,0 +1,182 @@
+"""LoRA training as an external process: ``accelerate launch -m lorasum_assets.workers.train_worker JOB``.
+
+Every process started by accelerate runs this. The main one opens the Dagster Pipes channel,
+streams a log line per optimizer step, saves the adapter and reports the
+materialization; the others only train their share. The job file says what to train; secrets
+come from the environment, never from the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
+from lorasum_assets.ml.train import TrainExample, TrainSpec, prepare_peft_model, save_adapter, sha256_file, train_lora
+
+JOB_VERSION = 1
+
+
+def write_job(
+    path: Path,
+    *,
+    model: ModelSpec,
+    spec: TrainSpec,
+    train_examples: list[TrainExample],
+    val_examples: list[TrainExample],
+    checkpoint_dir: Path,
+    adapter_dir: Path,
+) -> Path:
+    """Everything the worker needs, as JSON; the model token is left out (it travels as HF_TOKEN)."""
+    model_fields = {k: v for k, v in asdict(model).items() if k != "token"}
+    payload = {
+        "version": JOB_VERSION,
+        "model": model_fields,
+        "spec": asdict(spec),
+        "train": [[list(e.input_ids), list(e.labels)] for e in train_examples],
+        "validation": [[list(e.input_ids), list(e.labels)] for e in val_examples],
+        "checkpoint_dir": str(checkpoint_dir),
+        "adapter_dir": str(adapter_dir),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch_command(
+    job_path: Path, num_processes: int, threads_per_process: int | None = None, summary_path: Path | None = None
+) -> list[str]:
+    """``accelerate launch`` for this worker. With more than one process it is accelerate's
+    multi-process launcher (torchrun underneath): NCCL across GPUs, gloo across CPU processes."""
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be at least 1, got {num_processes}")
+    threads = threads_per_process or max(1, (os.cpu_count() or 1) // num_processes)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--num_cpu_threads_per_process", str(threads)]
+    if num_processes > 1:
+        command += ["--multi_gpu", "--main_process_port", str(free_port())]
+    command += ["-m", "lorasum_assets.workers.train_worker", str(job_path)]
+    return command + (["--summary-json", str(summary_path)] if summary_path else [])
+
+
+def read_job(path: Path) -> dict:
+    job = json.loads(Path(path).read_text())
+    if job.get("version") != JOB_VERSION:
+        raise ValueError(f"{path}: job version {job.get('version')!r}, this worker reads version {JOB_VERSION}")
+    spec_fields = dict(job["spec"])
+    spec_fields["target_modules"] = tuple(spec_fields["target_modules"])
+    job["spec"] = TrainSpec(**spec_fields)
+    job["model"] = ModelSpec(**job["model"], token=os.environ.get("HF_TOKEN") or None)
+    job["train"] = [TrainExample(ids, labels) for ids, labels in job["train"]]
+    job["validation"] = [TrainExample(ids, labels) for ids, labels in job["validation"]]
+    return job
+
+
+def run(job_path: Path, summary_path: Path | None = None) -> None:
+    import torch
+    from accelerate import Accelerator
+
+    job = read_job(job_path)
+    # cpu=True is what makes accelerate form a gloo process group when there is no GPU; training
+    # sets its own autocast, so accelerate's mixed precision stays off.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    model_spec: ModelSpec = job["model"]
+    if accelerator.device.type == "cuda":
+        model_spec = replace(model_spec, device=str(accelerator.device))
+    spec: TrainSpec = job["spec"]
+    with accelerator.main_process_first():  # the first process builds or converts cached weights alone
+        tokenizer = load_tokenizer(model_spec)
+        peft_model = prepare_peft_model(load_model(model_spec), spec)
+
+    with contextlib.ExitStack() as stack:
+        pipes = None
+        if accelerator.is_main_process:
+            from dagster_pipes import open_dagster_pipes
+
+            pipes = stack.enter_context(open_dagster_pipes())
+
+        def on_step(log) -> None:
+            pipes.log.info(
+                f"step {log.step}: loss {log.loss:.4f}, lr {log.learning_rate:.2e}, grad_norm {log.grad_norm:.3f}, epoch {log.epoch:.2f}"
+            )
+
+        def on_epoch(epoch: int, val_loss: float | None) -> None:
+            pipes.log.info(f"epoch {epoch}: validation loss {val_loss}")
+
+        result = train_lora(
+            peft_model,
+            job["train"],
+            job["validation"],
+            spec,
+            pad_id=tokenizer.pad_token_id,
+            checkpoint_dir=Path(job["checkpoint_dir"]),
+            on_step=on_step,
+            on_epoch=on_epoch,
+            accelerator=accelerator,
+        )
+        if pipes is None:
+            return
+        adapter_dir = save_adapter(peft_model, tokenizer, Path(job["adapter_dir"]))
+        weights_sha = sha256_file(adapter_dir / "adapter_model.safetensors")
+        if result.resumed_from_step:
+            pipes.log.info(f"resumed from checkpoint at step {result.resumed_from_step} of {result.total_steps}")
+        pipes.report_custom_message(
+            {
+                "kind": "result",
+                "trainable_params": result.trainable_params,
+                "total_params": result.total_params,
+                "final_val_loss": result.final_val_loss,
+                "resumed_from_step": result.resumed_from_step,
+                "steps": [asdict(s) for s in result.steps],
+                "val_losses": result.val_losses,
+            }
+        )
+        metadata = {
+            "launcher": "accelerate",
+            "world_size": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type.value),
+            "backend": str(accelerator.state.backend or "none"),
+            "optimizer_steps": result.total_steps,
+            "final_train_loss": result.final_train_loss,
+            "val_losses": [v for v in result.val_losses if v is not None],
+            "padding_efficiency": round(result.real_tokens / max(result.padded_tokens, 1), 4),
+            "train_seconds": round(result.seconds, 2),
+            "real_tokens_per_second": round(result.real_tokens / max(result.seconds, 1e-9), 2),
+            "sha256": weights_sha,
+        }
+        pipes.report_asset_materialization(metadata=metadata, data_version=weights_sha[:16])
+        if summary_path is not None:
+            summary = {
+                **metadata,
+                "losses": [s.loss for s in result.steps],
+                "real_tokens": result.real_tokens,
+                "resumed_from_step": result.resumed_from_step,
+            }
+            Path(summary_path).write_text(json.dumps(summary, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="accelerate launch -m lorasum_assets.workers.train_worker")
+    parser.add_argument("job", type=Path, help="the job file the lora_adapter asset wrote")
+    parser.add_argument("--summary-json", type=Path, help="also write the run's figures here (main process)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    run(args.job, args.summary_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
