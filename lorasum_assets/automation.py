@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from lorasum_assets.deployment import run_tags
 from lorasum_assets.store.history import record_run_failure
 
 RETRAIN_CRON_ENV = "LORASUM_RETRAIN_CRON"
@@ -18,12 +19,14 @@ train_and_evaluate = dg.define_asset_job(
     "train_and_evaluate",
     selection=dg.AssetSelection.all(),
     description="The whole graph: data, training, predictions and the report.",
+    tags=run_tags(),
 )
 
 evaluate = dg.define_asset_job(
     "evaluate",
     selection=dg.AssetSelection.assets("base_predictions", "tuned_predictions", "bertscore_report"),
     description="Re-score an existing adapter: set ops.tuned_predictions.config.adapter_id (default: the latest).",
+    tags=run_tags(),
 )
 
 
@@ -93,10 +96,11 @@ def retrain_on_data_change(context: dg.SensorEvaluationContext):
     description="Writes every failed run into the history database (table run_failures).",
 )
 def record_run_failures(context: dg.RunFailureSensorContext) -> None:
-    from lorasum_assets.home import database_path
-    from lorasum_assets.resources.store import LorasumStore
+    from lorasum_assets.resources.factory import build_store
 
     run = context.dagster_run
     message = context.failure_event.message or ""
-    with LorasumStore(database=str(database_path())).connect() as con:
+    store = build_store()
+    with store.connect() as con:
         record_run_failure(con, run.run_id, run.job_name, message)
+    store.export_run(run.run_id)

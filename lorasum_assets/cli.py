@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,14 @@ EXPORT_TABLES = ("eval_runs", "eval_metrics", "eval_examples", "adapters", "trai
 def _connect(args: argparse.Namespace):
     import duckdb
 
-    path = database_path()
+    if getattr(args, "history_uri", None):
+        from lorasum_assets.store.shared_history import open_shared_history
+
+        return open_shared_history(args.history_uri)
+    named = os.environ.get("LORASUM_DATABASE")
+    if named and named.startswith("md:"):
+        return duckdb.connect(named, read_only=True)
+    path = Path(named) if named else database_path()
     if not path.exists():
         raise SystemExit(f"no lorasum database at {path}; run the pipeline first (make demo)")
     return with_lock_retry(lambda: duckdb.connect(str(path), read_only=True), args.wait)
@@ -212,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("--wait", type=float, default=30.0, help="seconds to wait while a pipeline run holds the database")
+    common.add_argument(
+        "--history-uri",
+        default=os.environ.get("LORASUM_HISTORY_URI") or None,
+        help="read the history shared by runs on many machines (per-run Parquet files) instead of the local database",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("report", parents=[common], help="base vs tuned scores of the latest (or a given) run")

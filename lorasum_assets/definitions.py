@@ -11,6 +11,7 @@ from lorasum_assets.automation import (
     train_and_evaluate,
 )
 from lorasum_assets.checks import ALL_CHECKS
+from lorasum_assets.deployment import build_executor
 from lorasum_assets.resources.factory import build_resources
 
 defs = dg.Definitions(
@@ -20,7 +21,5 @@ defs = dg.Definitions(
     schedules=[build_retrain_schedule()],
     sensors=[retrain_on_data_change, record_run_failures],
     resources=build_resources(),
-    # One process runs every step, so the model loads once per run and no two processes ever
-    # hold it at the same time.
-    executor=dg.in_process_executor,
+    executor=build_executor(),
 )

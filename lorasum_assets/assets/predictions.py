@@ -4,6 +4,7 @@ import dagster as dg
 
 from lorasum_assets.assets.data import filtered_split, read_dialogues
 from lorasum_assets.assets.training import GPU_POOL, lora_adapter
+from lorasum_assets.deployment import gpu_op_tags
 from lorasum_assets.ml.generate import GenerationSpec, generate, generate_with_adapter, has_active_adapter
 from lorasum_assets.ml.prompts import encode_prompt
 from lorasum_assets.profiles import get_profile, with_overrides
@@ -71,6 +72,7 @@ def _write(context, store, table, config, dialogues, outputs, adapter_id) -> dg.
     kinds={"pytorch", "duckdb"},
     code_version="1",
     pool=GPU_POOL,
+    op_tags=gpu_op_tags(),
     description="Greedy summaries from the base model alone: no adapter is loaded or active.",
 )
 def base_predictions(
@@ -92,6 +94,7 @@ def base_predictions(
     kinds={"pytorch", "duckdb"},
     code_version="1",
     pool=GPU_POOL,
+    op_tags=gpu_op_tags(),
     description="Greedy summaries from the base model with the LoRA adapter applied.",
 )
 def tuned_predictions(

@@ -3,18 +3,21 @@
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 import dagster as dg
+from pydantic import Field
 
 from lorasum_assets.assets.data import tokenized_dataset
 from lorasum_assets.assets.plots import line_plot
+from lorasum_assets.deployment import gpu_op_tags, training_gpus
 from lorasum_assets.home import home_subdir, lorasum_home
-from lorasum_assets.ml.train import TrainExample, TrainSpec, prepare_peft_model, save_adapter, sha256_file, train_lora
+from lorasum_assets.ml.train import StepLog, TrainExample, TrainSpec, prepare_peft_model, save_adapter, sha256_file, train_lora
 from lorasum_assets.profiles import get_profile, with_overrides
 from lorasum_assets.resources import LoraModelResource, LorasumStore
 from lorasum_assets.store.history import record_training_epoch, record_training_step, register_adapter
+from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
 
 GPU_POOL = "lorasum_gpu"
 
@@ -44,6 +47,12 @@ class TrainingConfig(dg.Config):
     logging_steps: int | None = None
     checkpoint_steps: int | None = None
     seed: int | None = None
+    launcher: str = Field(
+        default="in_process",
+        description="in_process: train in the run's process. accelerate: `accelerate launch` processes via Dagster Pipes.",
+    )
+    num_processes: int = Field(default=1, ge=1, description="Data-parallel processes (launcher=accelerate): GPUs, or CPU processes on gloo.")
+    threads_per_process: int | None = Field(default=None, ge=1, description="CPU threads per process; default: cores / processes.")
 
 
 def _read_examples(con, split: str) -> tuple[list[TrainExample], str]:
@@ -56,25 +65,34 @@ def _read_examples(con, split: str) -> tuple[list[TrainExample], str]:
     return [TrainExample(list(ids), list(labels)) for _, ids, labels in rows], digest.hexdigest()
 
 
-@dg.asset(
-    deps=[tokenized_dataset],
-    group_name="training",
-    kinds={"pytorch", "duckdb"},
-    code_version="1",
-    pool=GPU_POOL,
-    description="A LoRA adapter folder (adapter_config.json, adapter_model.safetensors, tokenizer), registered in DuckDB.",
-)
-def lora_adapter(
-    context: dg.AssetExecutionContext, config: TrainingConfig, model: LoraModelResource, store: LorasumStore
-) -> dg.MaterializeResult:
-    profile = get_profile()
-    spec: TrainSpec = with_overrides(profile.training, config.model_dump())
-    with store.connect() as con:
-        train_examples, train_hash = _read_examples(con, "train")
-        val_examples, val_hash = _read_examples(con, "validation")
-    data_hash = hashlib.sha256((train_hash + val_hash).encode()).hexdigest()
-    train_key = spec.fingerprint(data_hash, f"{model.model}@{model.revision}:{model.quantization}")
-    checkpoint_dir = home_subdir("checkpoints", train_key)
+LAUNCHERS = ("in_process", "accelerate")
+
+
+@dataclass
+class TrainingOutcome:
+    """What either launcher hands back for registration and metadata."""
+
+    steps: list[StepLog]
+    val_losses: list[float | None]
+    total_steps: int
+    resumed_from_step: int
+    trainable_params: int
+    total_params: int
+    padding_efficiency: float
+    seconds: float
+    launcher_metadata: dict = field(default_factory=dict)
+
+    @property
+    def final_train_loss(self) -> float | None:
+        return self.steps[-1].loss if self.steps else None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        known = [v for v in self.val_losses if v is not None]
+        return known[-1] if known else None
+
+
+def _train_in_process(context, spec, model, store, train_key, train_examples, val_examples, checkpoint_dir, target):
     run_id = context.run_id
 
     def on_step(log) -> None:
@@ -103,13 +121,115 @@ def lora_adapter(
     )
     if result.resumed_from_step:
         context.log.info(f"resumed from checkpoint at step {result.resumed_from_step} of {result.total_steps}")
+    save_adapter(peft_model, tokenizer, target)
+    return TrainingOutcome(
+        steps=result.steps,
+        val_losses=result.val_losses,
+        total_steps=result.total_steps,
+        resumed_from_step=result.resumed_from_step,
+        trainable_params=result.trainable_params,
+        total_params=result.total_params,
+        padding_efficiency=round(result.real_tokens / max(result.padded_tokens, 1), 4),
+        seconds=result.seconds,
+        launcher_metadata={"launcher": "in_process", "world_size": 1},
+    )
 
+
+def _train_with_accelerate(
+    context, config, spec, model, store, pipes_client, train_key, train_examples, val_examples, checkpoint_dir, target
+):
+    """Training in ``accelerate launch`` processes, reporting back through Dagster Pipes."""
+    job_path = write_job(
+        home_subdir("jobs") / f"{context.run_id}-{train_key}.json",
+        model=model.spec(),
+        spec=spec,
+        train_examples=train_examples,
+        val_examples=val_examples,
+        checkpoint_dir=checkpoint_dir,
+        adapter_dir=target,
+    )
+    command = accelerate_launch_command(job_path, config.num_processes, config.threads_per_process)
+    context.log.info(f"launching: {' '.join(command)}")
+    env = {"HF_TOKEN": model.hf_token} if model.hf_token else {}
+    try:
+        invocation = pipes_client.run(context=context, command=command, env=env)
+    finally:
+        job_path.unlink(missing_ok=True)
+    streamed = invocation.get_materialize_result()
+    results = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("kind") == "result"]
+    if len(results) != 1 or not (target / "adapter_model.safetensors").exists():
+        raise RuntimeError(f"the training process ended without reporting its result and adapter ({len(results)} result messages)")
+    reported = results[0]
+    steps = [StepLog(**row) for row in reported["steps"]]
+    with store.connect() as con:
+        for log in steps:
+            record_training_step(con, train_key, context.run_id, log)
+        for epoch, val_loss in enumerate(reported["val_losses"], start=1):
+            record_training_epoch(con, train_key, context.run_id, epoch, val_loss)
+    metadata = {key: value.value for key, value in (streamed.metadata or {}).items()}
+    if metadata.get("sha256") != sha256_file(target / "adapter_model.safetensors"):
+        raise RuntimeError("the adapter on disk is not the one the training process reported")
+    return TrainingOutcome(
+        steps=steps,
+        val_losses=reported["val_losses"],
+        total_steps=metadata["optimizer_steps"],
+        resumed_from_step=reported["resumed_from_step"],
+        trainable_params=reported["trainable_params"],
+        total_params=reported["total_params"],
+        padding_efficiency=metadata["padding_efficiency"],
+        seconds=metadata["train_seconds"],
+        launcher_metadata={
+            k: metadata[k] for k in ("launcher", "world_size", "distributed_type", "backend", "real_tokens_per_second")
+        },
+    )
+
+
+@dg.asset(
+    deps=[tokenized_dataset],
+    group_name="training",
+    kinds={"pytorch", "duckdb"},
+    code_version="1",
+    pool=GPU_POOL,
+    op_tags=gpu_op_tags(training_gpus()),
+    description=(
+        "A LoRA adapter folder (adapter_config.json, adapter_model.safetensors, tokenizer), registered in DuckDB. "
+        "Trains in the run's process, or with launcher=accelerate in `accelerate launch` processes through Dagster Pipes."
+    ),
+)
+def lora_adapter(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    model: LoraModelResource,
+    store: LorasumStore,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    profile = get_profile()
+    overrides = config.model_dump(exclude={"launcher", "num_processes", "threads_per_process"})
+    spec: TrainSpec = with_overrides(profile.training, overrides)
+    if config.launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {config.launcher!r}")
+    if config.launcher == "in_process" and config.num_processes != 1:
+        raise ValueError("num_processes > 1 needs launcher='accelerate'")
+    with store.connect() as con:
+        train_examples, train_hash = _read_examples(con, "train")
+        val_examples, val_hash = _read_examples(con, "validation")
+    data_hash = hashlib.sha256((train_hash + val_hash).encode()).hexdigest()
+    train_key = spec.fingerprint(data_hash, f"{model.model}@{model.revision}:{model.quantization}")
+    checkpoint_dir = home_subdir("checkpoints", train_key)
+    run_id = context.run_id
     created_at = datetime.now(UTC)
     adapter_id = f"{profile.name}-{created_at:%Y%m%d-%H%M%S}-{run_id[:8]}"
     target = lorasum_home() / "adapters" / adapter_id
-    save_adapter(peft_model, tokenizer, target)
+
+    if config.launcher == "accelerate":
+        outcome = _train_with_accelerate(
+            context, config, spec, model, store, pipes_subprocess_client, train_key, train_examples, val_examples, checkpoint_dir, target
+        )
+    else:
+        outcome = _train_in_process(context, spec, model, store, train_key, train_examples, val_examples, checkpoint_dir, target)
+
     weights_sha = sha256_file(target / "adapter_model.safetensors")
-    trainable_pct = 100.0 * result.trainable_params / max(result.total_params, 1)
+    trainable_pct = 100.0 * outcome.trainable_params / max(outcome.total_params, 1)
     with store.connect() as con:
         register_adapter(
             con,
@@ -120,12 +240,12 @@ def lora_adapter(
                 "base_model": model.model,
                 "base_revision": model.revision,
                 "profile": profile.name,
-                "config": {**asdict(spec), "quantization": model.quantization},
-                "trainable_params": result.trainable_params,
-                "total_params": result.total_params,
+                "config": {**asdict(spec), "quantization": model.quantization, **outcome.launcher_metadata},
+                "trainable_params": outcome.trainable_params,
+                "total_params": outcome.total_params,
                 "trainable_percent": trainable_pct,
-                "final_train_loss": result.final_train_loss,
-                "final_val_loss": result.final_val_loss,
+                "final_train_loss": outcome.final_train_loss,
+                "final_val_loss": outcome.final_val_loss,
                 "dataset_hash": data_hash,
                 "sha256": weights_sha,
                 "path": str(target),
@@ -136,10 +256,10 @@ def lora_adapter(
             "SELECT step, loss FROM training_steps WHERE train_key = ? ORDER BY step", [train_key]
         ).fetchall()
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    exported = store.export_run(run_id)
 
     steps = [s for s, _ in step_rows]
     losses = [loss for _, loss in step_rows]
-    first_loss = losses[0] if losses else None
     metadata = {
         "adapter_id": adapter_id,
         "path": dg.MetadataValue.path(str(target)),
@@ -147,18 +267,21 @@ def lora_adapter(
         "train_key": train_key,
         "base_model": model.model,
         "quantization": model.quantization,
-        "trainable_params": result.trainable_params,
-        "total_params": result.total_params,
+        **outcome.launcher_metadata,
+        "trainable_params": outcome.trainable_params,
+        "total_params": outcome.total_params,
         "trainable_percent": round(trainable_pct, 4),
-        "optimizer_steps": result.total_steps,
-        "resumed_from_step": result.resumed_from_step,
-        "first_train_loss": first_loss,
-        "final_train_loss": result.final_train_loss,
-        "val_losses": [v for v in result.val_losses if v is not None],
-        "padding_efficiency": round(result.real_tokens / max(result.padded_tokens, 1), 4),
-        "train_seconds": round(result.seconds, 2),
+        "optimizer_steps": outcome.total_steps,
+        "resumed_from_step": outcome.resumed_from_step,
+        "first_train_loss": losses[0] if losses else None,
+        "final_train_loss": outcome.final_train_loss,
+        "val_losses": [v for v in outcome.val_losses if v is not None],
+        "padding_efficiency": outcome.padding_efficiency,
+        "train_seconds": round(outcome.seconds, 2),
         "config": dg.MetadataValue.json(asdict(spec)),
     }
+    if exported:
+        metadata["history_exported_rows"] = dg.MetadataValue.json(exported)
     if steps:
         metadata["loss_curve"] = line_plot({"train loss": (steps, losses)}, "Training loss", "optimizer step", "loss")
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(weights_sha[:16]))

@@ -13,6 +13,19 @@ from lorasum_assets.resources.scorer import BertScorerResource
 from lorasum_assets.resources.store import LorasumStore
 
 
+def build_store() -> LorasumStore:
+    """The history store this environment names.
+
+    ``LORASUM_DATABASE=md:<name>`` keeps it in MotherDuck (its extension reads ``MOTHERDUCK_TOKEN``
+    from the environment, so the token never enters config); ``LORASUM_HISTORY_URI`` adds the
+    per-run Parquet export that runs on many machines share.
+    """
+    return LorasumStore(
+        database=os.environ.get("LORASUM_DATABASE") or str(database_path()),
+        history_export_uri=os.environ.get("LORASUM_HISTORY_URI") or None,
+    )
+
+
 def build_resources(profile: Profile | None = None) -> dict:
     profile = profile or get_profile()
     return {
@@ -33,5 +46,6 @@ def build_resources(profile: Profile | None = None) -> dict:
             idf=profile.scorer.idf,
             rescale_with_baseline=profile.scorer.rescale_with_baseline,
         ),
-        "store": LorasumStore(database=str(database_path())),
+        "store": build_store(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }

@@ -10,13 +10,20 @@ from pydantic import PrivateAttr
 
 from lorasum_assets.store.history import with_lock_retry
 from lorasum_assets.store.schema import migrate
+from lorasum_assets.store.shared_history import export_run
 
 
 class LorasumStore(DuckDBResource):
     """Opens short-lived connections. The first one migrates the database to the current schema;
-    later ones (training opens one per logged step) skip that."""
+    later ones (training opens one per logged step) skip that.
+
+    ``database`` is a file, or ``md:<name>`` for MotherDuck (token in ``connection_config``).
+    With ``history_export_uri`` set, each run also copies its history rows to Parquet files of
+    its own there, for runs on many machines to share (see ``store/shared_history.py``).
+    """
 
     lock_timeout_s: float = 120.0
+    history_export_uri: str | None = None
 
     _migrated: bool = PrivateAttr(default=False)
 
@@ -42,3 +49,10 @@ class LorasumStore(DuckDBResource):
             yield con
         finally:
             stack[-1].__exit__(None, None, None)
+
+    def export_run(self, run_id: str) -> dict[str, int]:
+        """Copy this run's history rows to ``history_export_uri``; nothing when it is unset."""
+        if not self.history_export_uri:
+            return {}
+        with self.connect() as con:
+            return export_run(con, self.history_export_uri, run_id)
