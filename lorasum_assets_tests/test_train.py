@@ -90,7 +90,9 @@ def test_reloaded_adapter_reproduces_logits(tiny_model_dir, tiny_tokenizer, tmp_
     batch = collate_right(data[:4], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         trained = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        reloaded_model = PeftModel.from_pretrained(load_model(ModelSpec(model=str(tiny_model_dir), device="cpu")), tmp_path / "adapter")
+        fresh_base = load_model(ModelSpec(model=str(tiny_model_dir), device="cpu"))
+        fresh_base.set_attn_implementation(peft_model.config._attn_implementation)  # training picks eager on CPU
+        reloaded_model = PeftModel.from_pretrained(fresh_base, tmp_path / "adapter")
         reloaded = reloaded_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         plain = load_model(ModelSpec(model=str(tiny_model_dir), device="cpu"))(input_ids=batch["input_ids"]).logits
     assert torch.allclose(trained, reloaded, atol=1e-5)
@@ -229,3 +231,37 @@ def test_packing_gives_the_same_loss_as_padding(tiny_model, tiny_tokenizer):
     # without the position-id resets the examples would see each other, and the loss would differ
     leaky = dict(packed_batch, position_ids=torch.arange(packed_batch["input_ids"].shape[1]).unsqueeze(0))
     assert float(token_loss_sum(peft_model, leaky, None)[0]) != pytest.approx(float(padded), rel=1e-4)
+
+
+def test_compiled_layers_train_like_eager_ones_and_save_the_same_keys(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    data = examples(tiny_tokenizer, 8)
+    losses, saved = {}, {}
+    for compiled in (False, True):
+        spec = TrainSpec(epochs=1, batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-2, lora_dropout=0.0,
+                         gradient_checkpointing=False, mixed_precision="no", compile_layers=compiled)
+        peft_model = prepare_peft_model(load_model(ModelSpec(model=str(tiny_model_dir), device="cpu")), spec)
+        result = train_lora(peft_model, data, [], spec, tiny_tokenizer.pad_token_id)
+        losses[compiled] = [s.loss for s in result.steps]
+        save_adapter(peft_model, tiny_tokenizer, tmp_path / str(compiled))
+        saved[compiled] = load_file(str(tmp_path / str(compiled) / "adapter_model.safetensors"))
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert saved[True].keys() == saved[False].keys()
+    assert max((saved[True][k] - saved[False][k]).abs().max().item() for k in saved[False]) < 1e-4
+
+
+def test_training_in_bf16_leaves_the_base_weights_as_they_were(tiny_model_dir, tiny_tokenizer):
+    spec = TrainSpec(epochs=1, batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-2, mixed_precision="bf16")
+    peft_model = prepare_peft_model(load_model(ModelSpec(model=str(tiny_model_dir), device="cpu")), spec)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+    seen_dtypes = set()
+
+    def record_dtypes(log):
+        seen_dtypes.update(p.dtype for p in peft_model.parameters() if not p.requires_grad)
+
+    train_lora(peft_model, examples(tiny_tokenizer, 4), [], spec, tiny_tokenizer.pad_token_id, on_step=record_dtypes)
+    assert seen_dtypes == {torch.bfloat16}  # stored once in the autocast dtype while training
+    after = dict(peft_model.named_parameters())
+    assert all(after[n].dtype == torch.float32 and torch.equal(after[n], t) for n, t in before.items())
+    assert all(p.dtype == torch.float32 for p in peft_model.parameters() if p.requires_grad)

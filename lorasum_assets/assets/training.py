@@ -44,6 +44,8 @@ class TrainingConfig(dg.Config):
     completion_only_logits: bool | None = None
     packing: bool | None = None
     group_by_length: bool | None = None
+    compile_layers: bool | None = None
+    attention: str | None = None
     logging_steps: int | None = None
     checkpoint_steps: int | None = None
     seed: int | None = None
