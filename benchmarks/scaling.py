@@ -6,7 +6,8 @@
 Both variants go through the same path as ``lora_adapter`` with ``launcher=accelerate``: the job
 file, ``accelerate launch -m lorasum_assets.workers.train_worker``, the shared accumulation window.
 On a CPU machine the cores are shared out: 1 process x all threads against N processes x
-(threads / N). Prints a markdown table and writes JSON to benchmarks/results/. Skips (exit 0) when
+(threads / N), plus 1 process x (threads / N) as a control: bf16 matmuls round differently with a
+different thread count, so only the gap against the same threads per process is DDP's own. Prints a markdown table and writes JSON to benchmarks/results/. Skips (exit 0) when
 the data folder is absent.
 """
 
@@ -77,17 +78,23 @@ def main() -> int:
     )
     context = mp.get_context("spawn")
     rows = []
-    for n in args.processes:
-        threads = max(1, args.threads // n)
-        job = write_job(out_dir / f"scaling-job-{n}.json", model=model, spec=spec, train_examples=train, val_examples=[],
-                        checkpoint_dir=out_dir / f"scaling-checkpoints-{n}", adapter_dir=out_dir / f"scaling-adapter-{n}")
-        summary_path = out_dir / f"scaling-summary-{n}.json"
-        shutil.rmtree(out_dir / f"scaling-checkpoints-{n}", ignore_errors=True)  # a leftover checkpoint would be resumed
+    # The cores shared out between the processes; then, as a control, one process with the threads
+    # each of the N processes had: set against it, a gap is DDP's own, not the thread count's.
+    variants = [(n, max(1, args.threads // n)) for n in args.processes]
+    control = (1, max(1, args.threads // max(args.processes)))
+    if control not in variants:
+        variants.append(control)
+    for n, threads in variants:
+        name = f"{n}x{threads}"
+        job = write_job(out_dir / f"scaling-job-{name}.json", model=model, spec=spec, train_examples=train, val_examples=[],
+                        checkpoint_dir=out_dir / f"scaling-checkpoints-{name}", adapter_dir=out_dir / f"scaling-adapter-{name}")
+        summary_path = out_dir / f"scaling-summary-{name}.json"
+        shutil.rmtree(out_dir / f"scaling-checkpoints-{name}", ignore_errors=True)  # a leftover checkpoint would be resumed
         command = accelerate_launch_command(job, n, threads, summary_path)
         with context.Pool(1) as pool:
             measured = pool.apply(_run_variant, (command,))
         summary = json.loads(summary_path.read_text())
-        shutil.rmtree(out_dir / f"scaling-checkpoints-{n}", ignore_errors=True)
+        shutil.rmtree(out_dir / f"scaling-checkpoints-{name}", ignore_errors=True)
         if summary["resumed_from_step"]:
             raise RuntimeError(f"{n}-process run resumed from step {summary['resumed_from_step']}: not a full run")
         rows.append({"processes": n, "threads_per_process": threads, **measured, **summary})
@@ -96,24 +103,33 @@ def main() -> int:
         job.unlink()
 
     base = rows[0]
+    same_threads = {row["threads_per_process"]: row for row in rows if row["processes"] == 1}
     print(f"\nmodel {args.model}; {len(train)} DialogSum dev dialogues, batch {args.batch} x accumulation {args.accumulation}, "
           f"{args.epochs} epoch(s), seed {spec.seed}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
     print("| processes x threads | backend | optimizer steps | training s | wall s (incl. start) | real tokens/s | vs 1 process | "
-          "final loss | largest step-loss gap vs 1 process | largest adapter weight gap | peak RSS per process (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "final loss | step-loss gap vs first row | step-loss gap vs 1 process, same threads | adapter weight gap vs 1 process, "
+          "same threads | peak RSS per process (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     from safetensors.torch import load_file
 
-    base_weights = load_file(str(out_dir / f"scaling-adapter-{base['processes']}" / "adapter_model.safetensors"))
+    def adapter(row):
+        return load_file(str(out_dir / f"scaling-adapter-{row['processes']}x{row['threads_per_process']}" / "adapter_model.safetensors"))
+
+    def loss_gap(a, b):
+        return max(abs(x - y) / abs(y) for x, y in zip(a["losses"], b["losses"]))
+
     for row in rows:
-        gap = max(abs(a - b) / abs(b) for a, b in zip(row["losses"], base["losses"]))
-        row["largest_relative_step_loss_gap"] = gap
-        weights = load_file(str(out_dir / f"scaling-adapter-{row['processes']}" / "adapter_model.safetensors"))
-        row["largest_adapter_weight_gap"] = max((weights[k] - v).abs().max().item() for k, v in base_weights.items())
+        reference = same_threads[row["threads_per_process"]]
+        weights, reference_weights = adapter(row), adapter(reference)
+        row["largest_relative_step_loss_gap_vs_first"] = loss_gap(row, base)
+        row["largest_relative_step_loss_gap_same_threads"] = loss_gap(row, reference)
+        row["largest_adapter_weight_gap_same_threads"] = max((weights[k] - v).abs().max().item() for k, v in reference_weights.items())
         row["speedup_vs_first"] = row["real_tokens_per_second"] / base["real_tokens_per_second"]
         print(f"| {row['processes']} x {row['threads_per_process']} | {row['backend']} | {row['optimizer_steps']} | "
               f"{row['train_seconds']:.1f} | {row['wall_seconds']:.1f} | {row['real_tokens_per_second']:,.1f} | "
-              f"{row['speedup_vs_first']:.2f}x | {row['final_train_loss']:.4f} | {gap:.1e} | {row['largest_adapter_weight_gap']:.1e} | "
+              f"{row['speedup_vs_first']:.2f}x | {row['final_train_loss']:.4f} | {row['largest_relative_step_loss_gap_vs_first']:.1e} | "
+              f"{row['largest_relative_step_loss_gap_same_threads']:.1e} | {row['largest_adapter_weight_gap_same_threads']:.1e} | "
               f"{row['peak_rss_mb']:,.0f} |")
     (out_dir / "scaling.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print(f"\nwritten: {out_dir / 'scaling.json'}")
