@@ -88,11 +88,16 @@ def test_k8s_run_definitions_size_the_run_pod_for_a_gpu():
     assert run_pod.node_selector == {"nvidia.com/gpu.present": "true"}
 
 
-def test_k8s_steps_without_a_shared_database_is_refused():
-    completed = subprocess.run([sys.executable, "-c", LOAD_K8S_DEFINITIONS], cwd=REPO,
-                               env={**os.environ, "LORASUM_DEPLOYMENT": "k8s-steps"}, capture_output=True, text=True, timeout=300)
+def refusal(env: dict) -> str:
+    """The error output of loading the definitions under ``env``, which must fail."""
+    completed = subprocess.run([sys.executable, "-c", LOAD_K8S_DEFINITIONS], cwd=REPO, env={**os.environ, **env},
+                               capture_output=True, text=True, timeout=300)
     assert completed.returncode != 0
-    assert "set LORASUM_DATABASE=md:<name> (MotherDuck)" in completed.stderr
+    return completed.stderr
+
+
+def test_k8s_steps_without_a_shared_database_is_refused():
+    assert "set LORASUM_DATABASE=md:<name> (MotherDuck)" in refusal({"LORASUM_DEPLOYMENT": "k8s-steps"})
 
 
 def test_local_definitions_keep_the_in_process_executor():
@@ -101,10 +106,7 @@ def test_local_definitions_keep_the_in_process_executor():
 
 
 def test_an_unknown_deployment_is_named_in_the_error():
-    completed = subprocess.run([sys.executable, "-c", LOAD_K8S_DEFINITIONS], cwd=REPO,
-                               env={**os.environ, "LORASUM_DEPLOYMENT": "swarm"}, capture_output=True, text=True, timeout=300)
-    assert completed.returncode != 0
-    assert "LORASUM_DEPLOYMENT='swarm'; valid: local, k8s-run, k8s-steps" in completed.stderr
+    assert "LORASUM_DEPLOYMENT='swarm'; valid: local, k8s-run, k8s-steps" in refusal({"LORASUM_DEPLOYMENT": "swarm"})
 
 
 def test_helm_values_name_what_the_code_reads():
