@@ -13,10 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorasum_assets.home import database_path
+from lorasum_assets.home import database_location
 from lorasum_assets.store.history import DatabaseBusyError, with_lock_retry
-
-EXPORT_TABLES = ("eval_runs", "eval_metrics", "eval_examples", "adapters", "training_steps", "training_epochs", "run_failures")
+from lorasum_assets.store.schema import HISTORY_TABLES
 
 
 def _connect(args: argparse.Namespace):
@@ -26,10 +25,10 @@ def _connect(args: argparse.Namespace):
         from lorasum_assets.store.shared_history import open_shared_history
 
         return open_shared_history(args.history_uri)
-    named = os.environ.get("LORASUM_DATABASE")
-    if named and named.startswith("md:"):
-        return duckdb.connect(named, read_only=True)
-    path = Path(named) if named else database_path()
+    location = database_location()
+    if location.startswith("md:"):
+        return duckdb.connect(location, read_only=True)
+    path = Path(location)
     if not path.exists():
         raise SystemExit(f"no lorasum database at {path}; run the pipeline first (make demo)")
     return with_lock_retry(lambda: duckdb.connect(str(path), read_only=True), args.wait)
@@ -205,7 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
-    for table in tqdm(EXPORT_TABLES, desc="export", disable=args.json or not sys.stderr.isatty(), file=sys.stderr):
+    for table in tqdm(HISTORY_TABLES, desc="export", disable=args.json or not sys.stderr.isatty(), file=sys.stderr):
         target = out / f"{table}.{args.format}"
         option = "(FORMAT parquet)" if args.format == "parquet" else "(FORMAT csv, HEADER)"
         quoted = target.as_posix().replace("'", "''")

@@ -21,6 +21,8 @@ import os
 
 import dagster as dg
 
+from lorasum_assets.home import database_location
+
 DEPLOYMENT_ENV = "LORASUM_DEPLOYMENT"
 DEPLOYMENTS = ("local", "k8s-run", "k8s-steps")
 TRAINING_GPUS_ENV = "LORASUM_TRAINING_GPUS"
@@ -76,7 +78,7 @@ def run_tags() -> dict:
 
 def build_executor() -> dg.ExecutorDefinition:
     if deployment() == "k8s-steps":
-        if not os.environ.get("LORASUM_DATABASE", "").startswith("md:"):
+        if not database_location().startswith("md:"):
             raise ValueError(
                 "LORASUM_DEPLOYMENT=k8s-steps runs each step in its own pod, and they need one database they all "
                 "reach: set LORASUM_DATABASE=md:<name> (MotherDuck), or use k8s-run"

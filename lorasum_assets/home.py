@@ -19,8 +19,17 @@ def lorasum_home() -> Path:
     return home
 
 
+DATABASE_ENV = "LORASUM_DATABASE"
+
+
 def database_path() -> Path:
     return lorasum_home() / "lorasum.duckdb"
+
+
+def database_location() -> str:
+    """The history database: ``LORASUM_DATABASE`` (a file, or ``md:<name>`` for MotherDuck), else
+    ``lorasum.duckdb`` in the home."""
+    return os.environ.get(DATABASE_ENV) or str(database_path())
 
 
 def home_subdir(*parts: str) -> Path:

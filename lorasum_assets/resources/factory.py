@@ -6,7 +6,7 @@ import os
 
 import dagster as dg
 
-from lorasum_assets.home import database_path
+from lorasum_assets.home import database_location
 from lorasum_assets.profiles import Profile, get_profile
 from lorasum_assets.resources.model import LoraModelResource
 from lorasum_assets.resources.scorer import BertScorerResource
@@ -21,7 +21,7 @@ def build_store() -> LorasumStore:
     per-run Parquet export that runs on many machines share.
     """
     return LorasumStore(
-        database=os.environ.get("LORASUM_DATABASE") or str(database_path()),
+        database=database_location(),
         history_export_uri=os.environ.get("LORASUM_HISTORY_URI") or None,
     )
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 SCHEMA_VERSION = 1
 
+# The append-only history: every row carries the run_id of the Dagster run that wrote it.
+HISTORY_TABLES = ("eval_runs", "eval_metrics", "eval_examples", "adapters", "training_steps", "training_epochs", "run_failures")
+
 # Each entry upgrades from version i to i + 1 (index 0 creates version 1).
 MIGRATIONS: list[list[str]] = [
     [

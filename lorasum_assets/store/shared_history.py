@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import re
 
-from lorasum_assets.store.schema import MIGRATIONS
+from lorasum_assets.store.schema import HISTORY_TABLES, MIGRATIONS
 
-# Tables with a run_id column, whose rows belong to exactly one Dagster run.
-RUN_TABLES = ("eval_runs", "eval_metrics", "eval_examples", "adapters", "training_steps", "training_epochs", "run_failures")
 _SAFE_RUN_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -34,7 +32,7 @@ def _ensure_folder(uri: str) -> None:
     if "://" not in uri:
         from pathlib import Path
 
-        for table in RUN_TABLES:
+        for table in HISTORY_TABLES:
             Path(_table_uri(uri, table)).mkdir(parents=True, exist_ok=True)
 
 
@@ -44,7 +42,7 @@ def export_run(con, uri: str, run_id: str) -> dict[str, int]:
         raise ValueError(f"run id {run_id!r} cannot name a file")
     _ensure_folder(uri)
     written = {}
-    for table in RUN_TABLES:
+    for table in HISTORY_TABLES:
         count = con.execute(f"SELECT count(*) FROM {table} WHERE run_id = ?", [run_id]).fetchone()[0]
         if not count:
             continue
@@ -74,7 +72,7 @@ def open_shared_history(uri: str):
 
     con = duckdb.connect()
     creates = _create_statements()
-    for table in RUN_TABLES:
+    for table in HISTORY_TABLES:
         pattern = f"{_table_uri(uri, table)}/*.parquet"
         con.execute(creates[table].replace("IF NOT EXISTS", "", 1))
         try:
