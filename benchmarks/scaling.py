@@ -28,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _run_variant(command: list[str]) -> dict:
@@ -56,22 +57,17 @@ def main() -> int:
         return 0
 
     import torch
+    from speed import _examples
 
-    from lorasum_assets.ml.data import normalise, read_local
-    from lorasum_assets.ml.modeling import ModelSpec, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_example
-    from lorasum_assets.ml.train import TrainExample, TrainSpec
+    from lorasum_assets.ml.modeling import ModelSpec
+    from lorasum_assets.ml.train import TrainSpec
     from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
 
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     model = ModelSpec(model=args.model, cache_dir=args.cache)
-    tokenizer = load_tokenizer(model)  # converts a packaged GGUF once, before any timing
-    dialogues = [d for d in normalise(read_local(args.data), "local").dialogues if d.split == "validation"][: args.train]
-    train = []
-    for d in dialogues:
-        encoded = encode_example(tokenizer, d.dialogue, d.references[0], 512)
-        train.append(TrainExample(encoded.input_ids, encoded.labels))
+    args.generate = 0  # the same dev dialogues, encoded as speed.py encodes them; no test prompts
+    _, train, _, _ = _examples(args)  # also converts a packaged GGUF once, before any timing
     spec = TrainSpec(
         batch_size=args.batch, gradient_accumulation_steps=args.accumulation, epochs=args.epochs,
         learning_rate=1e-3, gradient_checkpointing=False, checkpoint_steps=10_000,

@@ -83,6 +83,7 @@ class TrainingOutcome:
     padding_efficiency: float
     seconds: float
     launcher_metadata: dict = field(default_factory=dict)
+    reported_sha256: str | None = None  # what an external training process says it wrote
 
     @property
     def final_train_loss(self) -> float | None:
@@ -169,8 +170,6 @@ def _train_with_accelerate(
         for epoch, val_loss in enumerate(reported["val_losses"], start=1):
             record_training_epoch(con, train_key, context.run_id, epoch, val_loss)
     metadata = {key: value.value for key, value in (streamed.metadata or {}).items()}
-    if metadata.get("sha256") != sha256_file(target / "adapter_model.safetensors"):
-        raise RuntimeError("the adapter on disk is not the one the training process reported")
     return TrainingOutcome(
         steps=steps,
         val_losses=reported["val_losses"],
@@ -183,6 +182,7 @@ def _train_with_accelerate(
         launcher_metadata={
             k: metadata[k] for k in ("launcher", "world_size", "distributed_type", "backend", "real_tokens_per_second")
         },
+        reported_sha256=metadata.get("sha256") or "missing",
     )
 
 
@@ -231,6 +231,8 @@ def lora_adapter(
         outcome = _train_in_process(context, spec, model, store, train_key, train_examples, val_examples, checkpoint_dir, target)
 
     weights_sha = sha256_file(target / "adapter_model.safetensors")
+    if outcome.reported_sha256 is not None and outcome.reported_sha256 != weights_sha:
+        raise RuntimeError("the adapter on disk is not the one the training process reported")
     trainable_pct = 100.0 * outcome.trainable_params / max(outcome.total_params, 1)
     with store.connect() as con:
         register_adapter(

@@ -190,9 +190,9 @@ def prepare_peft_model(model, spec: TrainSpec):
 def training_attention(model, attention: str = "auto") -> str:
     """The attention kernel to train with.
 
-    ``auto`` picks eager attention on CPU: measured 1.17-1.19x the training throughput of SDPA on
-    SmolLM2-135M with bf16 autocast and batches of up to ~500 tokens (benchmarks/levers.py). On
-    GPUs the model keeps its own choice (SDPA/flash kernels win there).
+    ``auto`` picks eager attention on CPU: SDPA trained at 0.82x (benchmarks/speed.py) and 0.85x
+    (benchmarks/levers.py) of eager on SmolLM2-135M with bf16 autocast and batches of up to ~500
+    tokens. On GPUs the model keeps its own choice (SDPA/flash kernels win there).
     """
     if attention in ("sdpa", "eager"):
         return attention
@@ -257,8 +257,8 @@ def frozen_weights_in(model, dtype):
     """Store the frozen fp32 base weights in ``dtype`` while the block runs, then put the originals back.
 
     Under autocast every forward would cast them to ``dtype`` again; casting once gives the same
-    rounded values without the per-step cost (measured with eager attention on SmolLM2-135M, CPU bf16:
-    1.13x; benchmarks/levers.py). Buffers (rotary frequencies) are left alone, and the model leaves
+    rounded values without the per-step cost (SmolLM2-135M, CPU bf16: keeping them fp32 trains at
+    0.91x; benchmarks/speed.py). Buffers (rotary frequencies) are left alone, and the model leaves
     the block with its own fp32 weights, so only the LoRA weights have changed.
     """
     import torch
