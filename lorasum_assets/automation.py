@@ -1,4 +1,4 @@
-"""Jobs, the retraining schedule, the data-change sensor and the run-failure sensor."""
+"""Jobs, the retraining schedule, and the sensors: data change, run failures, dead runs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 
 from lorasum_assets.deployment import run_tags
+from lorasum_assets.recovery import release_dead_runs
 from lorasum_assets.store.history import record_run_failure
 
 RETRAIN_CRON_ENV = "LORASUM_RETRAIN_CRON"
@@ -25,7 +26,20 @@ train_and_evaluate = dg.define_asset_job(
 evaluate = dg.define_asset_job(
     "evaluate",
     selection=dg.AssetSelection.assets("base_predictions", "tuned_predictions", "bertscore_report"),
-    description="Re-score an existing adapter: set ops.tuned_predictions.config.adapter_id (default: the latest).",
+    description=(
+        "Re-score an existing adapter: set ops.tuned_predictions.config.adapter_id (default: the newest adapter trained "
+        "on the run's base model). The adapter is checked when the run starts, before any generation."
+    ),
+    tags=run_tags(),
+)
+
+sweep_point = dg.define_asset_job(
+    "sweep_point",
+    selection=dg.AssetSelection.assets("lora_adapter", "tuned_predictions", "bertscore_report"),
+    description=(
+        "One point of a sweep (`lorasum sweep GRID.yaml`): trains with its run config and scores its own adapter; "
+        "the data and the base predictions come from their latest materializations."
+    ),
     tags=run_tags(),
 )
 
@@ -104,3 +118,16 @@ def record_run_failures(context: dg.RunFailureSensorContext) -> None:
     with store.connect() as con:
         record_run_failure(con, run.run_id, run.job_name, message)
     store.export_run(run.run_id)
+
+
+@dg.sensor(
+    name="release_dead_run_slots",
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Marks runs whose process died as failed and frees their lorasum_gpu slots, so waiting runs go on.",
+)
+def release_dead_run_slots(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    released = release_dead_runs(context.instance, log=context.log.warning)
+    if released:
+        return dg.SkipReason(f"released {len(released)} dead run(s): {', '.join(r.run_id for r in released)}")
+    return dg.SkipReason("no dead run holds a pool slot")

@@ -1,53 +1,116 @@
-"""Data-quality checks (blocking) and metric checks on the evaluation."""
+"""Data-quality checks (blocking) and metric checks on the evaluation.
+
+Each check reads the materialization of its asset made in the same run (the run's lineage),
+never the newest rows of a table that concurrent runs write too.
+"""
 
 import dagster as dg
 
 from lorasum_assets.assets.data import raw_dialogsum, tokenized_dataset
 from lorasum_assets.assets.evaluation import bertscore_report
-from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources import LorasumStore
+from lorasum_assets.resources.lineage import reference_in_lineage
+from lorasum_assets.store.references import TableRef
+from lorasum_assets.store.schema import rows_table
 
 
-@dg.asset_check(asset=raw_dialogsum, blocking=True, description="Quarantined rows stay under the profile's share.")
+def _reference(context: dg.AssetCheckExecutionContext, asset: dg.AssetsDefinition) -> TableRef | None:
+    return reference_in_lineage(context.instance, asset.key, context.run.run_id)
+
+
+def _no_reference(severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=False, severity=severity, metadata={"reason": "the asset has no materialization to check"})
+
+
+@dg.asset_check(
+    asset=raw_dialogsum,
+    blocking=True,
+    description="Quarantined rows stay under the run's max_quarantine_share (raw_dialogsum config).",
+)
 def quarantine_share_within_limit(context: dg.AssetCheckExecutionContext, store: LorasumStore) -> dg.AssetCheckResult:
-    limit = get_profile().data.max_quarantine_share
+    ref = _reference(context, raw_dialogsum)
+    if ref is None:
+        return _no_reference(dg.AssetCheckSeverity.ERROR)
+    limit = ref.details["max_quarantine_share"]
     with store.connect() as con:
-        kept = con.execute("SELECT count(*) FROM raw_dialogsum").fetchone()[0]
-        quarantined = con.execute("SELECT count(*) FROM raw_dialogsum_quarantine").fetchone()[0]
+        reasons = con.execute(
+            f"""SELECT split_part(reason, ':', 1) AS kind, count(*) FROM {rows_table('raw_dialogsum_quarantine')}
+                WHERE run_id = ? GROUP BY kind ORDER BY count(*) DESC""",
+            [ref.run_id],
+        ).fetchall()
+    quarantined = sum(n for _, n in reasons)
+    kept = ref.rows
     share = quarantined / max(kept + quarantined, 1)
-    return dg.AssetCheckResult(
-        passed=share <= limit,
-        severity=dg.AssetCheckSeverity.ERROR,
-        metadata={"quarantined": quarantined, "kept": kept, "share": round(share, 4), "limit": limit},
-    )
+    passed = share <= limit
+    metadata = {"quarantined": quarantined, "kept": kept, "share": round(share, 4), "limit": limit, "reasons": dict(reasons)}
+    description = None
+    if not passed:
+        description = (
+            f"{quarantined} of {kept + quarantined} rows quarantined ({share:.1%} > {limit:.1%}): "
+            f"{', '.join(f'{n} {kind}' for kind, n in reasons)}. See table raw_dialogsum_quarantine; "
+            "to accept more, set ops.raw_dialogsum.config.max_quarantine_share."
+        )
+    return dg.AssetCheckResult(passed=passed, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata, description=description)
 
 
 @dg.asset_check(asset=tokenized_dataset, blocking=True, description="Every row trains on its summary and ends with EOS.")
 def labels_end_with_eos(context: dg.AssetCheckExecutionContext, store: LorasumStore) -> dg.AssetCheckResult:
+    ref = _reference(context, tokenized_dataset)
+    if ref is None:
+        return _no_reference(dg.AssetCheckSeverity.ERROR)
     with store.connect() as con:
-        bad = con.execute(
-            """SELECT count(*) FROM tokenized_dataset
-               WHERE label_tokens < 2 OR labels[-1] = -100 OR labels[-1] != input_ids[-1]"""
-        ).fetchone()[0]
-        total = con.execute("SELECT count(*) FROM tokenized_dataset").fetchone()[0]
+        bad, total = con.execute(
+            f"""SELECT count(*) FILTER (WHERE label_tokens < 2 OR labels[-1] = -100 OR labels[-1] != input_ids[-1]), count(*)
+                FROM {rows_table('tokenized_dataset')} WHERE run_id = ?""",
+            [ref.run_id],
+        ).fetchone()
     return dg.AssetCheckResult(passed=bad == 0, severity=dg.AssetCheckSeverity.ERROR, metadata={"bad_rows": bad, "rows": total})
+
+
+def _report_values(con, run_id: str, metric: str) -> dict[str, tuple]:
+    rows = con.execute(
+        """SELECT model, value, ci_low, ci_high, dataset_hash, scorer_hash FROM eval_history
+           WHERE run_id = ? AND metric = ? AND reference_set = 'all'""",
+        [run_id, metric],
+    ).fetchall()
+    return {r[0]: r[1:] for r in rows}
 
 
 @dg.asset_check(asset=bertscore_report, description="Tuned BERTScore F1 is at least the base F1.")
 def tuned_f1_not_below_base(context: dg.AssetCheckExecutionContext, store: LorasumStore) -> dg.AssetCheckResult:
+    ref = _reference(context, bertscore_report)
+    if ref is None:
+        return _no_reference(dg.AssetCheckSeverity.WARN)
     with store.connect() as con:
-        rows = dict(
-            con.execute(
-                """SELECT model, value FROM bertscore_report
-                   WHERE metric = 'bertscore_f1' AND reference_set = 'all' AND model IN ('base', 'tuned')"""
-            ).fetchall()
-        )
-    passed = bool(rows) and rows["tuned"] >= rows["base"]
+        values = _report_values(con, ref.run_id, "bertscore_f1")
+    passed = "tuned" in values and values["tuned"][0] >= values["base"][0]
     return dg.AssetCheckResult(
         passed=passed,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"base_f1": rows.get("base"), "tuned_f1": rows.get("tuned")},
+        metadata={"run_id": ref.run_id, "base_f1": values.get("base", (None,))[0], "tuned_f1": values.get("tuned", (None,))[0]},
     )
+
+
+def compare_with_previous_best(con, run_id: str, metric: str) -> tuple[bool, dict]:
+    """Whether run ``run_id``'s tuned ``metric`` (its CI's upper end) reaches the best earlier run's
+    value on the same dataset and scorer, and the figures that decided it."""
+    values = _report_values(con, run_id, metric)
+    if "tuned" not in values:
+        return False, {"reason": f"no {metric} in run {run_id}"}
+    value, ci_low, ci_high, dataset_hash, scorer_hash = values["tuned"]
+    best = con.execute(
+        """SELECT run_id, adapter_id, value FROM eval_history
+           WHERE model = 'tuned' AND metric = ? AND reference_set = 'all' AND dataset_hash = ?
+             AND scorer_hash = ? AND run_id != ?
+           ORDER BY value DESC LIMIT 1""",
+        [metric, dataset_hash, scorer_hash, run_id],
+    ).fetchone()
+    metadata = {"run_id": run_id, "metric": metric, "value": value, "ci_low": ci_low, "ci_high": ci_high, "scorer_hash": scorer_hash}
+    if best is None:
+        return True, {**metadata, "previous_best": "none (first run on this dataset and scorer)"}
+    metadata.update(previous_best_run=best[0], previous_best_adapter=str(best[1]), previous_best_value=best[2])
+    return ci_high >= best[2], metadata
+
 
 class RegressionCheckConfig(dg.Config):
     metric: str = "bertscore_f1"
@@ -62,27 +125,12 @@ def tuned_not_worse_than_previous_best(
     context: dg.AssetCheckExecutionContext, config: RegressionCheckConfig, store: LorasumStore
 ) -> dg.AssetCheckResult:
     severity = dg.AssetCheckSeverity[config.severity.upper()]
+    ref = _reference(context, bertscore_report)
+    if ref is None:
+        return _no_reference(severity)
     with store.connect() as con:
-        latest = con.execute(
-            """SELECT run_id, dataset_hash, scorer_hash, value, ci_low, ci_high FROM bertscore_report
-               WHERE model = 'tuned' AND metric = ? AND reference_set = 'all'""",
-            [config.metric],
-        ).fetchone()
-        if latest is None:
-            return dg.AssetCheckResult(passed=False, severity=severity, metadata={"reason": "no evaluation in the history"})
-        run_id, dataset_hash, scorer_hash, value, ci_low, ci_high = latest
-        best = con.execute(
-            """SELECT run_id, adapter_id, value FROM eval_history
-               WHERE model = 'tuned' AND metric = ? AND reference_set = 'all' AND dataset_hash = ?
-                 AND scorer_hash = ? AND run_id != ?
-               ORDER BY value DESC LIMIT 1""",
-            [config.metric, dataset_hash, scorer_hash, run_id],
-        ).fetchone()
-    metadata = {"metric": config.metric, "value": value, "ci_low": ci_low, "ci_high": ci_high, "scorer_hash": scorer_hash}
-    if best is None:
-        return dg.AssetCheckResult(passed=True, severity=severity, metadata={**metadata, "previous_best": "none (first run on this dataset and scorer)"})
-    metadata.update(previous_best_run=best[0], previous_best_adapter=str(best[1]), previous_best_value=best[2])
-    return dg.AssetCheckResult(passed=ci_high >= best[2], severity=severity, metadata=metadata)
+        passed, metadata = compare_with_previous_best(con, ref.run_id, config.metric)
+    return dg.AssetCheckResult(passed=passed, severity=severity, metadata=metadata)
 
 
 ALL_CHECKS = [quarantine_share_within_limit, labels_end_with_eos, tuned_f1_not_below_base, tuned_not_worse_than_previous_best]

@@ -167,9 +167,10 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     if not dialogue.strip():
         raise SystemExit("no dialogue given (use --file or standard input)")
     from lorasum_assets.home import home_subdir
-    from lorasum_assets.ml.generate import GenerationSpec, generate_with_adapter
+    from lorasum_assets.ml.generate import generate_with_adapter
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_prompt
+    from lorasum_assets.ml.specs import GenerationSpec
 
     quantization = json.loads(config).get("quantization", "none")
     spec = ModelSpec(model=base_model, revision=revision, quantization=quantization, cache_dir=str(home_subdir("models")))
@@ -190,6 +191,15 @@ def cmd_summarize(args: argparse.Namespace) -> int:
 
 def cmd_adapters(args: argparse.Namespace) -> int:
     con = _connect(args)
+    if args.best:
+        rows = con.execute(
+            """SELECT b.rank, b.adapter_id, b.value, b.ci_low, b.ci_high, b.run_id, b.dataset_hash, a.config->>'learning_rate', a.config->>'lora_r'
+               FROM best_adapters b LEFT JOIN adapters a USING (adapter_id)
+               WHERE b.metric = ? AND b.reference_set = 'all' ORDER BY b.dataset_hash, b.scorer_hash, b.rank LIMIT ?""",
+            [args.metric, args.last],
+        ).fetchall()
+        _emit(args, ("rank", "adapter_id", args.metric, "ci_low", "ci_high", "run_id", "dataset_hash", "learning_rate", "lora_r"), rows)
+        return 0
     rows = con.execute(
         "SELECT adapter_id, created_at, profile, base_model, final_train_loss, final_val_loss, sha256 FROM adapters ORDER BY created_at DESC"
     ).fetchall()
@@ -211,6 +221,38 @@ def cmd_export(args: argparse.Namespace) -> int:
         con.execute(f"COPY (SELECT * FROM {table}) TO '{quoted}' {option}")
         written[table] = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     _emit(args, ("table", "rows", "file"), [(t, n, str(out / f"{t}.{args.format}")) for t, n in written.items()])
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lorasum_assets.sweep import SweepGridError, load_grid
+    from lorasum_assets.sweep_runner import run_sweep
+
+    try:
+        points = load_grid(args.grid)
+    except SweepGridError as exc:
+        raise SystemExit(f"lorasum sweep: {exc}") from exc
+    result = run_sweep(points, parallel=args.parallel, metric=args.metric, log=lambda m: print(m, file=sys.stderr))
+    _emit(args, result.header, result.rows, {"sweep": result.sweep_id, "metric": args.metric})
+    return 0 if result.all_succeeded else 1
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from lorasum_assets.recovery import release_dead_runs
+
+    with dg.DagsterInstance.get() as instance:
+        released = release_dead_runs(instance)
+    _emit(args, ("run_id", "job_name", "pid"), [(r.run_id, r.job_name, r.pid) for r in released])
+    return 0
+
+
+def cmd_init_instance(args: argparse.Namespace) -> int:
+    from lorasum_assets.instance import init_instance
+
+    home = init_instance(args.config)
+    print(f"Dagster instance ready at {home}")
     return 0
 
 
@@ -251,7 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summarize)
 
     p = sub.add_parser("adapters", parents=[common], help="registered adapters")
+    p.add_argument("--best", action="store_true", help="rank adapters by an evaluation metric (view best_adapters)")
+    p.add_argument("--metric", default="bertscore_f1", help="metric for --best (default: bertscore_f1)")
+    p.add_argument("-n", "--last", type=int, default=20, help="rows for --best (default: 20)")
     p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("sweep", parents=[common], help="train and evaluate every point of a YAML grid of lora_adapter settings")
+    p.add_argument("grid", help="YAML file: lora_adapter: {setting: [values, ...]}")
+    p.add_argument("--parallel", type=int, default=2, help="points running at once (default: 2)")
+    p.add_argument("--metric", default="bertscore_f1", help="metric that ranks the points (default: bertscore_f1)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("recover", parents=[common], help="fail runs whose process died and free their GPU pool slots")
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("init-instance", help="initialize the Dagster instance in DAGSTER_HOME once (safe to run concurrently)")
+    p.add_argument("--config", help="dagster.yaml to install when DAGSTER_HOME has none (e.g. deploy/dagster.yaml)")
+    p.set_defaults(func=cmd_init_instance)
 
     p = sub.add_parser("export", parents=[common], help="export the history tables to Parquet or CSV")
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet")

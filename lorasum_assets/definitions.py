@@ -7,7 +7,9 @@ from lorasum_assets.automation import (
     build_retrain_schedule,
     evaluate,
     record_run_failures,
+    release_dead_run_slots,
     retrain_on_data_change,
+    sweep_point,
     train_and_evaluate,
 )
 from lorasum_assets.checks import ALL_CHECKS
@@ -17,9 +19,9 @@ from lorasum_assets.resources.factory import build_resources
 defs = dg.Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
-    jobs=[train_and_evaluate, evaluate],
+    jobs=[train_and_evaluate, evaluate, sweep_point],
     schedules=[build_retrain_schedule()],
-    sensors=[retrain_on_data_change, record_run_failures],
+    sensors=[retrain_on_data_change, record_run_failures, release_dead_run_slots],
     resources=build_resources(),
     executor=build_executor(),
 )

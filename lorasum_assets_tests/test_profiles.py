@@ -1,6 +1,6 @@
 import pytest
 
-from lorasum_assets.ml.train import NOTEBOOK_TARGET_MODULES, TrainSpec
+from lorasum_assets.ml.specs import NOTEBOOK_TARGET_MODULES, TrainSpec
 from lorasum_assets.profiles import DEFAULT_PROFILE, PROFILES, UnknownProfileError, get_profile, with_overrides
 
 

@@ -40,12 +40,18 @@ def materialize(folder: Path, selection: str, extra_config=None):
     )
 
 
-def error_text(result, node):
-    """Every message in the failure's cause chain."""
-    failure, messages = result.failure_data_for_node(node).error, []
-    while failure is not None:
-        messages.append(failure.message)
-        failure = failure.cause
+def error_text(result, node=None):
+    """Every message in the failure's cause chain: of one step, or (node=None) of every failure in the run."""
+    if node is not None:
+        failures = [result.failure_data_for_node(node).error]
+    else:
+        failures = [e.event_specific_data.error for e in result.all_events
+                    if e.is_failure and getattr(e.event_specific_data, "error", None) is not None]
+    messages = []
+    for failure in failures:
+        while failure is not None:
+            messages.append(failure.message)
+            failure = failure.cause
     return "\n".join(messages)
 
 
@@ -137,13 +143,16 @@ def test_a_summary_longer_than_max_length_is_rejected_with_a_reason(fresh_home, 
 def test_an_unknown_data_source_and_an_unknown_adapter_are_named(fresh_home, tmp_path):
     result = dg.materialize(ALL_ASSETS, resources=build_resources(get_profile("tiny")), instance=dg.DagsterInstance.ephemeral(),
                             run_config={"ops": {"raw_dialogsum": {"config": {"source": "ftp"}}}}, selection="raw_dialogsum", raise_on_error=False)
-    assert "unknown data source 'ftp'" in error_text(result, "raw_dialogsum")
-    assert dg.materialize(ALL_ASSETS, resources=build_resources(get_profile("tiny")), instance=dg.DagsterInstance.ephemeral(),
+    assert "DataSpec.source = 'ftp'; allowed: sample, hub, local" in error_text(result, "raw_dialogsum")
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize(ALL_ASSETS, resources=build_resources(get_profile("tiny")), instance=instance,
                           selection="*filtered_split").success
-    result = dg.materialize(ALL_ASSETS, resources=build_resources(get_profile("tiny")), instance=dg.DagsterInstance.ephemeral(),
+    result = dg.materialize(ALL_ASSETS, resources=build_resources(get_profile("tiny")), instance=instance,
                             run_config={"ops": {"tuned_predictions": {"config": {"adapter_id": "no-such-adapter"}}}},
                             selection="tuned_predictions", raise_on_error=False)
-    assert "no adapter with id 'no-such-adapter'" in error_text(result, "tuned_predictions")
+    # refused when the run starts, before any step (and so before any generation)
+    assert "no adapter with id 'no-such-adapter'" in error_text(result)
+    assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_START]
 
 
 def test_an_unknown_profile_fails_at_load_and_lists_the_valid_ones(tmp_path):
@@ -243,7 +252,8 @@ def test_hf_token_never_reaches_logs_metadata_or_duckdb(fresh_home, monkeypatch)
     secret = "hf_SECRETtoken1234567890"
     monkeypatch.setenv("HF_TOKEN", secret)
     resources = build_resources(get_profile("tiny"))
-    assert isinstance(resources["model"].hf_token, dg.EnvVar) and resources["model"].hf_token == "HF_TOKEN"  # the name, not the value
+    token = resources["model"].data["hf_token"]
+    assert isinstance(token, dg.EnvVar) and token == "HF_TOKEN"  # the name, not the value
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=resources, instance=instance)
     assert result.success
@@ -263,10 +273,10 @@ def test_hf_token_never_reaches_logs_metadata_or_duckdb(fresh_home, monkeypatch)
 def test_remote_code_is_off_unless_a_profile_turns_it_on():
     from lorasum_assets.ml.modeling import ModelSpec
     from lorasum_assets.profiles import PROFILES
-    from lorasum_assets.resources.model import LoraModelResource
+    from lorasum_assets.resources import LoraModelResource, ProfileResource
 
     assert ModelSpec(model="x").trust_remote_code is False
-    assert LoraModelResource(model="x").trust_remote_code is False
+    assert LoraModelResource(profile=ProfileResource(name="tiny"), model="x").choice().trust_remote_code is False
     assert all(p.model.trust_remote_code is False for p in PROFILES.values())
 
 
@@ -314,12 +324,14 @@ def test_dependencies_have_upper_bounds_and_the_ui_binds_localhost():
 
 
 def test_a_killed_generation_step_rematerializes_cleanly(fresh_home, tmp_path):
-    assert dg.materialize(ALL_ASSETS, resources=build_resources(get_profile("tiny")), instance=dg.DagsterInstance.ephemeral(),
-                          selection="*filtered_split").success
+    # base_predictions reads the filtered_split materialization recorded in the same Dagster instance
+    (tmp_path / "dagster").mkdir()
+    with dg.DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:
+        assert dg.materialize(ALL_ASSETS, resources=build_resources(get_profile("tiny")), instance=instance,
+                              selection="*filtered_split").success
     slow = tmp_path / "slow.yaml"
     slow.write_text(json.dumps({"ops": {"base_predictions": {"config": {"max_new_tokens": 400, "batch_size": 1}}}}))
     env = {**os.environ, "LORASUM_HOME": str(fresh_home), "LORASUM_PROFILE": "tiny", "DAGSTER_HOME": str(tmp_path / "dagster")}
-    (tmp_path / "dagster").mkdir()
     command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "lorasum_assets.definitions", "--select", "base_predictions"]
     proc = subprocess.Popen([*command, "-c", str(slow)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -343,7 +355,8 @@ def test_a_killed_generation_step_rematerializes_cleanly(fresh_home, tmp_path):
 def test_cuda_out_of_memory_in_generation_names_the_knobs(tiny_model, tiny_tokenizer, monkeypatch):
     import torch
 
-    from lorasum_assets.ml.generate import GenerationSpec, generate
+    from lorasum_assets.ml.generate import generate
+    from lorasum_assets.ml.specs import GenerationSpec
 
     def out_of_memory(**kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

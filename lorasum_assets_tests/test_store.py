@@ -72,14 +72,16 @@ def test_views_answer_history_best_adapter_and_worse_examples(con):
     assert {r[0] for r in con.execute("SELECT run_id FROM bertscore_report").fetchall()} == {"r4"}
 
 
-def test_training_steps_are_keyed_so_a_resume_never_duplicates(con):
+def test_training_steps_are_keyed_by_run_so_no_run_overwrites_another(con):
     class Log:
         step, epoch, loss, learning_rate, grad_norm, label_tokens, seconds = 1, 0.1, 2.0, 1e-4, 0.5, 10, 0.1
 
     record_training_step(con, "k", "run-1", Log)
     Log.loss = 1.5
-    record_training_step(con, "k", "run-2", Log)
-    assert con.execute("SELECT count(*), max(loss), max(run_id) FROM training_steps").fetchone() == (1, 1.5, "run-2")
+    record_training_step(con, "k", "run-2", Log)  # the same config and data trained again
+    record_training_step(con, "k", "run-2", Log)  # a step logged twice by one run is kept once
+    rows = con.execute("SELECT run_id, step, loss FROM training_steps ORDER BY run_id").fetchall()
+    assert rows == [("run-1", 1, 2.0), ("run-2", 1, 1.5)]
 
 
 def test_an_older_database_upgrades_in_place(tmp_path):

@@ -54,10 +54,15 @@ def test_killed_training_resumes_and_logs_each_step_once(fresh_home, tmp_path):
 
     con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
     planned = 11 * 12  # ceil(44 / 4) optimizer steps per epoch x 12 epochs
-    steps = [r[0] for r in con.execute("SELECT step FROM training_steps ORDER BY step").fetchall()]
     assert logged_before >= 8
-    assert steps == list(range(1, planned + 1))
     assert con.execute("SELECT count(DISTINCT run_id) FROM training_steps").fetchone()[0] == 2
+    (resumed_run,) = con.execute("SELECT run_id FROM adapters").fetchone()
+    # the resumed run's log holds every step once: those taken over from the checkpoint and its own
+    steps = [r[0] for r in con.execute("SELECT step FROM training_steps WHERE run_id = ? ORDER BY step", [resumed_run]).fetchall()]
+    assert steps == list(range(1, planned + 1))
+    # the killed run's own log is left as it was
+    killed = con.execute("SELECT count(*) FROM training_steps WHERE run_id != ?", [resumed_run]).fetchone()[0]
+    assert killed == logged_before
     assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 1
     adapter_dirs = [p for p in (fresh_home / "adapters").iterdir()]
     assert len(adapter_dirs) == 1 and not adapter_dirs[0].name.startswith(".")

@@ -7,59 +7,45 @@ from collections import Counter
 import dagster as dg
 
 from lorasum_assets.assets.plots import histogram, markdown_table
-from lorasum_assets.ml.data import (
-    Dialogue,
-    FilterSpec,
-    filter_split,
-    normalise,
-    read_hub,
-    read_local,
-    read_sample,
-)
+from lorasum_assets.config import config_class, resolve
+from lorasum_assets.ml.data import Dialogue, filter_split, normalise, read_hub, read_local, read_sample
 from lorasum_assets.ml.prompts import IGNORE_INDEX, SummaryTooLongError, encode_example
-from lorasum_assets.profiles import get_profile, with_overrides
-from lorasum_assets.resources import LoraModelResource, LorasumStore
-from lorasum_assets.store.history import replace_table
+from lorasum_assets.ml.specs import DataSpec, FilterSpec, TokenizeSpec
+from lorasum_assets.profiles import get_profile
+from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
+from lorasum_assets.store.history import write_materialization
+from lorasum_assets.store.references import TableRef
+from lorasum_assets.store.schema import rows_table
+from lorasum_assets.versions import code_version
 
 DIALOGUE_COLUMNS = ("split", "id", "dialogue", "references", "topic", "source_index")
+TOKENIZED_COLUMNS = ("split", "id", "input_ids", "attention_mask", "labels", "n_tokens", "prompt_tokens", "label_tokens", "truncated")
+_DEFAULT = get_profile()
 
-
-class RawDataConfig(dg.Config):
-    """Where DialogSum comes from. Unset fields take the profile's value."""
-
-    source: str | None = None  # sample | hub | local
-    path: str | None = None
-    hub_dataset: str | None = None
-    hub_revision: str | None = None
-
-
-class FilterConfig(dg.Config):
-    """The notebook keeps ``index % 100 == 0`` of each split. Unset fields take the profile's value."""
-
-    modulus: int | None = None
-    offset: int | None = None
-    max_rows_per_split: int | None = None
-    random_sample: int | None = None
-    seed: int | None = None
-
-
-class TokenizeConfig(dg.Config):
-    max_length: int | None = None
-    use_chat_template: bool | None = None
+RawDataConfig = config_class("RawDataConfig", DataSpec, "Where DialogSum comes from.")
+FilterConfig = config_class("FilterConfig", FilterSpec, "The notebook keeps index % 100 == 0 of each split.")
+TokenizeConfig = config_class("TokenizeConfig", TokenizeSpec, "How training examples are tokenized.")
 
 
 def _dialogue_rows(dialogues: list[Dialogue]) -> list[tuple]:
     return [(d.split, d.id, d.dialogue, d.references, d.topic, d.source_index) for d in dialogues]
 
 
-def read_dialogues(con, table: str, split: str | None = None) -> list[Dialogue]:
-    query = f'SELECT split, id, dialogue, "references", topic, source_index FROM {table}'
-    params: list = []
+def read_dialogues(con, ref: TableRef, split: str | None = None) -> list[Dialogue]:
+    """The dialogues one materialization (``ref``) of raw_dialogsum or filtered_split wrote."""
+    query = f'SELECT split, id, dialogue, "references", topic, source_index FROM {rows_table(ref.asset)} WHERE run_id = ?'
+    params: list = [ref.run_id]
     if split is not None:
-        query += " WHERE split = ?"
+        query += " AND split = ?"
         params.append(split)
     query += " ORDER BY split, source_index"
     return [Dialogue(s, i, d, list(r), t, int(x)) for s, i, d, r, t, x in con.execute(query, params).fetchall()]
+
+
+def require(ref: TableRef | None, asset: str) -> TableRef:
+    if ref is None:
+        raise ValueError(f"{asset} has not been materialized yet; materialize it (or the whole graph) first")
+    return ref
 
 
 def _hash_rows(rows) -> str:
@@ -72,31 +58,39 @@ def _hash_rows(rows) -> str:
 @dg.asset(
     group_name="data",
     kinds={"python", "duckdb"},
-    code_version="1",
+    code_version=code_version(__name__, _DEFAULT.data),
     description="Every DialogSum dialogue as it arrived, one row per dialogue with a list of references.",
 )
-def raw_dialogsum(context: dg.AssetExecutionContext, config: RawDataConfig, store: LorasumStore) -> dg.MaterializeResult:
-    profile = get_profile()
-    data = with_overrides(profile.data, {k: v for k, v in config.model_dump().items()})
+def raw_dialogsum(
+    context: dg.AssetExecutionContext, config: RawDataConfig, profile: ProfileResource, store: LorasumStore
+) -> dg.Output[TableRef]:
+    data = resolve(profile.get().data, config)
     if data.source == "sample":
         by_split, source = read_sample(), "sample"
     elif data.source == "local":
         if not data.path:
             raise ValueError("source 'local' needs a path")
         by_split, source = read_local(data.path), f"local:{data.path}"
-    elif data.source == "hub":
+    else:
         by_split = read_hub(data.hub_dataset, data.hub_revision)
         source = f"hub:{data.hub_dataset}@{data.hub_revision or 'main'}"
-    else:
-        raise ValueError(f"unknown data source {data.source!r}; use sample, hub or local")
     loaded = normalise(by_split, source)
+    content_hash = loaded.content_hash()
+    version = content_hash[:16]
     with store.connect() as con:
-        replace_table(con, "raw_dialogsum", DIALOGUE_COLUMNS, _dialogue_rows(loaded.dialogues))
-        replace_table(
+        write_materialization(
             con,
-            "raw_dialogsum_quarantine",
-            ("split", "row_number", "id", "reason", "raw"),
-            [(q.split, q.row_number, q.id, q.reason, q.raw) for q in loaded.quarantined],
+            "raw_dialogsum",
+            context.run_id,
+            {
+                "raw_dialogsum": (DIALOGUE_COLUMNS, _dialogue_rows(loaded.dialogues)),
+                "raw_dialogsum_quarantine": (
+                    ("split", "row_number", "id", "reason", "raw"),
+                    [(q.split, q.row_number, q.id, q.reason, q.raw) for q in loaded.quarantined],
+                ),
+            },
+            content_hash,
+            version,
         )
     kept, quarantined = loaded.kept_counts(), loaded.quarantined_counts()
     reasons = Counter(q.reason.split(":")[0] for q in loaded.quarantined)
@@ -105,39 +99,55 @@ def raw_dialogsum(context: dg.AssetExecutionContext, config: RawDataConfig, stor
         [(s, loaded.rows_in[s], kept[s], quarantined[s]) for s in loaded.rows_in],
     )
     context.log.info(f"{source}: {sum(loaded.rows_in.values())} rows in, {sum(kept.values())} kept, {sum(quarantined.values())} quarantined")
-    return dg.MaterializeResult(
+    ref = TableRef(
+        "raw_dialogsum", context.run_id, len(loaded.dialogues), content_hash, version,
+        {"source": source, "rows_quarantined": sum(quarantined.values()), "max_quarantine_share": data.max_quarantine_share},
+    )
+    return dg.Output(
+        ref,
         metadata={
             "source": source,
-            "content_hash": loaded.content_hash(),
+            "content_hash": content_hash,
             "dagster/row_count": len(loaded.dialogues),
             "rows_in": sum(loaded.rows_in.values()),
             "rows_kept": sum(kept.values()),
             "rows_quarantined": sum(quarantined.values()),
             "quarantine_reasons": dict(reasons),
+            "max_quarantine_share": data.max_quarantine_share,
             "counts": dg.MetadataValue.md(table),
         },
-        data_version=dg.DataVersion(loaded.content_hash()[:16]),
+        data_version=dg.DataVersion(version),
     )
 
 
 @dg.asset(
-    deps=[raw_dialogsum],
     group_name="data",
     kinds={"python", "duckdb"},
-    code_version="1",
+    code_version=code_version(__name__, _DEFAULT.filter),
     description="The notebook's subset: per split, rows whose index satisfies index % modulus == offset.",
 )
-def filtered_split(context: dg.AssetExecutionContext, config: FilterConfig, store: LorasumStore) -> dg.MaterializeResult:
-    spec: FilterSpec = with_overrides(get_profile().filter, config.model_dump())
+def filtered_split(
+    context: dg.AssetExecutionContext,
+    config: FilterConfig,
+    profile: ProfileResource,
+    store: LorasumStore,
+    raw_dialogsum: TableRef | None,
+) -> dg.Output[TableRef]:
+    spec: FilterSpec = resolve(profile.get().filter, config)
+    upstream = require(raw_dialogsum, "raw_dialogsum")
     with store.connect() as con:
-        dialogues = read_dialogues(con, "raw_dialogsum")
-        kept = filter_split(dialogues, spec)
-        replace_table(con, "filtered_split", DIALOGUE_COLUMNS, _dialogue_rows(kept))
+        dialogues = read_dialogues(con, upstream)
+    kept = filter_split(dialogues, spec)
+    rows = _dialogue_rows(kept)
+    content_hash = _hash_rows(rows)
+    with store.connect() as con:
+        write_materialization(con, "filtered_split", context.run_id, {"filtered_split": (DIALOGUE_COLUMNS, rows)}, content_hash, content_hash[:16])
     counts = Counter(d.split for d in kept)
     ids = {split: [d.id for d in kept if d.split == split] for split in counts}
-    content_hash = _hash_rows(_dialogue_rows(kept))
+    context.instance.add_run_tags(context.run_id, {"lorasum/dataset_hash": content_hash[:16]})
     context.log.info(f"filter {spec}: kept {dict(counts)} of {len(dialogues)} dialogues")
-    return dg.MaterializeResult(
+    return dg.Output(
+        TableRef("filtered_split", context.run_id, len(kept), content_hash, content_hash[:16], {"rows_per_split": dict(counts)}),
         metadata={
             "dagster/row_count": len(kept),
             "filter": str(spec),
@@ -150,45 +160,64 @@ def filtered_split(context: dg.AssetExecutionContext, config: FilterConfig, stor
     )
 
 
+def read_examples(con, ref: TableRef, split: str) -> list[tuple[str, list[int], list[int]]]:
+    """(id, input_ids, labels) of one split of one tokenized_dataset materialization."""
+    rows = con.execute(
+        f"SELECT id, input_ids, labels FROM {rows_table('tokenized_dataset')} WHERE run_id = ? AND split = ? ORDER BY id",
+        [ref.run_id, split],
+    ).fetchall()
+    return [(i, list(ids), list(labels)) for i, ids, labels in rows]
+
+
 @dg.asset(
-    deps=[filtered_split],
     group_name="data",
     kinds={"python", "duckdb"},
-    code_version="1",
+    code_version=code_version(__name__, _DEFAULT.tokenize, _DEFAULT.model),
     description="Token ids, attention masks and labels (-100 on the prompt) for train and validation; unpadded.",
 )
 def tokenized_dataset(
-    context: dg.AssetExecutionContext, config: TokenizeConfig, store: LorasumStore, model: LoraModelResource
-) -> dg.MaterializeResult:
-    profile = get_profile()
-    max_length = config.max_length or profile.max_length
-    use_chat_template = config.use_chat_template if config.use_chat_template is not None else model.use_chat_template
+    context: dg.AssetExecutionContext,
+    config: TokenizeConfig,
+    profile: ProfileResource,
+    store: LorasumStore,
+    model: LoraModelResource,
+    filtered_split: TableRef | None,
+) -> dg.Output[TableRef]:
+    spec: TokenizeSpec = resolve(profile.get().tokenize, config)
+    upstream = require(filtered_split, "filtered_split")
+    use_chat_template = model.choice().use_chat_template
     tokenizer = model.tokenizer()
     rows, rejected = [], []
     with store.connect() as con:
-        for split in ("train", "validation"):
-            for d in read_dialogues(con, "filtered_split", split):
-                try:
-                    example = encode_example(tokenizer, d.dialogue, d.references[0], max_length, use_chat_template)
-                except SummaryTooLongError as exc:
-                    rejected.append((split, d.id, f"summary_exceeds_max_length: {exc}"))
-                    continue
-                label_tokens = sum(1 for x in example.labels if x != IGNORE_INDEX)
-                rows.append(
-                    (split, d.id, example.input_ids, [1] * len(example.input_ids), example.labels,
-                     len(example.input_ids), example.prompt_tokens, label_tokens, example.truncated)
-                )
-        replace_table(
+        by_split = {split: read_dialogues(con, upstream, split) for split in ("train", "validation")}
+    for split, dialogues in by_split.items():
+        for d in dialogues:
+            try:
+                example = encode_example(tokenizer, d.dialogue, d.references[0], spec.max_length, use_chat_template)
+            except SummaryTooLongError as exc:
+                rejected.append((split, d.id, f"summary_exceeds_max_length: {exc}"))
+                continue
+            label_tokens = sum(1 for x in example.labels if x != IGNORE_INDEX)
+            rows.append(
+                (split, d.id, example.input_ids, [1] * len(example.input_ids), example.labels,
+                 len(example.input_ids), example.prompt_tokens, label_tokens, example.truncated)
+            )
+    if not any(r[0] == "train" for r in rows):
+        raise ValueError(
+            f"tokenized_dataset would have no train rows ({len(rejected)} rejected with max_length {spec.max_length}); "
+            "check the filter and max_length"
+        )
+    content_hash = _hash_rows((r[0], r[1], r[2], r[4]) for r in rows)
+    with store.connect() as con:
+        write_materialization(
             con,
             "tokenized_dataset",
-            ("split", "id", "input_ids", "attention_mask", "labels", "n_tokens", "prompt_tokens", "label_tokens", "truncated"),
-            rows,
+            context.run_id,
+            {"tokenized_dataset": (TOKENIZED_COLUMNS, rows), "tokenized_dataset_rejected": (("split", "id", "reason"), rejected)},
+            content_hash,
+            content_hash[:16],
         )
-        replace_table(con, "tokenized_dataset_rejected", ("split", "id", "reason"), rejected)
-    if not any(r[0] == "train" for r in rows):
-        raise ValueError("tokenized_dataset has no train rows; check the filter and max_length")
     lengths = [r[5] for r in rows]
-    content_hash = _hash_rows((r[0], r[1], r[2], r[4]) for r in rows)
     stats = {
         "mean": round(sum(lengths) / len(lengths), 1),
         "min": min(lengths),
@@ -196,14 +225,15 @@ def tokenized_dataset(
         "p95": sorted(lengths)[int(0.95 * (len(lengths) - 1))],
     }
     truncated = sum(1 for r in rows if r[8])
-    context.log.info(f"tokenized {len(rows)} rows (max_length {max_length}): {truncated} truncated, {len(rejected)} rejected; lengths {stats}")
-    return dg.MaterializeResult(
+    context.log.info(f"tokenized {len(rows)} rows (max_length {spec.max_length}): {truncated} truncated, {len(rejected)} rejected; lengths {stats}")
+    return dg.Output(
+        TableRef("tokenized_dataset", context.run_id, len(rows), content_hash, content_hash[:16], {"max_length": spec.max_length}),
         metadata={
             "dagster/row_count": len(rows),
             "rows_per_split": dict(Counter(r[0] for r in rows)),
             "rows_truncated": truncated,
             "rows_rejected": len(rejected),
-            "max_length": max_length,
+            "max_length": spec.max_length,
             "use_chat_template": use_chat_template,
             "token_length_stats": stats,
             "label_tokens": sum(r[7] for r in rows),

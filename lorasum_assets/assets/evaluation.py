@@ -5,25 +5,26 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from lorasum_assets import __version__
-from lorasum_assets.assets.data import filtered_split, read_dialogues
+from lorasum_assets.assets.data import read_dialogues, require
 from lorasum_assets.assets.plots import histogram, markdown_table
-from lorasum_assets.assets.predictions import base_predictions, tuned_predictions
+from lorasum_assets.config import config_class, resolve
 from lorasum_assets.ml.metrics import ROUGE_TYPES
 from lorasum_assets.ml.report import METRICS, metric_value, score_predictions
+from lorasum_assets.ml.specs import ReportSpec
 from lorasum_assets.profiles import get_profile
-from lorasum_assets.resources import BertScorerResource, LoraModelResource, LorasumStore
+from lorasum_assets.resources import BertScorerResource, LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.store.history import write_evaluation
+from lorasum_assets.store.references import TableRef, version_of
+from lorasum_assets.store.schema import rows_table
+from lorasum_assets.versions import code_version
+
+_DEFAULT = get_profile()
+ReportConfig = config_class("ReportConfig", ReportSpec, "Bootstrap settings of the confidence intervals.")
 
 
-class ReportConfig(dg.Config):
-    split: str = "test"
-    bootstrap_resamples: int = 1000
-    seed: int = 0
-
-
-def _predictions(con, table: str, split: str) -> dict[str, tuple]:
+def _predictions(con, ref: TableRef) -> dict[str, tuple]:
     rows = con.execute(
-        f"SELECT id, prediction, new_tokens, hit_limit, adapter_id FROM {table} WHERE split = ?", [split]
+        f"SELECT id, prediction, new_tokens, hit_limit, adapter_id FROM {rows_table(ref.asset)} WHERE run_id = ?", [ref.run_id]
     ).fetchall()
     return {r[0]: r[1:] for r in rows}
 
@@ -49,42 +50,51 @@ def report_tables(report) -> str:
 
 
 @dg.asset(
-    deps=[base_predictions, tuned_predictions, filtered_split],
     group_name="evaluation",
     kinds={"python", "duckdb"},
-    code_version="1",
+    code_version=code_version(__name__, _DEFAULT.report, _DEFAULT.scorer),
     description="BERTScore P/R/F1 and ROUGE for base vs tuned with bootstrap CIs; one history row set per run.",
 )
 def bertscore_report(
     context: dg.AssetExecutionContext,
     config: ReportConfig,
+    profile: ProfileResource,
     scorer: BertScorerResource,
     model: LoraModelResource,
     store: LorasumStore,
-) -> dg.MaterializeResult:
+    base_predictions: TableRef | None,
+    tuned_predictions: TableRef | None,
+    filtered_split: TableRef | None,
+) -> dg.Output[TableRef]:
+    spec: ReportSpec = resolve(profile.get().report, config)
+    base_ref = require(base_predictions, "base_predictions")
+    tuned_ref = require(tuned_predictions, "tuned_predictions")
+    dialogues_ref = require(filtered_split, "filtered_split")
+    split = base_ref.details["split"]
+    if tuned_ref.details["split"] != split:
+        raise ValueError(f"base predictions are of the {split!r} split but tuned predictions of {tuned_ref.details['split']!r}")
     with store.connect() as con:
-        dialogues = read_dialogues(con, "filtered_split", config.split)
-        base = _predictions(con, "base_predictions", config.split)
-        tuned = _predictions(con, "tuned_predictions", config.split)
+        dialogues = read_dialogues(con, dialogues_ref, split)
+        base = _predictions(con, base_ref)
+        tuned = _predictions(con, tuned_ref)
         dataset_hash = con.execute(
-            "SELECT sha256(string_agg(id || dialogue, '' ORDER BY id)) FROM filtered_split WHERE split = ?", [config.split]
+            f"SELECT sha256(string_agg(id || dialogue, '' ORDER BY id)) FROM {rows_table('filtered_split')} WHERE run_id = ? AND split = ?",
+            [dialogues_ref.run_id, split],
         ).fetchone()[0]
     missing = [d.id for d in dialogues if d.id not in base or d.id not in tuned]
     if missing:
-        raise ValueError(f"{len(missing)} {config.split} dialogues lack a base or tuned prediction, e.g. {missing[:5]}")
-    adapter_ids = {v[3] for v in tuned.values()}
-    if len(adapter_ids) != 1:
-        raise ValueError(f"tuned predictions come from several adapters: {sorted(map(str, adapter_ids))}")
-    adapter_id = adapter_ids.pop()
+        raise ValueError(f"{len(missing)} {split} dialogues lack a base or tuned prediction, e.g. {missing[:5]}")
+    adapter_id = tuned_ref.details["adapter_id"]
     with store.connect() as con:
         adapter_sha = con.execute("SELECT sha256 FROM adapters WHERE adapter_id = ?", [adapter_id]).fetchone()
     scoring = scorer.scorer()
     references = [d.references for d in dialogues]
     predictions = {"base": [base[d.id][0] for d in dialogues], "tuned": [tuned[d.id][0] for d in dialogues]}
-    report = score_predictions(scoring, predictions, references, config.bootstrap_resamples, config.seed)
+    report = score_predictions(scoring, predictions, references, spec.bootstrap_resamples, spec.seed)
 
     run_id = context.run_id
-    profile = get_profile()
+    run = context.instance.get_run_by_id(run_id)
+    lorasum_tags = {k: v for k, v in (run.tags if run else {}).items() if k.startswith("lorasum/")}
     examples = []
     for model_name, source in (("base", base), ("tuned", tuned)):
         scores = report.per_example[model_name]
@@ -104,12 +114,13 @@ def bertscore_report(
                 run_id=run_id,
                 created_at=datetime.now(UTC).replace(tzinfo=None),
                 profile=profile.name,
-                params={"split": config.split, "bootstrap_resamples": config.bootstrap_resamples, "seed": config.seed,
-                        "generation": str(profile.generation)},
+                params={"split": split, "bootstrap_resamples": spec.bootstrap_resamples, "seed": spec.seed,
+                        "base_predictions_run": base_ref.run_id, "tuned_predictions_run": tuned_ref.run_id,
+                        "tags": lorasum_tags},
                 code_version=__version__,
-                base_model=model.model,
+                base_model=model.choice().model,
                 dataset_hash=dataset_hash,
-                split=config.split,
+                split=split,
                 n_examples=len(dialogues),
                 adapter_id=adapter_id,
                 adapter_sha256=adapter_sha[0] if adapter_sha else None,
@@ -121,7 +132,7 @@ def bertscore_report(
     exported = store.export_run(run_id)
 
     table = report_tables(report)
-    context.log.info(f"base vs tuned on {len(dialogues)} {config.split} dialogues:\n{table}")
+    context.log.info(f"base vs tuned on {len(dialogues)} {split} dialogues:\n{table}")
     f1_base, f1_tuned = report.per_example["base"]["bertscore_f1"], report.per_example["tuned"]["bertscore_f1"]
     deltas = [t - b for t, b in zip(f1_tuned, f1_base)]
     side_by_side = markdown_table(
@@ -146,4 +157,6 @@ def bertscore_report(
     for model_name in ("base", "tuned"):
         for metric in ("bertscore_precision", "bertscore_recall", "bertscore_f1", *ROUGE_TYPES):
             metadata[f"{model_name}_{metric}"] = round(metric_value(report, model_name, metric)["value"], 4)
-    return dg.MaterializeResult(metadata=metadata)
+    version = version_of([(m["model"], m["metric"], m["reference_set"], m["value"]) for m in report.metrics], scoring.hash)
+    ref = TableRef("bertscore_report", run_id, len(report.metrics), version, version, {"adapter_id": adapter_id, "split": split})
+    return dg.Output(ref, metadata=metadata, data_version=dg.DataVersion(version))

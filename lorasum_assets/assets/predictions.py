@@ -1,60 +1,71 @@
 """base_predictions (no adapter in play) and tuned_predictions (base + adapter)."""
 
+from dataclasses import asdict
+
 import dagster as dg
+from pydantic import Field
 
-from lorasum_assets.assets.data import filtered_split, read_dialogues
-from lorasum_assets.assets.training import GPU_POOL, lora_adapter
+from lorasum_assets.assets.data import read_dialogues, require
+from lorasum_assets.assets.training import GPU_POOL
+from lorasum_assets.config import config_class, resolve
 from lorasum_assets.deployment import gpu_op_tags
-from lorasum_assets.ml.generate import GenerationSpec, generate, generate_with_adapter, has_active_adapter
+from lorasum_assets.ml.generate import generate, generate_with_adapter, has_active_adapter
 from lorasum_assets.ml.prompts import encode_prompt
-from lorasum_assets.profiles import get_profile, with_overrides
-from lorasum_assets.resources import LoraModelResource, LorasumStore
-from lorasum_assets.store.history import replace_table
+from lorasum_assets.ml.specs import GenerationSpec
+from lorasum_assets.ml.train import sha256_file
+from lorasum_assets.profiles import get_profile
+from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
+from lorasum_assets.resources.lineage import lineage_run_ids
+from lorasum_assets.resources.recovery import RunPreflightResource
+from lorasum_assets.store.history import write_materialization
+from lorasum_assets.store.references import AdapterRef, TableRef, version_of
+from lorasum_assets.store.registry import choose_adapter
+from lorasum_assets.versions import code_version
 
-PREDICTION_COLUMNS = ("split", "id", "prediction", "new_tokens", "hit_limit", "latency_s", "adapter_id", "run_id")
+PREDICTION_COLUMNS = ("split", "id", "prediction", "new_tokens", "hit_limit", "latency_s", "adapter_id")
+_DEFAULT = get_profile()
+
+GenerationConfig = config_class("GenerationConfig", GenerationSpec, "Greedy by default, as in the notebook.")
+TunedGenerationConfig = config_class(
+    "TunedGenerationConfig",
+    GenerationSpec,
+    "Greedy by default, as in the notebook.",
+    adapter_id=(
+        str | None,
+        Field(
+            default=None,
+            description="Evaluate this registered adapter. Default: the adapter trained in this run, "
+            "else the newest adapter trained on this run's base model.",
+        ),
+    ),
+)
 
 
-class GenerationConfig(dg.Config):
-    """Greedy by default, as in the notebook. Unset fields take the profile's value."""
-
-    split: str = "test"
-    max_new_tokens: int | None = None
-    batch_size: int | None = None
-    do_sample: bool | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_prompt_tokens: int | None = None
-
-
-class TunedGenerationConfig(GenerationConfig):
-    adapter_id: str | None = None  # default: the adapter registered last
-
-
-def _prompts(con, tokenizer, config: GenerationConfig, use_chat_template: bool):
-    dialogues = read_dialogues(con, "filtered_split", config.split)
+def _prompts(con, tokenizer, upstream: TableRef, spec: GenerationSpec, use_chat_template: bool):
+    dialogues = read_dialogues(con, upstream, spec.split)
     if not dialogues:
-        raise ValueError(f"filtered_split has no {config.split!r} rows to generate for")
-    prompts = [encode_prompt(tokenizer, d.dialogue, use_chat_template, config.max_prompt_tokens)[0] for d in dialogues]
+        raise ValueError(f"filtered_split has no {spec.split!r} rows to generate for")
+    prompts = [encode_prompt(tokenizer, d.dialogue, use_chat_template, spec.max_prompt_tokens)[0] for d in dialogues]
     return dialogues, prompts
 
 
-def _spec(config: GenerationConfig) -> GenerationSpec:
-    return with_overrides(get_profile().generation, config.model_dump(exclude={"split", "max_prompt_tokens", "adapter_id"}))
-
-
-def _write(context, store, table, config, dialogues, outputs, adapter_id) -> dg.MaterializeResult:
+def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_parts) -> dg.Output[TableRef]:
     rows = [
-        (config.split, d.id, g.text, g.new_tokens, g.hit_limit, g.latency_s, adapter_id, context.run_id)
+        (spec.split, d.id, g.text, g.new_tokens, g.hit_limit, g.latency_s, adapter_id)
         for d, g in zip(dialogues, outputs, strict=True)
     ]
+    content_hash = version_of(*[(r[1], r[2]) for r in rows])
+    version = version_of(content_hash, *version_parts)
     with store.connect() as con:
-        replace_table(con, table, PREDICTION_COLUMNS, rows)
+        write_materialization(con, asset, context.run_id, {asset: (PREDICTION_COLUMNS, rows)}, content_hash, version)
     seconds = sum(g.latency_s for g in outputs)
     new_tokens = sum(g.new_tokens for g in outputs)
-    return dg.MaterializeResult(
+    ref = TableRef(asset, context.run_id, len(rows), content_hash, version, {"split": spec.split, "adapter_id": adapter_id})
+    return dg.Output(
+        ref,
         metadata={
             "dagster/row_count": len(rows),
-            "split": config.split,
+            "split": spec.split,
             "adapter_id": adapter_id or "none",
             "empty_predictions": sum(1 for g in outputs if not g.text),
             "hit_token_limit": sum(1 for g in outputs if g.hit_limit),
@@ -62,57 +73,74 @@ def _write(context, store, table, config, dialogues, outputs, adapter_id) -> dg.
             "summaries_per_s": round(len(outputs) / max(seconds, 1e-9), 3),
             "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
             "first_prediction": outputs[0].text,
-        }
+        },
+        data_version=dg.DataVersion(version),
     )
 
 
 @dg.asset(
-    deps=[filtered_split],
     group_name="evaluation",
     kinds={"pytorch", "duckdb"},
-    code_version="1",
+    code_version=code_version(__name__, _DEFAULT.generation, _DEFAULT.model),
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
     description="Greedy summaries from the base model alone: no adapter is loaded or active.",
 )
 def base_predictions(
-    context: dg.AssetExecutionContext, config: GenerationConfig, model: LoraModelResource, store: LorasumStore
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext,
+    config: GenerationConfig,
+    profile: ProfileResource,
+    model: LoraModelResource,
+    store: LorasumStore,
+    preflight: RunPreflightResource,
+    filtered_split: TableRef | None,
+) -> dg.Output[TableRef]:
+    spec: GenerationSpec = resolve(profile.get().generation, config)
+    upstream = require(filtered_split, "filtered_split")
     tokenizer = model.tokenizer()
     base = model.base_model()
     if has_active_adapter(base):
         raise RuntimeError("base model has an active adapter")
     with store.connect() as con:
-        dialogues, prompts = _prompts(con, tokenizer, config, model.use_chat_template)
-    outputs = generate(base, tokenizer, prompts, _spec(config), on_batch=lambda d, n: context.log.info(f"base: {d}/{n}"))
-    return _write(context, store, "base_predictions", config, dialogues, outputs, None)
+        dialogues, prompts = _prompts(con, tokenizer, upstream, spec, model.choice().use_chat_template)
+    outputs = generate(base, tokenizer, prompts, spec, on_batch=lambda d, n: context.log.info(f"base: {d}/{n}"))
+    return _write(context, store, "base_predictions", spec, dialogues, outputs, None, (model.base_ref(), asdict(spec), upstream.data_version))
 
 
 @dg.asset(
-    deps=[lora_adapter, filtered_split],
     group_name="evaluation",
     kinds={"pytorch", "duckdb"},
-    code_version="1",
+    code_version=code_version(__name__, _DEFAULT.generation, _DEFAULT.model),
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
     description="Greedy summaries from the base model with the LoRA adapter applied.",
 )
 def tuned_predictions(
-    context: dg.AssetExecutionContext, config: TunedGenerationConfig, model: LoraModelResource, store: LorasumStore
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext,
+    config: TunedGenerationConfig,
+    profile: ProfileResource,
+    model: LoraModelResource,
+    store: LorasumStore,
+    preflight: RunPreflightResource,
+    lora_adapter: AdapterRef | None,
+    filtered_split: TableRef | None,
+) -> dg.Output[TableRef]:
+    spec: GenerationSpec = resolve(profile.get().generation, config)
+    upstream = require(filtered_split, "filtered_split")
+    in_lineage = lora_adapter if lora_adapter is not None and lora_adapter.run_id in lineage_run_ids(context.instance, context.run_id) else None
     with store.connect() as con:
-        if config.adapter_id:
-            row = con.execute("SELECT adapter_id, path FROM adapters WHERE adapter_id = ?", [config.adapter_id]).fetchone()
-            if row is None:
-                raise ValueError(f"no adapter with id {config.adapter_id!r} in the registry")
-        else:
-            row = con.execute("SELECT adapter_id, path FROM adapters ORDER BY created_at DESC LIMIT 1").fetchone()
-            if row is None:
-                raise ValueError("no adapter is registered yet; materialize lora_adapter first")
-        adapter_id, path = row
-        tokenizer = model.tokenizer()
-        dialogues, prompts = _prompts(con, tokenizer, config, model.use_chat_template)
+        adapter = choose_adapter(con, model.base_ref(), config.adapter_id, in_lineage)
+    if sha256_file(f"{adapter.path}/adapter_model.safetensors") != adapter.sha256:
+        raise RuntimeError(f"adapter {adapter.adapter_id}'s weights at {adapter.path} changed since it was registered")
+    context.log.info(f"applying adapter {adapter.adapter_id} (trained in run {adapter.run_id}) to {adapter.base.describe()}")
+    context.instance.add_run_tags(context.run_id, {"lorasum/adapter_id": adapter.adapter_id})
+    tokenizer = model.tokenizer()
+    with store.connect() as con:
+        dialogues, prompts = _prompts(con, tokenizer, upstream, spec, model.choice().use_chat_template)
     outputs = generate_with_adapter(
-        model.base_model(), path, tokenizer, prompts, _spec(config), on_batch=lambda d, n: context.log.info(f"tuned: {d}/{n}")
+        model.base_model(), adapter.path, tokenizer, prompts, spec, on_batch=lambda d, n: context.log.info(f"tuned: {d}/{n}")
     )
-    return _write(context, store, "tuned_predictions", config, dialogues, outputs, adapter_id)
+    return _write(
+        context, store, "tuned_predictions", spec, dialogues, outputs, adapter.adapter_id,
+        (adapter.data_version, asdict(spec), upstream.data_version),
+    )

@@ -9,62 +9,47 @@ from datetime import UTC, datetime
 import dagster as dg
 from pydantic import Field
 
-from lorasum_assets.assets.data import tokenized_dataset
+from lorasum_assets.assets.data import read_examples, require
 from lorasum_assets.assets.plots import line_plot
+from lorasum_assets.config import config_class, resolve
 from lorasum_assets.deployment import gpu_op_tags, training_gpus
 from lorasum_assets.home import home_subdir, lorasum_home
-from lorasum_assets.ml.train import StepLog, TrainExample, TrainSpec, prepare_peft_model, save_adapter, sha256_file, train_lora
-from lorasum_assets.profiles import get_profile, with_overrides
-from lorasum_assets.resources import LoraModelResource, LorasumStore
-from lorasum_assets.store.history import record_training_epoch, record_training_step, register_adapter
+from lorasum_assets.ml.specs import TrainSpec
+from lorasum_assets.ml.train import StepLog, TrainExample, prepare_peft_model, save_adapter, sha256_file, train_lora
+from lorasum_assets.profiles import get_profile
+from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
+from lorasum_assets.resources.recovery import RunPreflightResource
+from lorasum_assets.store.history import record_training_epoch, record_training_step, register_adapter, transaction
+from lorasum_assets.store.references import AdapterRef, TableRef, version_of
+from lorasum_assets.versions import code_version
 from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
 
 GPU_POOL = "lorasum_gpu"
+_DEFAULT = get_profile()
 
 
-class TrainingConfig(dg.Config):
-    """Every training knob; unset fields take the profile's value (the notebook's recipe for
-    ``llama-3.2-3b-qlora``)."""
-
-    lora_r: int | None = None
-    lora_alpha: int | None = None
-    lora_dropout: float | None = None
-    target_modules: list[str] | None = None
-    learning_rate: float | None = None
-    lr_scheduler: str | None = None
-    warmup_ratio: float | None = None
-    weight_decay: float | None = None
-    batch_size: int | None = None
-    gradient_accumulation_steps: int | None = None
-    epochs: int | None = None
-    max_steps: int | None = None
-    max_grad_norm: float | None = None
-    gradient_checkpointing: bool | None = None
-    mixed_precision: str | None = None
-    completion_only_logits: bool | None = None
-    packing: bool | None = None
-    group_by_length: bool | None = None
-    compile_layers: bool | None = None
-    attention: str | None = None
-    logging_steps: int | None = None
-    checkpoint_steps: int | None = None
-    seed: int | None = None
-    launcher: str = Field(
-        default="in_process",
-        description="in_process: train in the run's process. accelerate: `accelerate launch` processes via Dagster Pipes.",
-    )
-    num_processes: int = Field(default=1, ge=1, description="Data-parallel processes (launcher=accelerate): GPUs, or CPU processes on gloo.")
-    threads_per_process: int | None = Field(default=None, ge=1, description="CPU threads per process; default: cores / processes.")
+TrainingConfig = config_class(
+    "TrainingConfig",
+    TrainSpec,
+    "Every training knob; unset fields take the run's profile's value (the notebook's recipe for llama-3.2-3b-qlora).",
+    launcher=(
+        str,
+        Field(
+            default="in_process",
+            description="in_process: train in the run's process. accelerate: `accelerate launch` processes via Dagster Pipes.",
+        ),
+    ),
+    num_processes=(int, Field(default=1, ge=1, description="Data-parallel processes (launcher=accelerate): GPUs, or CPU processes on gloo.")),
+    threads_per_process=(int | None, Field(default=None, ge=1, description="CPU threads per process; default: cores / processes.")),
+)
 
 
-def _read_examples(con, split: str) -> tuple[list[TrainExample], str]:
-    rows = con.execute(
-        "SELECT id, input_ids, labels FROM tokenized_dataset WHERE split = ? ORDER BY id", [split]
-    ).fetchall()
+def _read_examples(con, ref: TableRef, split: str) -> tuple[list[TrainExample], str]:
+    rows = read_examples(con, ref, split)
     digest = hashlib.sha256()
     for row in rows:
         digest.update(json.dumps(row).encode())
-    return [TrainExample(list(ids), list(labels)) for _, ids, labels in rows], digest.hexdigest()
+    return [TrainExample(ids, labels) for _, ids, labels in rows], digest.hexdigest()
 
 
 LAUNCHERS = ("in_process", "accelerate")
@@ -164,11 +149,6 @@ def _train_with_accelerate(
         raise RuntimeError(f"the training process ended without reporting its result and adapter ({len(results)} result messages)")
     reported = results[0]
     steps = [StepLog(**row) for row in reported["steps"]]
-    with store.connect() as con:
-        for log in steps:
-            record_training_step(con, train_key, context.run_id, log)
-        for epoch, val_loss in enumerate(reported["val_losses"], start=1):
-            record_training_epoch(con, train_key, context.run_id, epoch, val_loss)
     metadata = {key: value.value for key, value in (streamed.metadata or {}).items()}
     return TrainingOutcome(
         steps=steps,
@@ -186,11 +166,20 @@ def _train_with_accelerate(
     )
 
 
+def _record_training_log(store: LorasumStore, train_key: str, run_id: str, outcome: "TrainingOutcome") -> None:
+    """Every step and epoch of this run's training under this run's id, the ones a resumed run
+    took over from its checkpoint included; steps already logged live are rewritten as they were."""
+    with store.connect() as con, transaction(con):
+        for log in outcome.steps:
+            record_training_step(con, train_key, run_id, log)
+        for epoch, val_loss in enumerate(outcome.val_losses, start=1):
+            record_training_epoch(con, train_key, run_id, epoch, val_loss)
+
+
 @dg.asset(
-    deps=[tokenized_dataset],
     group_name="training",
     kinds={"pytorch", "duckdb"},
-    code_version="1",
+    code_version=code_version(__name__, _DEFAULT.training, _DEFAULT.model),
     pool=GPU_POOL,
     op_tags=gpu_op_tags(training_gpus()),
     description=(
@@ -201,22 +190,25 @@ def _train_with_accelerate(
 def lora_adapter(
     context: dg.AssetExecutionContext,
     config: TrainingConfig,
+    profile: ProfileResource,
     model: LoraModelResource,
     store: LorasumStore,
     pipes_subprocess_client: dg.PipesSubprocessClient,
-) -> dg.MaterializeResult:
-    profile = get_profile()
-    overrides = config.model_dump(exclude={"launcher", "num_processes", "threads_per_process"})
-    spec: TrainSpec = with_overrides(profile.training, overrides)
+    preflight: RunPreflightResource,
+    tokenized_dataset: TableRef | None,
+) -> dg.Output[AdapterRef]:
+    spec: TrainSpec = resolve(profile.get().training, config)
     if config.launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {LAUNCHERS}, got {config.launcher!r}")
     if config.launcher == "in_process" and config.num_processes != 1:
         raise ValueError("num_processes > 1 needs launcher='accelerate'")
+    upstream = require(tokenized_dataset, "tokenized_dataset")
     with store.connect() as con:
-        train_examples, train_hash = _read_examples(con, "train")
-        val_examples, val_hash = _read_examples(con, "validation")
+        train_examples, train_hash = _read_examples(con, upstream, "train")
+        val_examples, val_hash = _read_examples(con, upstream, "validation")
     data_hash = hashlib.sha256((train_hash + val_hash).encode()).hexdigest()
-    train_key = spec.fingerprint(data_hash, f"{model.model}@{model.revision}:{model.quantization}")
+    base = model.base_ref()
+    train_key = spec.fingerprint(data_hash, f"{base.model}@{base.revision}:{base.quantization}:{base.fingerprint}")
     checkpoint_dir = home_subdir("checkpoints", train_key)
     run_id = context.run_id
     created_at = datetime.now(UTC)
@@ -229,11 +221,15 @@ def lora_adapter(
         )
     else:
         outcome = _train_in_process(context, spec, model, store, train_key, train_examples, val_examples, checkpoint_dir, target)
+    if outcome.total_steps < 1 or not outcome.steps:
+        raise RuntimeError(f"training took no optimizer step ({len(train_examples)} train examples); no adapter is registered")
+    _record_training_log(store, train_key, run_id, outcome)
 
     weights_sha = sha256_file(target / "adapter_model.safetensors")
     if outcome.reported_sha256 is not None and outcome.reported_sha256 != weights_sha:
         raise RuntimeError("the adapter on disk is not the one the training process reported")
     trainable_pct = 100.0 * outcome.trainable_params / max(outcome.total_params, 1)
+    training_config = {**asdict(spec), **outcome.launcher_metadata}
     with store.connect() as con:
         register_adapter(
             con,
@@ -241,10 +237,12 @@ def lora_adapter(
                 "adapter_id": adapter_id,
                 "run_id": run_id,
                 "train_key": train_key,
-                "base_model": model.model,
-                "base_revision": model.revision,
+                "base_model": base.model,
+                "base_revision": base.revision,
+                "base_quantization": base.quantization,
+                "base_fingerprint": base.fingerprint,
                 "profile": profile.name,
-                "config": {**asdict(spec), "quantization": model.quantization, **outcome.launcher_metadata},
+                "config": {**training_config, "quantization": base.quantization},
                 "trainable_params": outcome.trainable_params,
                 "total_params": outcome.total_params,
                 "trainable_percent": trainable_pct,
@@ -253,24 +251,26 @@ def lora_adapter(
                 "dataset_hash": data_hash,
                 "sha256": weights_sha,
                 "path": str(target),
+                "optimizer_steps": outcome.total_steps,
                 "created_at": created_at.replace(tzinfo=None),
             },
         )
-        step_rows = con.execute(
-            "SELECT step, loss FROM training_steps WHERE train_key = ? ORDER BY step", [train_key]
-        ).fetchall()
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     exported = store.export_run(run_id)
+    context.instance.add_run_tags(run_id, {"lorasum/adapter_id": adapter_id})
 
-    steps = [s for s, _ in step_rows]
-    losses = [loss for _, loss in step_rows]
+    steps = [log.step for log in outcome.steps]
+    losses = [log.loss for log in outcome.steps]
+    version = version_of(weights_sha, base, training_config, upstream.data_version)
+    ref = AdapterRef(adapter_id, str(target), weights_sha, base, training_config, run_id, version)
     metadata = {
         "adapter_id": adapter_id,
         "path": dg.MetadataValue.path(str(target)),
         "sha256": weights_sha,
         "train_key": train_key,
-        "base_model": model.model,
-        "quantization": model.quantization,
+        "base_model": base.model,
+        "base_fingerprint": base.fingerprint,
+        "quantization": base.quantization,
         **outcome.launcher_metadata,
         "trainable_params": outcome.trainable_params,
         "total_params": outcome.total_params,
@@ -288,4 +288,4 @@ def lora_adapter(
         metadata["history_exported_rows"] = dg.MetadataValue.json(exported)
     if steps:
         metadata["loss_curve"] = line_plot({"train loss": (steps, losses)}, "Training loss", "optimizer step", "loss")
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(weights_sha[:16]))
+    return dg.Output(ref, metadata=metadata, data_version=dg.DataVersion(version))

@@ -18,7 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-HUB_DATASET_ID = "knkarthick/dialogsum"
+from lorasum_assets.ml.specs import HUB_DATASET_ID, FilterSpec
+
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"train": "train", "dev": "validation", "validation": "validation", "val": "validation", "test": "test"}
 HUB_COLUMNS = ("id", "dialogue", "summary", "topic")
@@ -362,14 +363,6 @@ def normalise(by_split: dict[str, list[RawRecord]], source: str) -> LoadedDatase
 # ----------------------------------------------------------------------------------------------
 # The notebook's 1/100 filter
 
-
-@dataclass(frozen=True)
-class FilterSpec:
-    modulus: int = 100
-    offset: int = 0
-    max_rows_per_split: int | None = None
-    random_sample: int | None = None
-    seed: int = 42
 
 
 def filter_split(dialogues: Iterable[Dialogue], spec: FilterSpec) -> list[Dialogue]:

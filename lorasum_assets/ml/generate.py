@@ -6,18 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class GenerationSpec:
-    max_new_tokens: int = 150
-    batch_size: int = 8
-    # A batch closes early when left padding would exceed this share of its real prompt tokens:
-    # on CPU the prefill is compute-bound, so padded positions cost as much as real ones.
-    max_padding_share: float = 0.25
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
+from lorasum_assets.ml.specs import GenerationSpec
 
 
 @dataclass(frozen=True)

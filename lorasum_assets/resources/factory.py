@@ -1,4 +1,4 @@
-"""Resources for the active profile."""
+"""The resources of a code location: the run's profile and everything derived from it."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import os
 import dagster as dg
 
 from lorasum_assets.home import database_location
-from lorasum_assets.profiles import Profile, get_profile
+from lorasum_assets.profiles import Profile, get_profile, profile_name
+from lorasum_assets.resources.lineage import LineageIOManager
 from lorasum_assets.resources.model import LoraModelResource
+from lorasum_assets.resources.profile import ProfileResource
+from lorasum_assets.resources.recovery import RunPreflightResource
 from lorasum_assets.resources.scorer import BertScorerResource
 from lorasum_assets.resources.store import LorasumStore
 
@@ -26,26 +29,22 @@ def build_store() -> LorasumStore:
     )
 
 
-def build_resources(profile: Profile | None = None) -> dict:
-    profile = profile or get_profile()
+def build_resources(profile: Profile | str | None = None) -> dict:
+    """Resources whose profile defaults to ``profile`` (else ``LORASUM_PROFILE``); each run may
+    pick another profile, and override any model or scorer field, in its resource config."""
+    name = profile.name if isinstance(profile, Profile) else (profile or profile_name())
+    get_profile(name)  # an unknown name fails here, when the code location loads
+    chosen = ProfileResource.configure_at_launch(name=name)
+    # Passed as an EnvVar, so the token is resolved at run time and never shown in the UI.
+    token = dg.EnvVar("HF_TOKEN") if os.environ.get("HF_TOKEN") else None
+    model = LoraModelResource.configure_at_launch(profile=chosen, hf_token=token)
+    store = build_store()
     return {
-        "model": LoraModelResource(
-            model=profile.model.model,
-            revision=profile.model.revision,
-            quantization=profile.model.quantization,
-            compute_dtype=profile.model.compute_dtype,
-            use_chat_template=profile.model.use_chat_template,
-            trust_remote_code=profile.model.trust_remote_code,
-            # Passed as an EnvVar, so the token is resolved at run time and never shown in the UI.
-            hf_token=dg.EnvVar("HF_TOKEN") if os.environ.get("HF_TOKEN") else None,
-        ),
-        "scorer": BertScorerResource(
-            model=profile.scorer.model,
-            model_path=profile.scorer.model_path,
-            num_layers=profile.scorer.num_layers,
-            idf=profile.scorer.idf,
-            rescale_with_baseline=profile.scorer.rescale_with_baseline,
-        ),
-        "store": build_store(),
+        "profile": chosen,
+        "model": model,
+        "scorer": BertScorerResource.configure_at_launch(profile=chosen),
+        "store": store,
+        "io_manager": LineageIOManager(),
+        "preflight": RunPreflightResource(model=model, store=store),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }

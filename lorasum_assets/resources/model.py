@@ -1,50 +1,68 @@
 """The model resource: one place that loads the (optionally 4-bit) base model and tokenizer."""
 
-from __future__ import annotations
 
 from typing import Any
 
 import dagster as dg
 from pydantic import PrivateAttr
 
+from lorasum_assets.config import config_class, resolve
 from lorasum_assets.home import home_subdir
 from lorasum_assets.ml.generate import has_active_adapter
-from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
+from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer, model_fingerprint
+from lorasum_assets.ml.specs import ModelChoice
+from lorasum_assets.resources.profile import ProfileResource
+from lorasum_assets.store.references import BaseModelRef
 
 
-class LoraModelResource(dg.ConfigurableResource):
+class _ModelResourceBase(dg.ConfigurableResource):
     """Base model and tokenizer, loaded lazily once per process and run.
 
+    Its model fields are those of ``ModelChoice``; unset ones come from the run's profile.
     ``model`` is a hub id, a local folder, ``builtin:tiny-llama`` or ``gguf:<package>/<file>``.
     The cached base is only ever used without an adapter in play; training loads its own copy
     because k-bit preparation changes the model it is given.
     """
 
-    model: str
-    revision: str | None = None
-    quantization: str = "none"
-    compute_dtype: str = "auto"
+    profile: ProfileResource
     device: str = "auto"
-    trust_remote_code: bool = False
     local_files_only: bool = False
-    use_chat_template: bool = False
     hf_token: str | None = None
 
     _base: Any = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)
+    _base_ref: Any = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if context.instance is not None and context.dagster_run is not None:
+            choice = self.choice()
+            context.instance.add_run_tags(
+                context.dagster_run.run_id, {"lorasum/profile": self.profile.name, "lorasum/base_model": choice.model}
+            )
+
+    def choice(self) -> ModelChoice:
+        return resolve(self.profile.get().model, self)
 
     def spec(self) -> ModelSpec:
+        choice = self.choice()
         return ModelSpec(
-            model=self.model,
-            revision=self.revision,
-            quantization=self.quantization,
-            compute_dtype=self.compute_dtype,
+            model=choice.model,
+            revision=choice.revision,
+            quantization=choice.quantization,
+            compute_dtype=choice.compute_dtype,
             device=self.device,
-            trust_remote_code=self.trust_remote_code,
+            trust_remote_code=choice.trust_remote_code,
             local_files_only=self.local_files_only,
             cache_dir=str(home_subdir("models")),
             token=self.hf_token,
         )
+
+    def base_ref(self) -> BaseModelRef:
+        """Which base this is, down to a fingerprint of its weight and tokenizer files."""
+        if self._base_ref is None:
+            spec = self.spec()
+            self._base_ref = BaseModelRef(spec.model, spec.revision, spec.quantization, model_fingerprint(spec))
+        return self._base_ref
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -62,3 +80,8 @@ class LoraModelResource(dg.ConfigurableResource):
     def fresh_model(self):
         """A new copy of the base model, for training to change as it needs."""
         return load_model(self.spec())
+
+
+LoraModelResource = config_class(
+    "LoraModelResource", ModelChoice, _ModelResourceBase.__doc__ or "", base=_ModelResourceBase, exclude=("online_equivalent",)
+)

@@ -51,16 +51,52 @@ def transaction(con):
     con.execute("COMMIT")
 
 
-def replace_table(con, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
-    """Replace the whole content of an asset table in one transaction."""
-    rows = list(rows)
-    quoted = ", ".join(f'"{c}"' for c in columns)
-    placeholders = ", ".join("?" for _ in columns)
+KEEP_MATERIALIZATIONS = 10
+
+
+def write_materialization(
+    con,
+    asset: str,
+    run_id: str,
+    tables: dict[str, tuple[Sequence[str], Iterable[Sequence[Any]]]],
+    content_hash: str | None = None,
+    data_version: str | None = None,
+    keep: int = KEEP_MATERIALIZATIONS,
+) -> int:
+    """One materialization of ``asset``: its rows in each of ``tables``, keyed by ``run_id``, and
+    its entry in ``materializations``, in one transaction. A retry of the same run replaces its
+    own rows. Rows of all but the asset's newest ``keep`` materializations are pruned.
+
+    Returns the row count of the first table.
+    """
+    from lorasum_assets.store.schema import rows_table
+
+    counts = []
     with transaction(con):
-        con.execute(f"DELETE FROM {table}")
-        if rows:
-            con.executemany(f"INSERT INTO {table} ({quoted}) VALUES ({placeholders})", rows)
-    return len(rows)
+        for table, (columns, rows) in tables.items():
+            rows = list(rows)
+            counts.append(len(rows))
+            physical = rows_table(table)
+            quoted = ", ".join(f'"{c}"' for c in ("run_id", *columns))
+            placeholders = ", ".join("?" for _ in range(len(columns) + 1))
+            con.execute(f"DELETE FROM {physical} WHERE run_id = ?", [run_id])
+            if rows:
+                con.executemany(f"INSERT INTO {physical} ({quoted}) VALUES ({placeholders})", [(run_id, *r) for r in rows])
+        con.execute("DELETE FROM materializations WHERE asset = ? AND run_id = ?", [asset, run_id])
+        con.execute(
+            "INSERT INTO materializations VALUES (?, ?, now(), ?, ?, ?)", [asset, run_id, counts[0] if counts else 0, content_hash, data_version]
+        )
+        stale = [
+            r[0]
+            for r in con.execute(
+                "SELECT run_id FROM materializations WHERE asset = ? ORDER BY materialized_at DESC OFFSET ?", [asset, keep]
+            ).fetchall()
+        ]
+        for old_run in stale:
+            for table in tables:
+                con.execute(f"DELETE FROM {rows_table(table)} WHERE run_id = ?", [old_run])
+            con.execute("DELETE FROM materializations WHERE asset = ? AND run_id = ?", [asset, old_run])
+    return counts[0] if counts else 0
 
 
 def register_adapter(con, row: dict[str, Any]) -> None:
@@ -76,7 +112,8 @@ def register_adapter(con, row: dict[str, Any]) -> None:
 
 
 def record_training_step(con, train_key: str, run_id: str, log: Any) -> None:
-    """Steps are keyed by (train_key, step): a resumed run rewrites, never duplicates, a step."""
+    """Steps are keyed by (run_id, step): a step logged twice by one run is kept once, and no run
+    overwrites another's log."""
     con.execute(
         "INSERT OR REPLACE INTO training_steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
         [train_key, run_id, log.step, log.epoch, log.loss, log.learning_rate, log.grad_norm, log.label_tokens, log.seconds],

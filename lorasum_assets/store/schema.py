@@ -2,10 +2,56 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The append-only history: every row carries the run_id of the Dagster run that wrote it.
 HISTORY_TABLES = ("eval_runs", "eval_metrics", "eval_examples", "adapters", "training_steps", "training_epochs", "run_failures")
+
+# Tables the assets write, one set of rows per materialization (keyed by the Dagster run that
+# wrote it), with the asset they belong to. A view of the table's plain name shows the rows of
+# the asset's newest successful materialization.
+ASSET_TABLES = {
+    "raw_dialogsum": "raw_dialogsum",
+    "raw_dialogsum_quarantine": "raw_dialogsum",
+    "filtered_split": "filtered_split",
+    "tokenized_dataset": "tokenized_dataset",
+    "tokenized_dataset_rejected": "tokenized_dataset",
+    "base_predictions": "base_predictions",
+    "tuned_predictions": "tuned_predictions",
+}
+
+
+def rows_table(table: str) -> str:
+    """The physical table behind an asset table's view."""
+    return f"{table}_by_run"
+
+
+def _current_view(table: str, asset: str) -> str:
+    return f"""CREATE OR REPLACE VIEW {table} AS
+        SELECT * FROM {rows_table(table)}
+        WHERE run_id = (SELECT run_id FROM materializations WHERE asset = '{asset}' ORDER BY materialized_at DESC LIMIT 1)"""
+
+
+def _run_scoped_tables() -> list[str]:
+    statements = [
+        """CREATE TABLE materializations (
+            asset VARCHAR, run_id VARCHAR, materialized_at TIMESTAMP, rows BIGINT, content_hash VARCHAR,
+            data_version VARCHAR, PRIMARY KEY (asset, run_id))"""
+    ]
+    for table, asset in ASSET_TABLES.items():
+        if table.endswith("_predictions"):
+            statements.append(f"CREATE TABLE {rows_table(table)} AS SELECT run_id, * EXCLUDE (run_id) FROM {table}")
+        else:
+            statements.append(f"CREATE TABLE {rows_table(table)} AS SELECT 'legacy' AS run_id, * FROM {table}")
+        if table == asset:
+            statements.append(
+                f"""INSERT INTO materializations
+                    SELECT '{asset}', run_id, now(), count(*), NULL, NULL FROM {rows_table(table)} GROUP BY run_id"""
+            )
+    for table, asset in ASSET_TABLES.items():
+        statements += [f"DROP TABLE {table}", _current_view(table, asset)]
+    return statements
+
 
 # Each entry upgrades from version i to i + 1 (index 0 creates version 1).
 MIGRATIONS: list[list[str]] = [
@@ -77,6 +123,26 @@ MIGRATIONS: list[list[str]] = [
             FROM eval_examples t JOIN eval_examples b
               ON t.run_id = b.run_id AND t.id = b.id AND t.model = 'tuned' AND b.model = 'base'
             WHERE t.bertscore_f1 < b.bertscore_f1""",
+    ],
+    # v2: asset tables keyed by the run that wrote them; training logs keyed by run; adapters
+    # carry the fingerprint of the base they were trained on.
+    [
+        *_run_scoped_tables(),
+        """CREATE TABLE training_steps_v2 (
+            train_key VARCHAR, run_id VARCHAR, step INTEGER, epoch DOUBLE, loss DOUBLE,
+            learning_rate DOUBLE, grad_norm DOUBLE, label_tokens INTEGER, seconds DOUBLE,
+            logged_at TIMESTAMP, PRIMARY KEY (run_id, step))""",
+        "INSERT INTO training_steps_v2 SELECT * FROM training_steps",
+        "DROP TABLE training_steps",
+        "ALTER TABLE training_steps_v2 RENAME TO training_steps",
+        """CREATE TABLE training_epochs_v2 (
+            train_key VARCHAR, run_id VARCHAR, epoch INTEGER, val_loss DOUBLE, PRIMARY KEY (run_id, epoch))""",
+        "INSERT INTO training_epochs_v2 SELECT * FROM training_epochs",
+        "DROP TABLE training_epochs",
+        "ALTER TABLE training_epochs_v2 RENAME TO training_epochs",
+        "ALTER TABLE adapters ADD COLUMN base_quantization VARCHAR",
+        "ALTER TABLE adapters ADD COLUMN base_fingerprint VARCHAR",
+        "ALTER TABLE adapters ADD COLUMN optimizer_steps INTEGER",
     ],
 ]
 

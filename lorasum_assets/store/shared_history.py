@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from lorasum_assets.store.schema import HISTORY_TABLES, MIGRATIONS
+from lorasum_assets.store.schema import HISTORY_TABLES, migrate
 
 _SAFE_RUN_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -53,38 +53,22 @@ def export_run(con, uri: str, run_id: str) -> dict[str, int]:
     return written
 
 
-def _create_statements() -> dict[str, str]:
-    statements = {}
-    for statement in MIGRATIONS[0]:
-        match = re.match(r"\s*CREATE TABLE IF NOT EXISTS (\w+)", statement)
-        if match:
-            statements[match.group(1)] = statement
-    return statements
-
-
-def _views() -> list[str]:
-    return [s for migration in MIGRATIONS for s in migration if s.lstrip().startswith("CREATE OR REPLACE VIEW")]
-
-
 def open_shared_history(uri: str):
     """An in-memory DuckDB holding every run's history rows from the Parquet files under ``uri``."""
     import duckdb
 
     con = duckdb.connect()
-    creates = _create_statements()
+    migrate(con)  # the same tables and views as a local store
     for table in HISTORY_TABLES:
         pattern = f"{_table_uri(uri, table)}/*.parquet"
-        con.execute(creates[table].replace("IF NOT EXISTS", "", 1))
         try:
-            # A step logged by a killed run and again by its resumed run: the later logging wins.
-            verb = "INSERT OR REPLACE" if "PRIMARY KEY" in creates[table] else "INSERT"
-            order = " ORDER BY logged_at" if table == "training_steps" else ""
-            con.execute(
-                f"{verb} INTO {table} BY NAME SELECT * FROM read_parquet({_quote(pattern)}, union_by_name = true){order}"
-            )
+            # Files written by an older lorasum lack the newer columns: union_by_name fills them with NULL.
+            keyed = con.execute(
+                "SELECT count(*) FROM duckdb_constraints() WHERE table_name = ? AND constraint_type = 'PRIMARY KEY'", [table]
+            ).fetchone()[0]
+            verb = "INSERT OR REPLACE" if keyed else "INSERT"
+            con.execute(f"{verb} INTO {table} BY NAME SELECT * FROM read_parquet({_quote(pattern)}, union_by_name = true)")
         except duckdb.IOException as exc:
             if "No files found" not in str(exc):
                 raise
-    for view in _views():
-        con.execute(view)
     return con

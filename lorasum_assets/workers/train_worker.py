@@ -17,7 +17,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-from lorasum_assets.ml.train import TrainExample, TrainSpec, prepare_peft_model, save_adapter, sha256_file, train_lora
+from lorasum_assets.ml.specs import TrainSpec
+from lorasum_assets.ml.train import TrainExample, prepare_peft_model, save_adapter, sha256_file, train_lora
 
 JOB_VERSION = 1
 

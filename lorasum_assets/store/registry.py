@@ -1,0 +1,56 @@
+"""The adapter registry: finding an adapter and checking that it fits the base model. No dagster."""
+
+from __future__ import annotations
+
+import json
+
+from lorasum_assets.store.references import AdapterRef, BaseModelRef, check_adapter_base, version_of
+
+_COLUMNS = "adapter_id, path, sha256, base_model, base_revision, base_quantization, base_fingerprint, config, run_id"
+
+
+class AdapterChoiceError(ValueError):
+    """No adapter, or not a usable one, for an evaluation."""
+
+
+def _ref(row) -> AdapterRef:
+    adapter_id, path, sha, model, revision, quantization, fingerprint, config, run_id = row
+    base = BaseModelRef(model, revision, quantization or "none", fingerprint or "")
+    training = json.loads(config) if isinstance(config, str) else dict(config or {})
+    return AdapterRef(adapter_id, path, sha, base, training, run_id, version_of(sha, base, training))
+
+
+def find_adapter(con, adapter_id: str) -> AdapterRef | None:
+    row = con.execute(f"SELECT {_COLUMNS} FROM adapters WHERE adapter_id = ?", [adapter_id]).fetchone()
+    return _ref(row) if row else None
+
+
+def newest_adapter_for_base(con, base: BaseModelRef) -> AdapterRef | None:
+    row = con.execute(
+        f"""SELECT {_COLUMNS} FROM adapters
+            WHERE base_model = ? AND base_revision IS NOT DISTINCT FROM ? AND base_fingerprint = ?
+            ORDER BY created_at DESC LIMIT 1""",
+        [base.model, base.revision, base.fingerprint],
+    ).fetchone()
+    return _ref(row) if row else None
+
+
+def choose_adapter(con, base: BaseModelRef, adapter_id: str | None, from_lineage: AdapterRef | None) -> AdapterRef:
+    """The adapter an evaluation applies: the one asked for by id, else the one trained in the
+    run's own lineage, else the newest one trained on this base model. It must fit ``base``."""
+    if adapter_id:
+        ref = find_adapter(con, adapter_id)
+        if ref is None:
+            raise AdapterChoiceError(f"no adapter with id {adapter_id!r} in the registry; `lorasum adapters` lists them")
+    elif from_lineage is not None:
+        ref = from_lineage
+    else:
+        ref = newest_adapter_for_base(con, base)
+        if ref is None:
+            raise AdapterChoiceError(f"no registered adapter was trained on {base.describe()}; materialize lora_adapter first")
+    if not ref.base.fingerprint:
+        raise AdapterChoiceError(
+            f"adapter {ref.adapter_id} was registered without its base model's fingerprint (an older lorasum); retrain it"
+        )
+    check_adapter_base(ref.adapter_id, ref.base, base)
+    return ref

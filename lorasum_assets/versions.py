@@ -1,0 +1,70 @@
+"""Code versions from the code: each asset's version hashes the source of its module, of every
+lorasum module it imports (transitively), and the default profile's settings it uses.
+
+Editing the training loop changes ``lora_adapter``'s version; switching ``LORASUM_PROFILE`` to a
+profile with another base model changes the version of every asset that uses the model. Dagster
+then shows the asset, and everything downstream of it, as unsynced.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from dataclasses import asdict
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+PACKAGE = "lorasum_assets"
+# Settings enter through the profile sections passed to ``code_version``, not through profiles.py's source.
+NOT_CODE = {f"{PACKAGE}.profiles", f"{PACKAGE}.definitions"}
+
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _source_path(module: str) -> Path | None:
+    """The file of a lorasum module; None for names that are not modules (functions, constants)."""
+    parts = module.split(".")[1:]
+    for candidate in (ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py")):
+        if parts and candidate.is_file() or not parts and candidate.name == "__init__.py" and candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported(module: str, path: Path) -> set[str]:
+    tree = ast.parse(path.read_text("utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith(PACKAGE):
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith(PACKAGE))
+    return {n for n in names if _source_path(n) is not None} - {module}
+
+
+@cache
+def module_closure(module: str) -> tuple[str, ...]:
+    """``module`` and every lorasum module it imports, directly or not."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name in NOT_CODE:
+            continue
+        path = _source_path(name)
+        if path is None:
+            continue
+        seen.add(name)
+        todo.extend(_imported(name, path))
+    return tuple(sorted(seen))
+
+
+def code_version(module: str, *settings: Any) -> str:
+    digest = hashlib.sha256()
+    for name in module_closure(module):
+        digest.update(name.encode() + b"\0" + _source_path(name).read_bytes())
+    digest.update(json.dumps([asdict(s) for s in settings], sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
