@@ -107,3 +107,24 @@ def test_transaction_rolls_back(con):
             con.execute("INSERT INTO run_failures VALUES ('r', 'j', now(), 'e')")
             raise RuntimeError("boom")
     assert con.execute("SELECT count(*) FROM run_failures").fetchone()[0] == 0
+
+
+def test_a_version_1_database_keeps_its_rows_when_tables_become_run_scoped(tmp_path):
+    from lorasum_assets.store.schema import MIGRATIONS
+
+    con = duckdb.connect(str(tmp_path / "v1.duckdb"))
+    con.execute("CREATE TABLE schema_version (version INTEGER, applied_at TIMESTAMP)")
+    for statement in MIGRATIONS[0]:
+        con.execute(statement)
+    con.execute("INSERT INTO schema_version VALUES (1, now())")
+    con.execute("""INSERT INTO filtered_split VALUES ('test', 'a', 'hi', ['s'], 't', 0), ('test', 'b', 'yo', ['s'], 't', 1)""")
+    con.execute("INSERT INTO tuned_predictions VALUES ('test', 'a', 'p', 1, false, 0.1, 'ad1', 'run-9')")
+    con.execute("INSERT INTO training_steps VALUES ('k', 'run-9', 1, 0.1, 2.0, 1e-4, 0.5, 10, 0.1, now())")
+    assert migrate(con) == SCHEMA_VERSION == 2
+    assert con.execute("SELECT run_id, count(*) FROM filtered_split_by_run GROUP BY ALL").fetchall() == [("legacy", 2)]
+    assert con.execute("SELECT count(*) FROM filtered_split").fetchone()[0] == 2  # the view shows the kept rows
+    assert con.execute("SELECT run_id, adapter_id FROM tuned_predictions").fetchall() == [("run-9", "ad1")]
+    assert con.execute("SELECT run_id, step FROM training_steps").fetchall() == [("run-9", 1)]
+    con.execute("INSERT INTO training_steps VALUES ('k', 'run-10', 1, 0.1, 1.0, 1e-4, 0.5, 10, 0.1, now())")  # same key, other run
+    assert con.execute("SELECT count(*) FROM training_steps").fetchone()[0] == 2
+    assert "base_fingerprint" in {r[0] for r in con.execute("DESCRIBE adapters").fetchall()}

@@ -1,0 +1,145 @@
+"""Runs as they overlap in real use: several processes at once on one home, a run killed with
+SIGKILL, a brand-new Dagster home, and a sweep. Each run is its own `dagster` process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MATERIALIZE = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "lorasum_assets.definitions"]
+LORASUM = [sys.executable, "-m", "lorasum_assets.cli"]
+TINY_STEPS = 11 * 2  # ceil(44 train examples / batch 4) optimizer steps per epoch x 2 epochs
+
+
+
+def environment(home: Path) -> dict[str, str]:
+    return {**os.environ, "LORASUM_HOME": str(home), "LORASUM_PROFILE": "tiny", "DAGSTER_HOME": str(home / "dagster")}
+
+
+def init_instance(home: Path, config: str | None = None) -> None:
+    command = [*LORASUM, "init-instance"] + (["--config", config] if config else [])
+    done = subprocess.run(command, env=environment(home), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def start(home: Path, selection: str = "*", run_config: dict | None = None) -> subprocess.Popen:
+    command = [*MATERIALIZE, "--select", selection]
+    if run_config:
+        path = home / f"run-{time.monotonic_ns()}.yaml"
+        path.write_text(yaml.safe_dump(run_config))
+        command += ["-c", str(path)]
+    return subprocess.Popen(command, cwd=REPO, env=environment(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    output = process.communicate(timeout=timeout)[0]
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def database(home: Path):
+    return duckdb.connect(str(home / "lorasum.duckdb"), read_only=True)
+
+
+def open_instance(home: Path) -> dg.DagsterInstance:
+    from dagster._core.instance.ref import InstanceRef
+
+    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home / "dagster")))
+
+
+def test_two_whole_graph_runs_at_once_each_evaluate_their_own_adapter(fresh_home):
+    init_instance(fresh_home)
+    rates = (1e-3, 5e-3)
+    runs = [start(fresh_home, "*", {"ops": {"lora_adapter": {"config": {"learning_rate": rate}}}}) for rate in rates]
+    for run in runs:
+        finish(run)
+
+    con = database(fresh_home)
+    evaluations = con.execute(
+        """SELECT e.run_id, e.adapter_id, a.run_id, CAST(a.config->>'learning_rate' AS DOUBLE)
+           FROM eval_runs e JOIN adapters a USING (adapter_id) ORDER BY 4"""
+    ).fetchall()
+    assert len(evaluations) == 2 and len({adapter for _, adapter, _, _ in evaluations}) == 2
+    with open_instance(fresh_home) as instance:
+        for eval_run, adapter_id, trained_in, rate in evaluations:
+            assert eval_run == trained_in, f"run {eval_run} scored adapter {adapter_id} trained in run {trained_in}"
+            given = instance.get_run_by_id(eval_run).run_config["ops"]["lora_adapter"]["config"]["learning_rate"]
+            assert rate == given
+            steps = [r[0] for r in con.execute("SELECT step FROM training_steps WHERE run_id = ? ORDER BY step", [eval_run]).fetchall()]
+            assert steps == list(range(1, TINY_STEPS + 1))
+            tuned_with = {r[0] for r in con.execute("SELECT adapter_id FROM tuned_predictions_by_run WHERE run_id = ?", [eval_run]).fetchall()}
+            assert tuned_with == {adapter_id}
+    assert sorted(r for *_, r in evaluations) == sorted(rates)
+
+
+def test_a_run_killed_in_training_does_not_block_the_next_one(fresh_home):
+    init_instance(fresh_home, "deploy/dagster.yaml")  # the pool lorasum_gpu limited to 1
+    killed = start(fresh_home, "*lora_adapter", {"ops": {"lora_adapter": {"config": {"epochs": 60}}}})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and killed.poll() is None:
+        if (fresh_home / "lorasum.duckdb").exists():
+            try:
+                with database(fresh_home) as con:
+                    if con.execute("SELECT count(*) FROM training_steps").fetchone()[0] >= 3:
+                        break
+            except duckdb.IOException:
+                pass  # the training run holds the write lock
+        time.sleep(0.2)
+    assert killed.poll() is None, "training ended before it could be killed"
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+
+    started = time.monotonic()
+    output = finish(start(fresh_home, "lora_adapter", {"ops": {"lora_adapter": {"config": {"epochs": 1}}}}), timeout=240)
+    assert time.monotonic() - started < 240
+    assert "freed the pool slots of 1 dead run(s)" in output
+    with open_instance(fresh_home) as instance:
+        statuses = sorted(run.status.value for run in instance.get_runs())
+        assert statuses == ["FAILURE", "SUCCESS"]
+        failed = next(run for run in instance.get_runs() if run.status == dg.DagsterRunStatus.FAILURE)
+        assert not instance.event_log_storage.get_concurrency_run_ids() - {failed.run_id}
+
+
+@pytest.mark.slow
+def test_four_first_runs_at_once_on_a_fresh_home(fresh_home):
+    command = f"{' '.join(LORASUM)} init-instance --config deploy/dagster.yaml && {' '.join(MATERIALIZE)} --select raw_dialogsum,filtered_split"
+    runs = [subprocess.Popen(["bash", "-c", command], cwd=REPO, env=environment(fresh_home), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    for run in runs:
+        finish(run)
+    with open_instance(fresh_home) as instance:
+        assert [run.status for run in instance.get_runs()] == [dg.DagsterRunStatus.SUCCESS] * 4
+    finish(start(fresh_home, "raw_dialogsum"))  # the home stays usable
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_evaluates_and_ranks_each_point_on_its_own_adapter(fresh_home):
+    init_instance(fresh_home)
+    grid = fresh_home / "grid.yaml"
+    grid.write_text("lora_adapter:\n  learning_rate: [0.001, 0.003, 0.01]\n")
+    done = subprocess.run([*LORASUM, "sweep", str(grid), "--parallel", "3", "--json"], cwd=REPO, env=environment(fresh_home),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranking = json.loads(done.stdout)["rows"]
+    assert sorted(row["point"] for row in ranking) == ["learning_rate=0.001", "learning_rate=0.003", "learning_rate=0.01"]
+    assert [row["rank"] for row in ranking] == sorted(row["rank"] for row in ranking)
+    assert all(row["best_adapters_rank"] >= 1 for row in ranking)
+    con = database(fresh_home)
+    for row in ranking:
+        trained_in, rate = con.execute(
+            "SELECT run_id, CAST(config->>'learning_rate' AS DOUBLE) FROM adapters WHERE adapter_id = ?", [row["adapter_id"]]
+        ).fetchone()
+        assert trained_in == row["run_id"] and row["point"] == f"learning_rate={rate:g}"
+    assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 3
+    best = subprocess.run([*LORASUM, "adapters", "--best", "--json"], cwd=REPO, env=environment(fresh_home), capture_output=True, text=True)
+    assert {row["adapter_id"] for row in json.loads(best.stdout)["rows"]} == {row["adapter_id"] for row in ranking}
