@@ -25,7 +25,7 @@ def _connect(args: argparse.Namespace):
         from lorasum_assets.store.shared_history import open_shared_history
 
         return open_shared_history(args.history_uri)
-    location = database_location()
+    location = database_location(create_home=False)
     if location.startswith("md:"):
         return duckdb.connect(location, read_only=True)
     path = Path(location)
@@ -212,7 +212,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     con = _connect(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    targets = [out / f"{table}.{args.format}" for table in HISTORY_TABLES]
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"lorasum export: {out} exists and is not a folder")
+    existing = [t for t in targets if t.exists()]
+    if existing and not args.force:
+        raise SystemExit(f"lorasum export: {len(existing)} file(s) already in {out} (e.g. {existing[0].name}); use --force to overwrite them")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lorasum-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SystemExit(f"lorasum export: cannot write to {out}: {exc.strerror or exc}") from exc
     written = {}
     for table in tqdm(HISTORY_TABLES, desc="export", disable=args.json or not sys.stderr.isatty(), file=sys.stderr):
         target = out / f"{table}.{args.format}"
@@ -313,9 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common], help="export the history tables to Parquet or CSV")
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
-    p.add_argument("--out", default="lorasum-export")
+    p.add_argument("--out", default="lorasum-export", help="folder for the files (default: lorasum-export)")
+    p.add_argument("--force", action="store_true", help="overwrite files an earlier export left there")
     p.set_defaults(func=cmd_export)
     return parser
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """One line on stderr, or a JSON object on stdout under --json."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "exit_code": code}))
+    else:
+        print(message if message.startswith("lorasum") else f"lorasum: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -323,8 +345,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except DatabaseBusyError as exc:
-        print(f"lorasum: {exc}", file=sys.stderr)
-        return 3
+        return _fail(args, str(exc), 3)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            return _fail(args, exc.code, 1)
+        raise
+    except BrokenPipeError:
+        # The reader went away (`lorasum report --json | head`): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

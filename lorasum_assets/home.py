@@ -13,8 +13,13 @@ class UnsafePathError(ValueError):
     """A configured path points outside the lorasum home."""
 
 
+def home_path() -> Path:
+    """The home's path, without creating it (for commands that only read)."""
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
+
+
 def lorasum_home() -> Path:
-    home = Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
+    home = home_path()
     home.mkdir(parents=True, exist_ok=True)
     return home
 
@@ -26,10 +31,12 @@ def database_path() -> Path:
     return lorasum_home() / "lorasum.duckdb"
 
 
-def database_location() -> str:
+def database_location(create_home: bool = True) -> str:
     """The history database: ``LORASUM_DATABASE`` (a file, or ``md:<name>`` for MotherDuck), else
-    ``lorasum.duckdb`` in the home."""
-    return os.environ.get(DATABASE_ENV) or str(database_path())
+    ``lorasum.duckdb`` in the home (created unless ``create_home`` is False)."""
+    if os.environ.get(DATABASE_ENV):
+        return os.environ[DATABASE_ENV]
+    return str(database_path() if create_home else home_path() / "lorasum.duckdb")
 
 
 def home_subdir(*parts: str) -> Path:

@@ -61,10 +61,10 @@ def test_compare(seeded, capsys):
     tuned = next(m for m in out["metrics"] if m["model"] == "tuned")
     assert tuned["change"] == pytest.approx(0.10)
     assert [e["id"] for e in out["examples"]] == ["a", "b"]  # a moved 0.3, b 0.05
-    with pytest.raises(SystemExit, match="not comparable"):
-        main(["compare", "run-1", "run-3"])
-    with pytest.raises(SystemExit, match="no evaluation run"):
-        main(["compare", "run-1", "nope"])
+    assert main(["compare", "run-1", "run-3"]) == 1
+    assert "not comparable" in capsys.readouterr().err
+    assert main(["compare", "run-1", "nope"]) == 1
+    assert "no evaluation run" in capsys.readouterr().err
 
 
 def test_export(seeded, capsys, tmp_path):
@@ -76,9 +76,9 @@ def test_export(seeded, capsys, tmp_path):
     assert (tmp_path / "y" / "eval_examples.csv").read_text().startswith("run_id,model,id")
 
 
-def test_summarize_unknown_adapter(seeded):
-    with pytest.raises(SystemExit, match="no adapter with id 'missing'"):
-        main(["summarize", "--adapter", "missing"])
+def test_summarize_unknown_adapter(seeded, capsys):
+    assert main(["summarize", "--adapter", "missing"]) == 1
+    assert "no adapter with id 'missing'" in capsys.readouterr().err
 
 
 HOLD_LOCK = textwrap.dedent(
@@ -118,3 +118,47 @@ def test_cli_gives_a_clear_message_when_the_lock_is_held_too_long(seeded, capsys
         assert "locked by another process" in capsys.readouterr().err
     finally:
         writer.wait(timeout=30)
+
+
+def test_export_never_overwrites_without_force_and_names_an_unwritable_folder(seeded, capsys, tmp_path):
+    target = tmp_path / "out"
+    run_json(capsys, "export", "--out", str(target))
+    before = (target / "eval_runs.parquet").stat().st_mtime_ns
+    assert main(["export", "--out", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"lorasum export: 7 file(s) already in {target} (e.g. eval_runs.parquet); use --force to overwrite them"
+    assert (target / "eval_runs.parquet").stat().st_mtime_ns == before
+    assert run_json(capsys, "export", "--out", str(target), "--force")["rows"]
+
+    # a folder nobody may create, even root (sysfs refuses new entries)
+    assert main(["export", "--out", "/sys/lorasum-export"]) == 1
+    assert capsys.readouterr().err.strip() == "lorasum export: cannot write to /sys/lorasum-export: Operation not permitted"
+    (tmp_path / "a-file").write_text("x")
+    assert main(["export", "--out", str(tmp_path / "a-file")]) == 1
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_errors_are_json_under_json(seeded, capsys):
+    assert main(["compare", "run-1", "nope", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"error": "no evaluation run 'nope'", "exit_code": 1} and captured.err == ""
+
+
+def test_a_closed_pipe_is_quiet(seeded):
+    env = {**__import__("os").environ, "LORASUM_HOME": str(seeded)}
+    # the reader goes away before the command prints (its imports alone take longer), as `| head` does
+    process = subprocess.Popen([sys.executable, "-m", "lorasum_assets.cli", "history", "--json"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 0
+    assert stderr == ""
+
+
+def test_read_only_commands_never_create_the_home(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "no-home-here"
+    monkeypatch.setenv("LORASUM_HOME", str(missing))
+    for command in (["history"], ["report"], ["adapters"]):
+        assert main(command) == 1
+        assert "no lorasum database" in capsys.readouterr().err
+    assert not missing.exists()

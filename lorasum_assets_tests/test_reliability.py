@@ -126,18 +126,16 @@ def test_a_50000_token_dialogue_is_truncated_and_keeps_its_summary(fresh_home, t
     assert tiny_tokenizer.decode([t for t in labels if t != -100]) == "They greet 1." + tiny_tokenizer.eos_token
 
 
-def test_a_summary_longer_than_max_length_is_rejected_with_a_reason(fresh_home, tmp_path):
+def test_a_summary_longer_than_max_length_fails_naming_the_row_and_the_length_needed(fresh_home, tmp_path):
     long_summary = "They talk. " * 200
     write_split(tmp_path, "train", [good("train", 0), {**good("train", 1), "summary": long_summary}])
     write_split(tmp_path, "test", [good("test", 0)])
     result = materialize(tmp_path, "*tokenized_dataset", {"tokenized_dataset": {"config": {"max_length": 128}}})
-    assert result.success
+    assert not result.success
+    message = error_text(result, "tokenized_dataset")
+    assert "TokenizeSpec.max_length = 128; must be >= " in message and "the longest summary (train/train_1:" in message
     con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
-    rows = con.execute("SELECT id, reason FROM tokenized_dataset_rejected").fetchall()
-    assert rows[0][0] == "train_1" and rows[0][1].startswith("summary_exceeds_max_length")
-    assert con.execute("SELECT count(*) FROM tokenized_dataset").fetchone()[0] == 1
-    meta = result.asset_materializations_for_node("tokenized_dataset")[0].metadata
-    assert meta["rows_rejected"].value == 1
+    assert con.execute("SELECT count(*) FROM tokenized_dataset").fetchone()[0] == 0  # nothing was written
 
 
 def test_an_unknown_data_source_and_an_unknown_adapter_are_named(fresh_home, tmp_path):

@@ -9,8 +9,8 @@ import dagster as dg
 from lorasum_assets.assets.plots import histogram, markdown_table
 from lorasum_assets.config import config_class, resolve
 from lorasum_assets.ml.data import Dialogue, filter_split, normalise, read_hub, read_local, read_sample
-from lorasum_assets.ml.prompts import IGNORE_INDEX, SummaryTooLongError, encode_example
-from lorasum_assets.ml.specs import DataSpec, FilterSpec, TokenizeSpec
+from lorasum_assets.ml.prompts import IGNORE_INDEX, SummaryTooLongError, encode_example, required_max_length
+from lorasum_assets.ml.specs import DataSpec, FilterSpec, SettingError, TokenizeSpec
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.store.history import write_materialization
@@ -85,8 +85,8 @@ def raw_dialogsum(
             {
                 "raw_dialogsum": (DIALOGUE_COLUMNS, _dialogue_rows(loaded.dialogues)),
                 "raw_dialogsum_quarantine": (
-                    ("split", "row_number", "id", "reason", "raw"),
-                    [(q.split, q.row_number, q.id, q.reason, q.raw) for q in loaded.quarantined],
+                    ("split", "file", "row_number", "id", "reason", "raw"),
+                    [(q.split, q.file, q.row_number, q.id, q.reason, q.raw) for q in loaded.quarantined],
                 ),
             },
             content_hash,
@@ -190,6 +190,13 @@ def tokenized_dataset(
     rows, rejected = [], []
     with store.connect() as con:
         by_split = {split: read_dialogues(con, upstream, split) for split in ("train", "validation")}
+    summaries = {f"{d.split}/{d.id}": d.references[0] for rows in by_split.values() for d in rows}
+    required, longest_id, longest, frame = required_max_length(tokenizer, summaries, use_chat_template)
+    if spec.max_length < required:
+        raise SettingError(
+            f"TokenizeSpec.max_length = {spec.max_length}; must be >= {required} to fit the prompt frame ({frame} tokens), "
+            f"the longest summary ({longest_id}: {longest} tokens with EOS) and a dialogue token"
+        )
     for split, dialogues in by_split.items():
         for d in dialogues:
             try:

@@ -41,15 +41,27 @@ TunedGenerationConfig = config_class(
 )
 
 
-def _prompts(con, tokenizer, upstream: TableRef, spec: GenerationSpec, use_chat_template: bool):
-    dialogues = read_dialogues(con, upstream, spec.split)
+def prompt_budget(spec: GenerationSpec, base) -> int:
+    """Tokens a prompt may have: the setting, else the model's context minus max_new_tokens, so
+    no dialogue, however long, can run the machine out of memory."""
+    if spec.max_prompt_tokens is not None:
+        return spec.max_prompt_tokens
+    context = getattr(base.config, "max_position_embeddings", None) or 2048
+    if context - spec.max_new_tokens < 16:
+        raise ValueError(f"GenerationSpec.max_new_tokens = {spec.max_new_tokens} leaves no room for a prompt in the model's {context}-token context")
+    return context - spec.max_new_tokens
+
+
+def _prompts(store, tokenizer, upstream: TableRef, spec: GenerationSpec, use_chat_template: bool, budget: int):
+    with store.connect() as con:
+        dialogues = read_dialogues(con, upstream, spec.split)
     if not dialogues:
         raise ValueError(f"filtered_split has no {spec.split!r} rows to generate for")
-    prompts = [encode_prompt(tokenizer, d.dialogue, use_chat_template, spec.max_prompt_tokens)[0] for d in dialogues]
-    return dialogues, prompts
+    encoded = [encode_prompt(tokenizer, d.dialogue, use_chat_template, budget) for d in dialogues]
+    return dialogues, [ids for ids, _ in encoded], sum(1 for _, cut in encoded if cut)
 
 
-def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_parts) -> dg.Output[TableRef]:
+def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_parts, budget, truncated) -> dg.Output[TableRef]:
     rows = [
         (spec.split, d.id, g.text, g.new_tokens, g.hit_limit, g.latency_s, adapter_id)
         for d, g in zip(dialogues, outputs, strict=True)
@@ -73,6 +85,8 @@ def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_
             "summaries_per_s": round(len(outputs) / max(seconds, 1e-9), 3),
             "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
             "first_prediction": outputs[0].text,
+            "max_prompt_tokens": budget,
+            "prompts_truncated": truncated,
         },
         data_version=dg.DataVersion(version),
     )
@@ -101,10 +115,13 @@ def base_predictions(
     base = model.base_model()
     if has_active_adapter(base):
         raise RuntimeError("base model has an active adapter")
-    with store.connect() as con:
-        dialogues, prompts = _prompts(con, tokenizer, upstream, spec, model.choice().use_chat_template)
+    budget = prompt_budget(spec, base)
+    dialogues, prompts, truncated = _prompts(store, tokenizer, upstream, spec, model.choice().use_chat_template, budget)
     outputs = generate(base, tokenizer, prompts, spec, on_batch=lambda d, n: context.log.info(f"base: {d}/{n}"))
-    return _write(context, store, "base_predictions", spec, dialogues, outputs, None, (model.base_ref(), asdict(spec), upstream.data_version))
+    return _write(
+        context, store, "base_predictions", spec, dialogues, outputs, None, (model.base_ref(), asdict(spec), upstream.data_version),
+        budget, truncated,
+    )
 
 
 @dg.asset(
@@ -135,12 +152,11 @@ def tuned_predictions(
     context.log.info(f"applying adapter {adapter.adapter_id} (trained in run {adapter.run_id}) to {adapter.base.describe()}")
     context.instance.add_run_tags(context.run_id, {"lorasum/adapter_id": adapter.adapter_id})
     tokenizer = model.tokenizer()
-    with store.connect() as con:
-        dialogues, prompts = _prompts(con, tokenizer, upstream, spec, model.choice().use_chat_template)
-    outputs = generate_with_adapter(
-        model.base_model(), adapter.path, tokenizer, prompts, spec, on_batch=lambda d, n: context.log.info(f"tuned: {d}/{n}")
-    )
+    base = model.base_model()
+    budget = prompt_budget(spec, base)
+    dialogues, prompts, truncated = _prompts(store, tokenizer, upstream, spec, model.choice().use_chat_template, budget)
+    outputs = generate_with_adapter(base, adapter.path, tokenizer, prompts, spec, on_batch=lambda d, n: context.log.info(f"tuned: {d}/{n}"))
     return _write(
         context, store, "tuned_predictions", spec, dialogues, outputs, adapter.adapter_id,
-        (adapter.data_version, asdict(spec), upstream.data_version),
+        (adapter.data_version, asdict(spec), upstream.data_version), budget, truncated,
     )

@@ -15,7 +15,15 @@ from lorasum_assets.config import config_class, resolve
 from lorasum_assets.deployment import gpu_op_tags, training_gpus
 from lorasum_assets.home import home_subdir, lorasum_home
 from lorasum_assets.ml.specs import TrainSpec
-from lorasum_assets.ml.train import StepLog, TrainExample, prepare_peft_model, save_adapter, sha256_file, train_lora
+from lorasum_assets.ml.train import (
+    StepLog,
+    TrainExample,
+    lora_b_all_zero,
+    prepare_peft_model,
+    save_adapter,
+    sha256_file,
+    train_lora,
+)
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.resources.recovery import RunPreflightResource
@@ -225,6 +233,12 @@ def lora_adapter(
         raise RuntimeError(f"training took no optimizer step ({len(train_examples)} train examples); no adapter is registered")
     _record_training_log(store, train_key, run_id, outcome)
 
+    if lora_b_all_zero(target / "adapter_model.safetensors"):
+        shutil.rmtree(target, ignore_errors=True)
+        raise RuntimeError(
+            f"after {outcome.total_steps} optimizer steps every LoRA B matrix is still zero (learning rate {spec.learning_rate}): "
+            "the adapter would equal the base model, so it is not registered"
+        )
     weights_sha = sha256_file(target / "adapter_model.safetensors")
     if outcome.reported_sha256 is not None and outcome.reported_sha256 != weights_sha:
         raise RuntimeError("the adapter on disk is not the one the training process reported")

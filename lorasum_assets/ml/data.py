@@ -40,6 +40,7 @@ class RawRecord:
     row_number: int
     values: dict[str, Any] = field(default_factory=dict)
     read_error: str | None = None
+    file: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class QuarantinedRow:
     id: str | None
     reason: str
     raw: str
+    file: str = ""
 
 
 @dataclass
@@ -85,41 +87,83 @@ class LoadedDataset:
 # Reading
 
 
+MAX_ROW_BYTES = 8 * 1024 * 1024  # a DialogSum row is a few kB; anything this large is not a dialogue
+BOM = b"\xef\xbb\xbf"
+
+
+def unicode_problem(value: Any, depth: int = 0) -> str | None:
+    """Where ``value`` holds a string that is not valid Unicode (a lone surrogate from a JSON
+    escape such as "\\ud800"), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"lone surrogate at character {exc.start}"
+        return None
+    if depth > 100:
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        problem = unicode_problem(item, depth + 1)
+        if problem:
+            return f"{key}: {problem}"
+    return None
+
+
+def _parse_json_line(raw_line: bytes, split: str, number: int) -> RawRecord:
+    if len(raw_line) > MAX_ROW_BYTES:
+        return RawRecord(split, number, {}, f"oversize_row: {len(raw_line):,} bytes (limit {MAX_ROW_BYTES:,})")
+    try:
+        line = raw_line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return RawRecord(split, number, {}, f"invalid_utf8: {exc.reason} at byte {exc.start}")
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return RawRecord(split, number, {"_line": line[:200]}, f"invalid_json: {exc.msg}")
+    except RecursionError:
+        return RawRecord(split, number, {"_line": line[:200]}, "too_deeply_nested: the JSON value nests deeper than the parser allows")
+    if not isinstance(value, dict):
+        return RawRecord(split, number, {"_line": line[:200]}, "invalid_json: not an object")
+    problem = unicode_problem(value)
+    if problem:
+        return RawRecord(split, number, {"_line": line[:200]}, f"invalid_unicode: {problem}")
+    return RawRecord(split, number, value)
+
+
 def _read_jsonl(path: Path, split: str) -> list[RawRecord]:
     records = []
     with path.open("rb") as handle:
         for number, raw_line in enumerate(handle, start=1):
-            if not raw_line.strip():
-                continue
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                records.append(RawRecord(split, number, {}, f"invalid_utf8: {exc.reason} at byte {exc.start}"))
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                records.append(RawRecord(split, number, {"_line": line[:200]}, f"invalid_json: {exc.msg}"))
-                continue
-            if not isinstance(value, dict):
-                records.append(RawRecord(split, number, {"_line": line[:200]}, "invalid_json: not an object"))
-                continue
-            records.append(RawRecord(split, number, value))
+            if number == 1 and raw_line.startswith(BOM):
+                raw_line = raw_line[len(BOM) :]
+            if raw_line.strip():
+                records.append(_parse_json_line(raw_line, split, number))
     return records
 
 
 def _read_json(path: Path, split: str) -> list[RawRecord]:
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
+        value = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise DataSourceError(f"{path}: not valid UTF-8 at byte {exc.start}") from exc
+    except RecursionError as exc:
+        raise DataSourceError(f"{path}: the JSON value nests deeper than the parser allows") from exc
     except json.JSONDecodeError:
         return _read_jsonl(path, split)  # many ".json" DialogSum files are really JSON lines
     if isinstance(value, dict) and "data" in value:
         value = value["data"]
     if not isinstance(value, list):
         raise DataSourceError(f"{path}: expected a list of objects")
-    return [RawRecord(split, i, v if isinstance(v, dict) else {"_value": v}, None if isinstance(v, dict) else "invalid_json: not an object") for i, v in enumerate(value, start=1)]
+    records = []
+    for number, item in enumerate(value, start=1):
+        if not isinstance(item, dict):
+            records.append(RawRecord(split, number, {"_value": repr(item)[:200]}, "invalid_json: not an object"))
+        elif problem := unicode_problem(item):
+            records.append(RawRecord(split, number, {}, f"invalid_unicode: {problem}"))
+        else:
+            records.append(RawRecord(split, number, item))
+    return records
 
 
 def _read_csv(path: Path, split: str) -> list[RawRecord]:
@@ -176,19 +220,27 @@ def read_local(path: str | Path) -> dict[str, list[RawRecord]]:
     path = Path(path)
     if not path.exists():
         raise DataSourceError(f"data path {path} does not exist")
-    files = sorted(p for p in path.iterdir() if p.suffix in FILE_SUFFIXES) if path.is_dir() else [path]
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES) if path.is_dir() else [path]
     by_split: dict[str, list[RawRecord]] = {}
     for file in files:
-        if file.suffix not in READERS:
+        suffix = file.suffix.lower()
+        if suffix not in READERS:
             raise DataSourceError(f"{file}: unsupported file type {file.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
         split = split_of_file(file)
         if split is None and path.is_dir():
             continue
         if file.stat().st_size == 0:
             raise DataSourceError(f"{file}: the file is empty")
-        records = READERS[file.suffix](file, split or "")
+        records = READERS[suffix](file, split or "")
         if not records:
             raise DataSourceError(f"{file}: the file has no rows")
+        if all(r.read_error is not None for r in records):
+            raise DataSourceError(
+                f"{file}: none of its {len(records)} rows could be read (row {records[0].row_number}: {records[0].read_error}); "
+                f"is it really a {suffix} file?"
+            )
+        for record in records:
+            record.file = file.name
         if split is None:
             for record in records:
                 record.split = SPLIT_ALIASES.get(str(record.values.get("split", "")).lower(), "")
@@ -254,9 +306,10 @@ def _layout(columns: set[str], split: str) -> str:
 
 def _raw_text(record: RawRecord) -> str:
     try:
-        return json.dumps(record.values, ensure_ascii=False, default=str)[:2000]
-    except (TypeError, ValueError):
-        return repr(record.values)[:2000]
+        text = json.dumps(record.values, ensure_ascii=False, default=str)[:2000]
+    except (TypeError, ValueError, RecursionError):
+        text = repr(record.values)[:2000]
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")  # storable even with lone surrogates
 
 
 def _string_field(values: dict[str, Any], name: str) -> tuple[str | None, str | None]:
@@ -268,6 +321,8 @@ def _string_field(values: dict[str, Any], name: str) -> tuple[str | None, str | 
         return None, None
     if not isinstance(value, str):
         return None, f"non_string_field: {name} is {type(value).__name__}"
+    if problem := unicode_problem(value):
+        return None, f"invalid_unicode: {name}: {problem}"
     return value, None
 
 
@@ -291,7 +346,7 @@ def normalise(by_split: dict[str, list[RawRecord]], source: str) -> LoadedDatase
         readable = [r for r in records if r.read_error is None]
         for record in records:
             if record.read_error is not None:
-                quarantined.append(QuarantinedRow(split, record.row_number, None, record.read_error, _raw_text(record)))
+                quarantined.append(QuarantinedRow(split, record.row_number, None, record.read_error, _raw_text(record), record.file))
         if not readable:
             continue
         columns = set().union(*(r.values.keys() for r in readable))
@@ -353,7 +408,7 @@ def normalise(by_split: dict[str, list[RawRecord]], source: str) -> LoadedDatase
                     reason = f"duplicate_id: {row_id} appears earlier in {split}"
             if reason is not None:
                 for member in members:
-                    quarantined.append(QuarantinedRow(split, member.row_number, row_id, reason, _raw_text(member)))
+                    quarantined.append(QuarantinedRow(split, member.row_number, row_id, reason, _raw_text(member), member.file))
                 continue
             seen_ids.add(row_id)
             dialogues.append(Dialogue(split, row_id, dialogue.strip(), references, topic, source_index))

@@ -102,3 +102,15 @@ def encode_example(
         prompt_tokens=len(prompt_ids),
         truncated=truncated,
     )
+
+
+def required_max_length(tokenizer, summaries: dict[str, str], use_chat_template: bool = False) -> tuple[int, str, int, int]:
+    """The smallest max_length that fits the prompt frame, the longest summary with its EOS and at
+    least one dialogue token: (required, id of the longest summary, its tokens, frame tokens)."""
+    frame = len(encode_prompt(tokenizer, "", use_chat_template)[0])
+    longest_id, longest = "", 0
+    for row_id, summary in summaries.items():
+        n = len(tokenizer(summary, add_special_tokens=False)["input_ids"]) + 1
+        if n > longest:
+            longest_id, longest = row_id, n
+    return frame + longest + 1, longest_id, longest, frame

@@ -532,6 +532,15 @@ def sha256_file(path: Path) -> str:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+def lora_b_all_zero(adapter_file: Path) -> bool:
+    """True when every LoRA B matrix in a saved adapter is still zero: the adapter changes nothing."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_file), framework="pt") as weights:
+        b_keys = [k for k in weights.keys() if "lora_B" in k]
+        return bool(b_keys) and all(not weights.get_tensor(k).any() for k in b_keys)
+
+
 class AdapterWriteError(OSError):
     """The adapter folder could not be written; nothing was left that looks like an adapter."""
 

@@ -48,6 +48,7 @@ def _run_scoped_tables() -> list[str]:
                 f"""INSERT INTO materializations
                     SELECT '{asset}', run_id, now(), count(*), NULL, NULL FROM {rows_table(table)} GROUP BY run_id"""
             )
+    statements.append(f"ALTER TABLE {rows_table('raw_dialogsum_quarantine')} ADD COLUMN file VARCHAR")
     for table, asset in ASSET_TABLES.items():
         statements += [f"DROP TABLE {table}", _current_view(table, asset)]
     return statements
