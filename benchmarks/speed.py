@@ -48,10 +48,11 @@ LEVERS = {
 
 
 def _examples(args):
-    from lorasum_assets.ml.data import normalise, read_local
+    from lorasum_assets.ml.batching import TrainExample
+    from lorasum_assets.ml.data import normalise
     from lorasum_assets.ml.modeling import ModelSpec, load_tokenizer
     from lorasum_assets.ml.prompts import encode_example, encode_prompt
-    from lorasum_assets.ml.train import TrainExample
+    from lorasum_assets.ml.readers import read_local
 
     loaded = normalise(read_local(args.data), "local")
     dev = [d for d in loaded.dialogues if d.split == "validation"]
@@ -71,9 +72,11 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
     import torch
 
     from lorasum_assets.ml import train as train_module
+    from lorasum_assets.ml.batching import collate_right
+    from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import ModelSpec, load_model
     from lorasum_assets.ml.specs import TrainSpec
-    from lorasum_assets.ml.train import collate_right, prepare_peft_model, train_lora
+    from lorasum_assets.ml.train import train_lora
 
     args = argparse.Namespace(**args_dict)
     torch.set_num_threads(args.threads)
@@ -106,7 +109,7 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
         spec = dataclasses.replace(spec, mixed_precision="fp16")  # the notebook's fp16=True
     model = load_model(ModelSpec(model=args.model, cache_dir=args.cache, device=args.device, quantization=args.quantization))
     n_params = sum(p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1) for p in model.parameters())
-    autocast = train_module._autocast_dtype(model, spec.mixed_precision)
+    autocast = train_module.training_autocast_dtype(model, spec.mixed_precision)
     if args.device != "cpu":
         torch.cuda.reset_peak_memory_stats()
     peft_model = prepare_peft_model(model, spec)

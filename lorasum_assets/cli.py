@@ -7,9 +7,11 @@ lock; past ``--wait`` seconds they stop with a clear message (exit code 3).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,6 +59,18 @@ def _emit(args: argparse.Namespace, header: Sequence[str], rows: Sequence[Sequen
         _print_table(header, rows)
 
 
+def _resolve_run(con, given: str) -> str:
+    """A full run id from a unique prefix of one (the UI shows the first 8 characters)."""
+    matches = [r[0] for r in con.execute("SELECT run_id FROM eval_runs WHERE starts_with(run_id, ?) ORDER BY created_at", [given]).fetchall()]
+    if given in matches:
+        return given
+    if not matches:
+        raise SystemExit(f"no evaluation run {given!r}")
+    if len(matches) > 1:
+        raise SystemExit(f"run id prefix {given!r} matches {len(matches)} runs ({', '.join(m[:12] for m in matches[:5])}); give more characters")
+    return matches[0]
+
+
 def _latest_run(con) -> str:
     row = con.execute("SELECT run_id FROM eval_runs ORDER BY created_at DESC LIMIT 1").fetchone()
     if row is None:
@@ -66,7 +80,7 @@ def _latest_run(con) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     con = _connect(args)
-    run_id = args.run or _latest_run(con)
+    run_id = _resolve_run(con, args.run) if args.run else _latest_run(con)
     run = con.execute(
         "SELECT profile, base_model, n_examples, split, adapter_id, scorer_hash FROM eval_runs WHERE run_id = ?", [run_id]
     ).fetchone()
@@ -116,40 +130,52 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLE_METRICS = ("bertscore_precision", "bertscore_recall", "bertscore_f1", "rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
+    from lorasum_assets.ml.metrics import paired_bootstrap_ci
+
     con = _connect(args)
-    hashes = dict(con.execute("SELECT run_id, scorer_hash FROM eval_runs WHERE run_id IN (?, ?)", [args.run_a, args.run_b]).fetchall())
-    for run in (args.run_a, args.run_b):
-        if run not in hashes:
-            raise SystemExit(f"no evaluation run {run!r}")
-    if hashes[args.run_a] != hashes[args.run_b] and not args.force:
+    run_a, run_b = _resolve_run(con, args.run_a), _resolve_run(con, args.run_b)
+    hashes = dict(con.execute("SELECT run_id, scorer_hash FROM eval_runs WHERE run_id IN (?, ?)", [run_a, run_b]).fetchall())
+    if hashes[run_a] != hashes[run_b] and not args.force:
         raise SystemExit(
-            f"the runs were scored differently ({hashes[args.run_a]} vs {hashes[args.run_b]}); "
+            f"the runs were scored differently ({hashes[run_a]} vs {hashes[run_b]}); "
             "their scores are not comparable (--force to show them anyway)"
         )
-    metrics = con.execute(
-        """SELECT a.model, a.metric, a.value, b.value, b.value - a.value
-           FROM eval_metrics a JOIN eval_metrics b USING (model, metric, reference_set)
-           WHERE a.run_id = ? AND b.run_id = ? AND a.reference_set = 'all' AND a.model IN ('base', 'tuned')
-           ORDER BY a.metric, a.model""",
-        [args.run_a, args.run_b],
-    ).fetchall()
+    metrics = []
+    for model in ("base", "tuned"):
+        for metric in EXAMPLE_METRICS:
+            pairs = con.execute(
+                f"""SELECT a.{metric}, b.{metric} FROM eval_examples a JOIN eval_examples b USING (id, model)
+                    WHERE a.run_id = ? AND b.run_id = ? AND a.model = ? ORDER BY id""",
+                [run_a, run_b, model],
+            ).fetchall()
+            if not pairs:
+                continue
+            a_values, b_values = [p[0] for p in pairs], [p[1] for p in pairs]
+            change = paired_bootstrap_ci(b_values, a_values, n_resamples=args.resamples, seed=0)
+            significant = "*" if change.low > 0 or change.high < 0 else ""
+            metrics.append((model, metric, sum(a_values) / len(pairs), sum(b_values) / len(pairs), change.mean,
+                            change.low, change.high, significant, len(pairs)))
     examples = con.execute(
         """SELECT a.id, a.bertscore_f1, b.bertscore_f1, b.bertscore_f1 - a.bertscore_f1 AS change, a.prediction, b.prediction
            FROM eval_examples a JOIN eval_examples b USING (id, model)
            WHERE a.run_id = ? AND b.run_id = ? AND a.model = 'tuned'
            ORDER BY abs(change) DESC LIMIT ?""",
-        [args.run_a, args.run_b, args.examples],
+        [run_a, run_b, args.examples],
     ).fetchall()
-    metric_header = ("model", "metric", "run_a", "run_b", "change")
+    metric_header = ("model", "metric", "run_a", "run_b", "change", "ci_low", "ci_high", "significant", "examples")
     example_header = ("id", "f1_a", "f1_b", "change", "prediction_a", "prediction_b")
     if args.json:
-        print(json.dumps({"run_a": args.run_a, "run_b": args.run_b,
+        print(json.dumps({"run_a": run_a, "run_b": run_b,
                           "metrics": [dict(zip(metric_header, r)) for r in metrics],
                           "examples": [dict(zip(example_header, r)) for r in examples]}, indent=2, default=str))
         return 0
+    print(f"{run_a} -> {run_b}: change = run_b - run_a on the examples both scored, paired bootstrap 95% CI; * = the CI excludes 0")
     _print_table(metric_header, metrics)
-    print(f"\ntuned examples that changed most (BERTScore F1), {args.run_a} -> {args.run_b}:")
+    print(f"\ntuned examples that changed most (BERTScore F1), {run_a[:8]} -> {run_b[:8]}:")
     _print_table(example_header, [(i, a, b, c, pa[:60], pb[:60]) for i, a, b, c, pa, pb in examples])
     return 0
 
@@ -166,27 +192,36 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     dialogue = Path(args.file).read_text("utf-8") if args.file else sys.stdin.read()
     if not dialogue.strip():
         raise SystemExit("no dialogue given (use --file or standard input)")
-    from lorasum_assets.home import home_subdir
-    from lorasum_assets.ml.generate import generate_with_adapter
-    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_prompt
-    from lorasum_assets.ml.specs import GenerationSpec
-
-    quantization = json.loads(config).get("quantization", "none")
-    spec = ModelSpec(model=base_model, revision=revision, quantization=quantization, cache_dir=str(home_subdir("models")))
-    tokenizer = load_tokenizer(spec)
-    prompt, truncated = encode_prompt(tokenizer, dialogue.strip(), max_prompt_tokens=args.max_prompt_tokens)
-    model = load_model(spec)
-    try:
-        output = generate_with_adapter(model, path, tokenizer, [prompt], GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=1))[0]
-    except Exception as exc:  # a corrupted adapter file fails here
-        raise SystemExit(f"could not apply adapter {args.adapter!r} from {path}: {exc}") from exc
+    with quiet_libraries(args.verbose):
+        output, truncated = _summarize(args, base_model, revision, path, dialogue.strip(), json.loads(config))
     if args.json:
         print(json.dumps({"adapter_id": args.adapter, "summary": output.text, "new_tokens": output.new_tokens,
                           "hit_limit": output.hit_limit, "prompt_truncated": truncated}))
     else:
         print(output.text)
     return 0
+
+
+def _summarize(args: argparse.Namespace, base_model: str, revision: str | None, path: str, dialogue: str, trained: dict):
+    from lorasum_assets.home import home_subdir
+    from lorasum_assets.ml.generate import generate_with_adapter
+    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
+    from lorasum_assets.ml.prompts import encode_prompt
+    from lorasum_assets.ml.specs import GenerationSpec
+
+    quantization = trained.get("quantization", "none")
+    spec = ModelSpec(model=base_model, revision=revision, quantization=quantization, cache_dir=str(home_subdir("models")))
+    tokenizer = load_tokenizer(spec)
+    prompt, truncated = encode_prompt(
+        tokenizer, dialogue, trained.get("use_chat_template", False), args.max_prompt_tokens,
+        trained.get("prompt_boundary", "notebook"),  # the format the adapter was trained with
+    )
+    model = load_model(spec)
+    try:
+        output = generate_with_adapter(model, path, tokenizer, [prompt], GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=1))[0]
+    except Exception as exc:  # a corrupted adapter file fails here
+        raise SystemExit(f"could not apply adapter {args.adapter!r} from {path}: {exc}") from exc
+    return output, truncated
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
@@ -269,66 +304,91 @@ def cmd_init_instance(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorasum", description="Query the lorasum evaluation history (DuckDB under LORASUM_HOME).")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="lorasum", description="Query the lorasum evaluation history (DuckDB under LORASUM_HOME).", formatter_class=formatter
+    )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--json", action="store_true", help="machine-readable output (errors too)")
     common.add_argument("--wait", type=float, default=30.0, help="seconds to wait while a pipeline run holds the database")
     common.add_argument(
         "--history-uri",
         default=os.environ.get("LORASUM_HISTORY_URI") or None,
         help="read the history shared by runs on many machines (per-run Parquet files) instead of the local database",
     )
+    common.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own progress bars and warnings")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("report", parents=[common], help="base vs tuned scores of the latest (or a given) run")
-    p.add_argument("--run", help="Dagster run id (default: the latest)")
-    p.set_defaults(func=cmd_report)
+    def command(name: str, help_text: str, func, parents=(common,)):
+        p = sub.add_parser(name, parents=list(parents), help=help_text, description=help_text, formatter_class=formatter)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("history", parents=[common], help="the last N evaluation runs for one metric, with CIs")
-    p.add_argument("-n", "--last", type=int, default=10)
-    p.add_argument("--metric", default="bertscore_f1")
-    p.add_argument("--profile")
-    p.set_defaults(func=cmd_history)
+    p = command("report", "base vs tuned scores of the latest (or a given) run", cmd_report)
+    p.add_argument("--run", help="Dagster run id or a unique prefix of one (default: the latest run)")
 
-    p = sub.add_parser("compare", parents=[common], help="per-metric changes between two runs and the examples that moved most")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
-    p.add_argument("--examples", type=int, default=5)
+    p = command("history", "the last N evaluation runs for one metric, with CIs", cmd_history)
+    p.add_argument("-n", "--last", type=int, default=10, help="how many runs")
+    p.add_argument("--metric", default="bertscore_f1", help="bertscore_precision/recall/f1, rouge1/2/L/Lsum")
+    p.add_argument("--profile", help="only runs of this profile")
+
+    p = command("compare", "per-metric changes between two runs, with paired CIs, and the examples that moved most", cmd_compare)
+    p.add_argument("run_a", help="the earlier run: a Dagster run id or a unique prefix")
+    p.add_argument("run_b", help="the later run: a Dagster run id or a unique prefix")
+    p.add_argument("--examples", type=int, default=5, help="how many of the most-changed examples to show")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the paired CIs")
     p.add_argument("--force", action="store_true", help="compare even when the scorer differs")
-    p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("summarize", parents=[common], help="summarize a dialogue (file or stdin) with a registered adapter")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--file")
-    p.add_argument("--max-new-tokens", type=int, default=150)
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
-    p.set_defaults(func=cmd_summarize)
+    p = command("summarize", "summarize a dialogue (file or stdin) with a registered adapter", cmd_summarize)
+    p.add_argument("--adapter", required=True, help="adapter id (`lorasum adapters` lists them)")
+    p.add_argument("--file", help="dialogue file (default: standard input)")
+    p.add_argument("--max-new-tokens", type=int, default=150, help="new tokens at most")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="the dialogue is cut so the prompt fits")
 
-    p = sub.add_parser("adapters", parents=[common], help="registered adapters")
+    p = command("adapters", "registered adapters", cmd_adapters)
     p.add_argument("--best", action="store_true", help="rank adapters by an evaluation metric (view best_adapters)")
-    p.add_argument("--metric", default="bertscore_f1", help="metric for --best (default: bertscore_f1)")
-    p.add_argument("-n", "--last", type=int, default=20, help="rows for --best (default: 20)")
-    p.set_defaults(func=cmd_adapters)
+    p.add_argument("--metric", default="bertscore_f1", help="metric for --best")
+    p.add_argument("-n", "--last", type=int, default=20, help="rows for --best")
 
-    p = sub.add_parser("sweep", parents=[common], help="train and evaluate every point of a YAML grid of lora_adapter settings")
+    p = command("sweep", "train and evaluate every point of a YAML grid of lora_adapter settings", cmd_sweep)
     p.add_argument("grid", help="YAML file: lora_adapter: {setting: [values, ...]}")
-    p.add_argument("--parallel", type=int, default=2, help="points running at once (default: 2)")
-    p.add_argument("--metric", default="bertscore_f1", help="metric that ranks the points (default: bertscore_f1)")
-    p.set_defaults(func=cmd_sweep)
+    p.add_argument("--parallel", type=int, default=2, help="points running at once")
+    p.add_argument("--metric", default="bertscore_f1", help="metric that ranks the points")
 
-    p = sub.add_parser("recover", parents=[common], help="fail runs whose process died and free their GPU pool slots")
-    p.set_defaults(func=cmd_recover)
+    command("recover", "fail runs whose process died and free their GPU pool slots", cmd_recover)
 
-    p = sub.add_parser("init-instance", help="initialize the Dagster instance in DAGSTER_HOME once (safe to run concurrently)")
+    p = command("init-instance", "initialize the Dagster instance in DAGSTER_HOME once (safe to run concurrently)", cmd_init_instance, ())
     p.add_argument("--config", help="dagster.yaml to install when DAGSTER_HOME has none (e.g. deploy/dagster.yaml)")
-    p.set_defaults(func=cmd_init_instance)
 
-    p = sub.add_parser("export", parents=[common], help="export the history tables to Parquet or CSV")
-    p.add_argument("--format", choices=("parquet", "csv"), default="parquet")
-    p.add_argument("--out", default="lorasum-export", help="folder for the files (default: lorasum-export)")
+    p = command("export", "export the history tables to Parquet or CSV", cmd_export)
+    p.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="file format")
+    p.add_argument("--out", default="lorasum-export", help="folder for the files")
     p.add_argument("--force", action="store_true", help="overwrite files an earlier export left there")
-    p.set_defaults(func=cmd_export)
     return parser
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool):
+    """Without -v, the libraries' progress bars, warnings and notices (bitsandbytes prints one at
+    import) do not reach the terminal; errors still do, once the block has ended."""
+    if verbose:
+        yield
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:

@@ -58,8 +58,13 @@ def test_report(seeded, capsys):
 
 def test_compare(seeded, capsys):
     out = run_json(capsys, "compare", "run-1", "run-2")
-    tuned = next(m for m in out["metrics"] if m["model"] == "tuned")
-    assert tuned["change"] == pytest.approx(0.10)
+    tuned = next(m for m in out["metrics"] if m["model"] == "tuned" and m["metric"] == "bertscore_f1")
+    # per example: a 0.6 -> 0.9, b 0.4 -> 0.45; the paired bootstrap CI of the mean change
+    assert tuned["change"] == pytest.approx(0.175) and tuned["examples"] == 2
+    assert tuned["ci_low"] == pytest.approx(0.05) and tuned["ci_high"] == pytest.approx(0.3)
+    assert tuned["significant"] == "*"  # every resample improved
+    base = next(m for m in out["metrics"] if m["model"] == "base" and m["metric"] == "bertscore_f1")
+    assert base["change"] == 0 and base["significant"] == ""
     assert [e["id"] for e in out["examples"]] == ["a", "b"]  # a moved 0.3, b 0.05
     assert main(["compare", "run-1", "run-3"]) == 1
     assert "not comparable" in capsys.readouterr().err
@@ -162,3 +167,28 @@ def test_read_only_commands_never_create_the_home(tmp_path, monkeypatch, capsys)
         assert main(command) == 1
         assert "no lorasum database" in capsys.readouterr().err
     assert not missing.exists()
+
+
+def test_run_ids_are_accepted_by_unique_prefix(seeded, capsys):
+    con = duckdb.connect(str(seeded / "lorasum.duckdb"))
+    seed_run(con, "8f2c41d0-aaaa-4c1e-9d1b-000000000001", "2026-01-04 10:00:00", "ad4", 0.5, 0.6, {"a": (0.5, 0.6)})
+    seed_run(con, "8f2c41d0-bbbb-4c1e-9d1b-000000000002", "2026-01-05 10:00:00", "ad5", 0.5, 0.7, {"a": (0.5, 0.7)})
+    con.close()
+    assert run_json(capsys, "report", "--run", "8f2c41d0-a")["run_id"] == "8f2c41d0-aaaa-4c1e-9d1b-000000000001"
+    assert run_json(capsys, "compare", "8f2c41d0-a", "8f2c41d0-b")["run_b"] == "8f2c41d0-bbbb-4c1e-9d1b-000000000002"
+    assert main(["report", "--run", "8f2c41d0"]) == 1  # the 8 characters the UI shows, but two runs share them
+    assert "run id prefix '8f2c41d0' matches 2 runs" in capsys.readouterr().err
+
+
+def test_every_option_has_help_and_shows_its_default(capsys):
+    from lorasum_assets.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"lorasum {name} {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compare", "--help"])
+    assert "(default: 1000)" in capsys.readouterr().out

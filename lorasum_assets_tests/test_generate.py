@@ -5,11 +5,13 @@ from importlib import resources
 
 import pytest
 
+from lorasum_assets.ml.adapter_files import save_adapter
 from lorasum_assets.ml.generate import generate, generate_with_adapter, has_active_adapter
+from lorasum_assets.ml.model_setup import prepare_peft_model
 from lorasum_assets.ml.modeling import ModelSpec, load_model
 from lorasum_assets.ml.prompts import encode_prompt
 from lorasum_assets.ml.specs import GenerationSpec, TrainSpec
-from lorasum_assets.ml.train import prepare_peft_model, save_adapter, train_lora
+from lorasum_assets.ml.train import train_lora
 
 from .test_train import examples
 
@@ -91,3 +93,51 @@ def test_generation_batches_bound_their_padding():
         assert len(batch) == 1 or width * len(batch) <= 1.25 * sum(lengths[i] for i in batch)
     assert len(batches) > 1
     assert plan_generation_batches(lengths, batch_size=4, max_padding_share=10.0) == [list(range(i, i + 4)) for i in range(0, 16, 4)]
+
+
+def force_first_token(model, token_id: int) -> None:
+    """Make greedy decoding pick ``token_id`` at every step: a zero LM head with a bias on it."""
+    import torch
+
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    head.bias.data[token_id] = 10.0
+    model.lm_head = head
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["tokenizer eos", "second stop id", "third stop id"])
+def test_generation_stops_at_every_stop_id_the_model_lists(tiny_model, tiny_tokenizer, which):
+    stops = [tiny_tokenizer.eos_token_id, 5, 7]  # like Llama 3 Instruct's <|end_of_text|>, <|eom_id|>, <|eot_id|>
+    tiny_model.generation_config.eos_token_id = stops
+    force_first_token(tiny_model, stops[which])
+    out = generate(tiny_model, tiny_tokenizer, prompts(tiny_tokenizer)[:1], GenerationSpec(max_new_tokens=6, batch_size=1))[0]
+    assert (out.text, out.new_tokens, out.hit_limit) == ("", 0, False)
+
+
+def test_a_token_that_is_not_a_stop_id_runs_to_the_limit(tiny_model, tiny_tokenizer):
+    tiny_model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, 5, 7]
+    force_first_token(tiny_model, 9)
+    out = generate(tiny_model, tiny_tokenizer, prompts(tiny_tokenizer)[:1], GenerationSpec(max_new_tokens=6, batch_size=1))[0]
+    assert out.new_tokens == 6 and out.hit_limit
+
+
+def test_the_stored_text_is_cut_at_the_first_stop_id(tiny_tokenizer):
+    """A model that writes two words, then its second stop id, then more: the text ends before the stop."""
+    import torch
+
+    words = tiny_tokenizer("They talk", add_special_tokens=False)["input_ids"]
+
+    class Writes:
+        generation_config = type("Config", (), {"eos_token_id": [tiny_tokenizer.eos_token_id, 5]})()
+
+        def parameters(self):
+            yield torch.zeros(1)
+
+        def generate(self, input_ids, attention_mask, **kwargs):
+            assert kwargs["eos_token_id"] == [tiny_tokenizer.eos_token_id, 5]
+            new = torch.tensor([[*words, 5, *words]] * input_ids.shape[0])
+            return torch.cat([input_ids, new], dim=1)
+
+    out = generate(Writes(), tiny_tokenizer, [[1, 2, 3]], GenerationSpec(max_new_tokens=20, batch_size=1))[0]
+    assert out.text == tiny_tokenizer.decode(words).strip() and out.new_tokens == len(words) and not out.hit_limit

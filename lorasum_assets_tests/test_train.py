@@ -7,18 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorasum_assets.ml.adapter_files import save_adapter
+from lorasum_assets.ml.batching import TrainExample, collate_right, plan_batches, steps_per_epoch
+from lorasum_assets.ml.model_setup import prepare_peft_model
 from lorasum_assets.ml.modeling import ModelSpec, load_model
 from lorasum_assets.ml.prompts import encode_example
-from lorasum_assets.ml.train import (
-    TrainExample,
-    TrainSpec,
-    collate_right,
-    plan_batches,
-    prepare_peft_model,
-    save_adapter,
-    steps_per_epoch,
-    train_lora,
-)
+from lorasum_assets.ml.train import TrainSpec, train_lora
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -128,18 +122,31 @@ def test_killed_training_resumes_to_the_planned_step_count(tiny_model_dir, tiny_
     assert logged[5] == 2  # step 5 ran twice (before and after the crash); a keyed store keeps one row
 
 
-def test_length_grouped_batches_cover_every_example_once():
-    lengths = [5, 50, 7, 48, 6, 49, 8, 51]
+def padding_efficiency(lengths, batches):
+    return sum(lengths) / sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+
+def test_length_grouped_batches_cover_every_example_once_and_pad_little():
+    import random
+
+    lengths = random.Random(1).choices(range(60, 500), k=44)
     batches = plan_batches(lengths, batch_size=2, seed=0, epoch=0, group_by_length=True)
-    assert sorted(i for b in batches for i in b) == list(range(8))
-    spread = [abs(lengths[b[0]] - lengths[b[1]]) for b in batches]
-    assert max(spread) <= 3
-    assert plan_batches(lengths, 2, 0, 0, True) == batches
-    assert plan_batches(lengths, 2, 0, 1, True) != batches
+    assert sorted(i for b in batches for i in b) == list(range(44))
+    assert plan_batches(lengths, 2, 0, 0, True) == batches  # deterministic: a resumed run gets the same batches
+    ungrouped = plan_batches(lengths, 2, 0, 0, False)
+    assert padding_efficiency(lengths, batches) > padding_efficiency(lengths, ungrouped) + 0.1
+
+
+def test_each_epoch_has_different_length_grouped_micro_batches():
+    import random
+
+    lengths = random.Random(1).choices(range(60, 500), k=44)  # fewer than 100 examples, as in the sample
+    epochs = [{frozenset(b) for b in plan_batches(lengths, 2, seed=42, epoch=e, group_by_length=True)} for e in range(3)]
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
 
 
 def test_adapter_write_is_atomic_and_reports_an_unwritable_place(tiny_model, tiny_tokenizer, tmp_path):
-    from lorasum_assets.ml.train import AdapterWriteError
+    from lorasum_assets.ml.adapter_files import AdapterWriteError
 
     peft_model = prepare_peft_model(tiny_model, TrainSpec(epochs=1))
     (tmp_path / "blocked").write_text("a file where the adapters folder should be")
@@ -151,12 +158,12 @@ def test_adapter_write_is_atomic_and_reports_an_unwritable_place(tiny_model, tin
 
 
 def test_cuda_out_of_memory_says_which_knobs_to_turn(tiny_model, tiny_tokenizer, monkeypatch):
-    import lorasum_assets.ml.train as train_module
+    import lorasum_assets.ml.loss as loss_module
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_module, "token_loss_sum", out_of_memory)
+    monkeypatch.setattr(loss_module, "token_loss_sum", out_of_memory)
     spec = TrainSpec(epochs=1, batch_size=4, gradient_accumulation_steps=1)
     with pytest.raises(RuntimeError, match=r"lower batch_size \(now 4\).*max_length \(now \d+\)"):
         train_lora(prepare_peft_model(tiny_model, spec), examples(tiny_tokenizer, 4), [], spec, tiny_tokenizer.pad_token_id)
@@ -194,7 +201,7 @@ def test_precision_follows_the_hardware():
 
 
 def test_completion_only_logits_give_the_same_loss(tiny_model, tiny_tokenizer):
-    from lorasum_assets.ml.train import token_loss_sum
+    from lorasum_assets.ml.loss import token_loss_sum
 
     peft_model = prepare_peft_model(tiny_model, TrainSpec(lora_dropout=0.0, gradient_checkpointing=False))
     batch = collate_right(examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
@@ -207,7 +214,7 @@ def test_completion_only_logits_give_the_same_loss(tiny_model, tiny_tokenizer):
 
 
 def test_bf16_autocast_on_cpu_keeps_the_loss(tiny_model, tiny_tokenizer):
-    from lorasum_assets.ml.train import token_loss_sum
+    from lorasum_assets.ml.loss import token_loss_sum
 
     peft_model = prepare_peft_model(tiny_model, TrainSpec(lora_dropout=0.0, gradient_checkpointing=False))
     batch = collate_right(examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
@@ -218,7 +225,8 @@ def test_bf16_autocast_on_cpu_keeps_the_loss(tiny_model, tiny_tokenizer):
 
 def test_packing_gives_the_same_loss_as_padding(tiny_model, tiny_tokenizer):
     """Position ids reset per example and no cross-example attention: packed == padded loss."""
-    from lorasum_assets.ml.train import collate_packed, token_loss_sum
+    from lorasum_assets.ml.batching import collate_packed
+    from lorasum_assets.ml.loss import token_loss_sum
 
     peft_model = prepare_peft_model(tiny_model, TrainSpec(lora_dropout=0.0, gradient_checkpointing=False))
     data = examples(tiny_tokenizer, 4)
@@ -256,12 +264,38 @@ def test_training_in_bf16_leaves_the_base_weights_as_they_were(tiny_model_dir, t
     peft_model = prepare_peft_model(load_model(ModelSpec(model=str(tiny_model_dir), device="cpu")), spec)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
     seen_dtypes = set()
+    base = peft_model.get_base_model()
 
     def record_dtypes(log):
-        seen_dtypes.update(p.dtype for p in peft_model.parameters() if not p.requires_grad)
+        seen_dtypes.add(("linear", base.model.layers[0].mlp.up_proj.weight.dtype))
+        seen_dtypes.add(("embedding", base.model.embed_tokens.weight.dtype))
 
     train_lora(peft_model, examples(tiny_tokenizer, 4), [], spec, tiny_tokenizer.pad_token_id, on_step=record_dtypes)
-    assert seen_dtypes == {torch.bfloat16}  # stored once in the autocast dtype while training
+    # Linear weights stored once in the autocast dtype while training; embeddings stay fp32
+    assert seen_dtypes == {("linear", torch.bfloat16), ("embedding", torch.float32)}
     after = dict(peft_model.named_parameters())
     assert all(after[n].dtype == torch.float32 and torch.equal(after[n], t) for n, t in before.items())
     assert all(p.dtype == torch.float32 for p in peft_model.parameters() if p.requires_grad)
+
+
+def test_bf16_training_stores_only_linear_weights_in_bf16_and_matches_autocast(tiny_model, tiny_tokenizer):
+    from lorasum_assets.ml.loss import token_loss_sum
+    from lorasum_assets.ml.precision import frozen_weights_in
+
+    spec = TrainSpec(lora_dropout=0.0, gradient_checkpointing=False)
+    peft_model = prepare_peft_model(tiny_model, spec)
+    batch = collate_right(examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        reference, _ = token_loss_sum(peft_model, dict(batch), torch.bfloat16)  # autocast casts every step
+    base = peft_model.get_base_model()
+    with frozen_weights_in(peft_model, torch.bfloat16) as stored, torch.no_grad():
+        assert stored > 0
+        assert base.model.embed_tokens.weight.dtype == torch.float32  # the residual stream starts in fp32
+        assert all(layer.input_layernorm.weight.dtype == torch.float32 for layer in base.model.layers)
+        assert base.model.norm.weight.dtype == torch.float32
+        assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+        assert base.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        assert base.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32  # adapters stay fp32
+        cast_once, _ = token_loss_sum(peft_model, dict(batch), torch.bfloat16)
+    assert cast_once.item() == reference.item()  # the same numbers as autocast alone
+    assert all(p.dtype == torch.float32 for p in peft_model.parameters())

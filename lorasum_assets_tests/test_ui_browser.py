@@ -1,5 +1,6 @@
-"""The Dagster UI in headless Chromium: the lineage shows the seven assets, "Materialize all"
-launches a run on the tiny profile, and the run succeeds. Run with `make test-browser`."""
+"""The Dagster UI in headless Chromium: the lineage shows the seven assets, the train_and_evaluate
+job's "Materialize all" launches a run on the tiny profile that succeeds, the Runs page shows it
+under its job name and filters it by the profile tag. Run with `make test-browser`."""
 
 import os
 import shutil
@@ -92,6 +93,10 @@ def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
             assert page.get_by_text(asset, exact=True).count() >= 1, f"{asset} not shown in the lineage"
         page.screenshot(path=str(ARTIFACTS / "ui-lineage.png"))
 
+        # Everything runs through the train_and_evaluate job, so its runs carry the job's name.
+        page.goto(f"{dagster_ui}/jobs", wait_until="networkidle")
+        page.get_by_role("link", name="train_and_evaluate", exact=True).first.click()
+        page.wait_for_load_state("networkidle")
         page.get_by_role("button", name="Materialize all").click()
         page.wait_for_timeout(2000)
         page.goto(f"{dagster_ui}/runs", wait_until="networkidle")
@@ -104,8 +109,19 @@ def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
         page.screenshot(path=str(ARTIFACTS / "ui-runs.png"))
         assert page.get_by_text("Failure", exact=True).count() == 0, "the run failed"
         assert page.get_by_text("Success", exact=True).count() == 1, "no successful run within 300 s"
+        assert page.get_by_text("train_and_evaluate").count() >= 1, "the run is not shown under its job's name"
+
+        # The Runs page filters by the tags every run carries.
+        tag_filter = urllib.parse.quote("tag:lorasum/profile=tiny")
+        page.goto(f"{dagster_ui}/runs?q%5B0%5D={tag_filter}", wait_until="networkidle")
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(ARTIFACTS / "ui-runs-by-profile.png"))
+        assert page.get_by_text("Success", exact=True).count() == 1, "filtering by lorasum/profile=tiny lost the run"
 
         page.goto(f"{dagster_ui}/assets/bertscore_report", wait_until="networkidle")
         page.wait_for_timeout(2000)
         page.screenshot(path=str(ARTIFACTS / "ui-report.png"), full_page=True)
+        page.goto(f"{dagster_ui}/assets/lora_adapter", wait_until="networkidle")
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(ARTIFACTS / "ui-training.png"), full_page=True)
         browser.close()

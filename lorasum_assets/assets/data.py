@@ -8,8 +8,9 @@ import dagster as dg
 
 from lorasum_assets.assets.plots import histogram, markdown_table
 from lorasum_assets.config import config_class, resolve
-from lorasum_assets.ml.data import Dialogue, filter_split, normalise, read_hub, read_local, read_sample
+from lorasum_assets.ml.data import Dialogue, filter_split, normalise
 from lorasum_assets.ml.prompts import IGNORE_INDEX, SummaryTooLongError, encode_example, required_max_length
+from lorasum_assets.ml.readers import read_hub, read_local, read_sample
 from lorasum_assets.ml.specs import DataSpec, FilterSpec, SettingError, TokenizeSpec
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
@@ -185,13 +186,14 @@ def tokenized_dataset(
 ) -> dg.Output[TableRef]:
     spec: TokenizeSpec = resolve(profile.get().tokenize, config)
     upstream = require(filtered_split, "filtered_split")
-    use_chat_template = model.choice().use_chat_template
-    tokenizer = model.tokenizer()
+    choice = model.choice()
+    use_chat_template, boundary = choice.use_chat_template, choice.prompt_boundary
+    tokenizer = model.tokenizer(context.log.info)
     rows, rejected = [], []
     with store.connect() as con:
         by_split = {split: read_dialogues(con, upstream, split) for split in ("train", "validation")}
     summaries = {f"{d.split}/{d.id}": d.references[0] for rows in by_split.values() for d in rows}
-    required, longest_id, longest, frame = required_max_length(tokenizer, summaries, use_chat_template)
+    required, longest_id, longest, frame = required_max_length(tokenizer, summaries, use_chat_template, boundary)
     if spec.max_length < required:
         raise SettingError(
             f"TokenizeSpec.max_length = {spec.max_length}; must be >= {required} to fit the prompt frame ({frame} tokens), "
@@ -200,7 +202,7 @@ def tokenized_dataset(
     for split, dialogues in by_split.items():
         for d in dialogues:
             try:
-                example = encode_example(tokenizer, d.dialogue, d.references[0], spec.max_length, use_chat_template)
+                example = encode_example(tokenizer, d.dialogue, d.references[0], spec.max_length, use_chat_template, boundary)
             except SummaryTooLongError as exc:
                 rejected.append((split, d.id, f"summary_exceeds_max_length: {exc}"))
                 continue
@@ -242,6 +244,7 @@ def tokenized_dataset(
             "rows_rejected": len(rejected),
             "max_length": spec.max_length,
             "use_chat_template": use_chat_template,
+            "prompt_boundary": boundary,
             "token_length_stats": stats,
             "label_tokens": sum(r[7] for r in rows),
             "token_length_histogram": histogram(lengths, "Tokens per example", "tokens"),

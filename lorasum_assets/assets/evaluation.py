@@ -1,5 +1,7 @@
 """bertscore_report: BERTScore and ROUGE for base vs tuned, appended to the evaluation history."""
 
+import math
+import time
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -7,6 +9,7 @@ import dagster as dg
 from lorasum_assets import __version__
 from lorasum_assets.assets.data import read_dialogues, require
 from lorasum_assets.assets.plots import histogram, markdown_table
+from lorasum_assets.assets.plots import table as table_value
 from lorasum_assets.config import config_class, resolve
 from lorasum_assets.ml.metrics import ROUGE_TYPES
 from lorasum_assets.ml.report import METRICS, metric_value, score_predictions
@@ -29,24 +32,39 @@ def _predictions(con, ref: TableRef) -> dict[str, tuple]:
     return {r[0]: r[1:] for r in rows}
 
 
-def report_tables(report) -> str:
+REPORT_HEADER = ("metric", "base (95% CI)", "tuned (95% CI)", "tuned − base (paired 95% CI)", "significant", "% difference")
+
+
+def percent_difference(base: float, tuned: float) -> str:
+    """tuned vs base in percent; n/a when base is 0 or undefined (ROUGE-2 of a base that shares no bigram)."""
+    if not base or not math.isfinite(base) or not math.isfinite(tuned):
+        return "n/a"
+    return f"{100.0 * (tuned - base) / base:+.2f}%"
+
+
+def report_rows(report) -> list[tuple]:
     """The notebook's two tables (scores, and the tuned-vs-base percentage difference) with CIs."""
     rows = []
     for metric in METRICS:
         base = metric_value(report, "base", metric)
         tuned = metric_value(report, "tuned", metric)
         delta = metric_value(report, "delta", metric)
-        pct = 100.0 * (tuned["value"] - base["value"]) / base["value"] if base["value"] else float("nan")
+        significant = "yes" if delta["ci_low"] > 0 or delta["ci_high"] < 0 else "no"
         rows.append(
             (
                 metric,
                 f"{base['value']:.4f} [{base['ci_low']:.4f}, {base['ci_high']:.4f}]",
                 f"{tuned['value']:.4f} [{tuned['ci_low']:.4f}, {tuned['ci_high']:.4f}]",
                 f"{delta['value']:+.4f} [{delta['ci_low']:+.4f}, {delta['ci_high']:+.4f}]",
-                f"{pct:+.2f}%",
+                significant,
+                percent_difference(base["value"], tuned["value"]),
             )
         )
-    return markdown_table(["metric", "base (95% CI)", "tuned (95% CI)", "tuned − base (paired 95% CI)", "% difference"], rows)
+    return rows
+
+
+def report_tables(report) -> str:
+    return markdown_table(REPORT_HEADER, report_rows(report))
 
 
 @dg.asset(
@@ -87,10 +105,13 @@ def bertscore_report(
     adapter_id = tuned_ref.details["adapter_id"]
     with store.connect() as con:
         adapter_sha = con.execute("SELECT sha256 FROM adapters WHERE adapter_id = ?", [adapter_id]).fetchone()
+    context.log.info(f"scoring {len(dialogues)} base and {len(dialogues)} tuned summaries with {scorer.spec().model} BERTScore and ROUGE")
+    started = time.perf_counter()
     scoring = scorer.scorer()
     references = [d.references for d in dialogues]
     predictions = {"base": [base[d.id][0] for d in dialogues], "tuned": [tuned[d.id][0] for d in dialogues]}
     report = score_predictions(scoring, predictions, references, spec.bootstrap_resamples, spec.seed)
+    context.log.info(f"scored in {time.perf_counter() - started:.1f} s")
 
     run_id = context.run_id
     run = context.instance.get_run_by_id(run_id)
@@ -148,7 +169,8 @@ def bertscore_report(
         "adapter_id": adapter_id,
         "scorer_hash": scoring.hash,
         "empty_predictions": report.empty_predictions,
-        "report": dg.MetadataValue.md(table),
+        "report": table_value(REPORT_HEADER, report_rows(report)),
+        "report_markdown": dg.MetadataValue.md(table),
         "examples": dg.MetadataValue.md(side_by_side),
         "f1_delta_histogram": histogram(deltas, "Per-example BERTScore F1, tuned − base", "F1 delta", bins=20),
     }

@@ -49,12 +49,30 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
     return _png_markdown(fig, title)
 
 
+MARKDOWN_SPECIAL = set("\\`*_{}[]<>()#+!|~")
+
+
+def escape_markdown(text: str) -> str:
+    """Model output and data shown as text, never as markup (``~x~`` would strike through)."""
+    return "".join("\\" + ch if ch in MARKDOWN_SPECIAL else ch for ch in str(text)).replace("\n", " ")
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     def cell(value: object) -> str:
         if isinstance(value, float):
             return f"{value:.4f}"
-        return str(value).replace("|", "\\|").replace("\n", " ")
+        return escape_markdown(value)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> dg.MetadataValue:
+    """A table the Dagster UI lays out at full width, with typed columns."""
+    kinds = {float: "float", int: "int", bool: "bool"}
+    columns = [
+        dg.TableColumn(name, kinds.get(type(rows[0][i]), "string") if rows else "string") for i, name in enumerate(header)
+    ]
+    records = [dg.TableRecord({name: value for name, value in zip(header, row)}) for row in rows]
+    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))

@@ -9,10 +9,11 @@ from lorasum_assets.assets.data import read_dialogues, require
 from lorasum_assets.assets.training import GPU_POOL
 from lorasum_assets.config import config_class, resolve
 from lorasum_assets.deployment import gpu_op_tags
+from lorasum_assets.ml.adapter_files import sha256_file
 from lorasum_assets.ml.generate import generate, generate_with_adapter, has_active_adapter
+from lorasum_assets.ml.progress import Progress
 from lorasum_assets.ml.prompts import encode_prompt
-from lorasum_assets.ml.specs import GenerationSpec
-from lorasum_assets.ml.train import sha256_file
+from lorasum_assets.ml.specs import GenerationSpec, ModelChoice
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.resources.lineage import lineage_run_ids
@@ -41,6 +42,14 @@ TunedGenerationConfig = config_class(
 )
 
 
+def _progress(context: dg.AssetExecutionContext, label: str, total: int):
+    """Callbacks for generate(): a line after each batch (done/total, rate, time left), and one
+    every ~10 s while a batch decodes."""
+    progress = Progress(total, "summaries")
+    context.log.info(f"{label}: generating {total} summaries")
+    return (lambda done, _: context.log.info(f"{label}: {progress.line(done)}")), (lambda line: context.log.info(f"{label}: {line}"))
+
+
 def prompt_budget(spec: GenerationSpec, base) -> int:
     """Tokens a prompt may have: the setting, else the model's context minus max_new_tokens, so
     no dialogue, however long, can run the machine out of memory."""
@@ -52,12 +61,12 @@ def prompt_budget(spec: GenerationSpec, base) -> int:
     return context - spec.max_new_tokens
 
 
-def _prompts(store, tokenizer, upstream: TableRef, spec: GenerationSpec, use_chat_template: bool, budget: int):
+def _prompts(store, tokenizer, upstream: TableRef, spec: GenerationSpec, choice: ModelChoice, budget: int):
     with store.connect() as con:
         dialogues = read_dialogues(con, upstream, spec.split)
     if not dialogues:
         raise ValueError(f"filtered_split has no {spec.split!r} rows to generate for")
-    encoded = [encode_prompt(tokenizer, d.dialogue, use_chat_template, budget) for d in dialogues]
+    encoded = [encode_prompt(tokenizer, d.dialogue, choice.use_chat_template, budget, choice.prompt_boundary) for d in dialogues]
     return dialogues, [ids for ids, _ in encoded], sum(1 for _, cut in encoded if cut)
 
 
@@ -111,13 +120,13 @@ def base_predictions(
 ) -> dg.Output[TableRef]:
     spec: GenerationSpec = resolve(profile.get().generation, config)
     upstream = require(filtered_split, "filtered_split")
-    tokenizer = model.tokenizer()
-    base = model.base_model()
+    tokenizer = model.tokenizer(context.log.info)
+    base = model.base_model(context.log.info)
     if has_active_adapter(base):
         raise RuntimeError("base model has an active adapter")
     budget = prompt_budget(spec, base)
-    dialogues, prompts, truncated = _prompts(store, tokenizer, upstream, spec, model.choice().use_chat_template, budget)
-    outputs = generate(base, tokenizer, prompts, spec, on_batch=lambda d, n: context.log.info(f"base: {d}/{n}"))
+    dialogues, prompts, truncated = _prompts(store, tokenizer, upstream, spec, model.choice(), budget)
+    outputs = generate(base, tokenizer, prompts, spec, *_progress(context, "base_predictions", len(prompts)))
     return _write(
         context, store, "base_predictions", spec, dialogues, outputs, None, (model.base_ref(), asdict(spec), upstream.data_version),
         budget, truncated,
@@ -147,15 +156,21 @@ def tuned_predictions(
     in_lineage = lora_adapter if lora_adapter is not None and lora_adapter.run_id in lineage_run_ids(context.instance, context.run_id) else None
     with store.connect() as con:
         adapter = choose_adapter(con, model.base_ref(), config.adapter_id, in_lineage)
+    trained_with = adapter.training.get("prompt_boundary", "notebook")  # adapters from before the setting used the notebook's
+    if trained_with != model.choice().prompt_boundary:
+        raise ValueError(
+            f"adapter {adapter.adapter_id} was trained with the {trained_with!r} prompt boundary; "
+            f"evaluate it with resources.model.config.prompt_boundary: {trained_with}"
+        )
     if sha256_file(f"{adapter.path}/adapter_model.safetensors") != adapter.sha256:
         raise RuntimeError(f"adapter {adapter.adapter_id}'s weights at {adapter.path} changed since it was registered")
     context.log.info(f"applying adapter {adapter.adapter_id} (trained in run {adapter.run_id}) to {adapter.base.describe()}")
     context.instance.add_run_tags(context.run_id, {"lorasum/adapter_id": adapter.adapter_id})
-    tokenizer = model.tokenizer()
-    base = model.base_model()
+    tokenizer = model.tokenizer(context.log.info)
+    base = model.base_model(context.log.info)
     budget = prompt_budget(spec, base)
-    dialogues, prompts, truncated = _prompts(store, tokenizer, upstream, spec, model.choice().use_chat_template, budget)
-    outputs = generate_with_adapter(base, adapter.path, tokenizer, prompts, spec, on_batch=lambda d, n: context.log.info(f"tuned: {d}/{n}"))
+    dialogues, prompts, truncated = _prompts(store, tokenizer, upstream, spec, model.choice(), budget)
+    outputs = generate_with_adapter(base, adapter.path, tokenizer, prompts, spec, *_progress(context, "tuned_predictions", len(prompts)))
     return _write(
         context, store, "tuned_predictions", spec, dialogues, outputs, adapter.adapter_id,
         (adapter.data_version, asdict(spec), upstream.data_version), budget, truncated,

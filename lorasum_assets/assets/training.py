@@ -8,22 +8,20 @@ from datetime import UTC, datetime
 
 import dagster as dg
 from pydantic import Field
+from torch.utils.tensorboard import SummaryWriter
 
 from lorasum_assets.assets.data import read_examples, require
 from lorasum_assets.assets.plots import line_plot
+from lorasum_assets.assets.plots import table as table_value
 from lorasum_assets.config import config_class, resolve
 from lorasum_assets.deployment import gpu_op_tags, training_gpus
 from lorasum_assets.home import home_subdir, lorasum_home
+from lorasum_assets.ml.adapter_files import lora_b_all_zero, save_adapter, sha256_file
+from lorasum_assets.ml.batching import TrainExample, steps_per_epoch
+from lorasum_assets.ml.model_setup import prepare_peft_model
+from lorasum_assets.ml.progress import Progress, StepLog
 from lorasum_assets.ml.specs import TrainSpec
-from lorasum_assets.ml.train import (
-    StepLog,
-    TrainExample,
-    lora_b_all_zero,
-    prepare_peft_model,
-    save_adapter,
-    sha256_file,
-    train_lora,
-)
+from lorasum_assets.ml.train import train_lora
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.resources.recovery import RunPreflightResource
@@ -88,23 +86,58 @@ class TrainingOutcome:
         return known[-1] if known else None
 
 
+def planned_steps(n_examples: int, spec: TrainSpec) -> int:
+    total = steps_per_epoch(n_examples, spec) * spec.epochs
+    return min(total, spec.max_steps) if spec.max_steps is not None else total
+
+
+class TrainingCurves:
+    """TensorBoard event files per run under ``$LORASUM_HOME/tensorboard/<run id>`` (`make tensorboard`)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.folder = home_subdir("tensorboard", run_id)
+        self.writer = SummaryWriter(log_dir=str(self.folder))
+
+    def step(self, log: StepLog) -> None:
+        self.writer.add_scalar("train/loss", log.loss, log.step)
+        self.writer.add_scalar("train/learning_rate", log.learning_rate, log.step)
+        self.writer.add_scalar("train/grad_norm", log.grad_norm, log.step)
+
+    def validation(self, step: int, val_loss: float | None) -> None:
+        if val_loss is not None:
+            self.writer.add_scalar("validation/loss", val_loss, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def _train_in_process(context, spec, model, store, train_key, train_examples, val_examples, checkpoint_dir, target):
     run_id = context.run_id
+    total = planned_steps(len(train_examples), spec)
+    progress: Progress | None = None
+    curves = TrainingCurves(run_id)
+    last_step = 0
 
     def on_step(log) -> None:
+        nonlocal progress, last_step
+        progress = progress or Progress(total, "steps", start_at=log.step - 1)
+        last_step = log.step
         context.log.info(
-            f"step {log.step}: loss {log.loss:.4f}, lr {log.learning_rate:.2e}, grad_norm {log.grad_norm:.3f}, epoch {log.epoch:.2f}"
+            f"step {progress.line(log.step)}: loss {log.loss:.4f}, lr {log.learning_rate:.2e}, grad_norm {log.grad_norm:.3f}, epoch {log.epoch:.2f}"
         )
+        curves.step(log)
         with store.connect() as con:
             record_training_step(con, train_key, run_id, log)
 
     def on_epoch(epoch: int, val_loss: float | None) -> None:
         context.log.info(f"epoch {epoch}: validation loss {val_loss}")
+        curves.validation(last_step, val_loss)
         with store.connect() as con:
             record_training_epoch(con, train_key, run_id, epoch, val_loss)
 
-    tokenizer = model.tokenizer()
-    peft_model = prepare_peft_model(model.fresh_model(), spec)
+    context.log.info(f"training {total} optimizer steps on {len(train_examples)} examples; curves in {curves.folder}")
+    tokenizer = model.tokenizer(context.log.info)
+    peft_model = prepare_peft_model(model.fresh_model(context.log.info), spec)
     result = train_lora(
         peft_model,
         train_examples,
@@ -115,6 +148,7 @@ def _train_in_process(context, spec, model, store, train_key, train_examples, va
         on_step=on_step,
         on_epoch=on_epoch,
     )
+    curves.close()
     if result.resumed_from_step:
         context.log.info(f"resumed from checkpoint at step {result.resumed_from_step} of {result.total_steps}")
     save_adapter(peft_model, tokenizer, target)
@@ -229,6 +263,11 @@ def lora_adapter(
         )
     else:
         outcome = _train_in_process(context, spec, model, store, train_key, train_examples, val_examples, checkpoint_dir, target)
+    if config.launcher == "accelerate":  # the worker processes report their steps at the end
+        curves = TrainingCurves(run_id)
+        for log in outcome.steps:
+            curves.step(log)
+        curves.close()
     if outcome.total_steps < 1 or not outcome.steps:
         raise RuntimeError(f"training took no optimizer step ({len(train_examples)} train examples); no adapter is registered")
     _record_training_log(store, train_key, run_id, outcome)
@@ -243,7 +282,9 @@ def lora_adapter(
     if outcome.reported_sha256 is not None and outcome.reported_sha256 != weights_sha:
         raise RuntimeError("the adapter on disk is not the one the training process reported")
     trainable_pct = 100.0 * outcome.trainable_params / max(outcome.total_params, 1)
-    training_config = {**asdict(spec), **outcome.launcher_metadata}
+    choice = model.choice()
+    prompt_format = {"use_chat_template": choice.use_chat_template, "prompt_boundary": choice.prompt_boundary}
+    training_config = {**asdict(spec), **prompt_format, **outcome.launcher_metadata}
     with store.connect() as con:
         register_adapter(
             con,
@@ -302,4 +343,9 @@ def lora_adapter(
         metadata["history_exported_rows"] = dg.MetadataValue.json(exported)
     if steps:
         metadata["loss_curve"] = line_plot({"train loss": (steps, losses)}, "Training loss", "optimizer step", "loss")
+        metadata["loss_curve_points"] = table_value(
+            ("step", "loss", "learning_rate", "grad_norm"),
+            [(log.step, round(log.loss, 5), log.learning_rate, round(log.grad_norm, 5)) for log in outcome.steps],
+        )
+        metadata["tensorboard"] = dg.MetadataValue.path(str(home_subdir("tensorboard", run_id)))
     return dg.Output(ref, metadata=metadata, data_version=dg.DataVersion(version))

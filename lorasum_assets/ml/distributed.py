@@ -16,26 +16,6 @@ import torch
 from lorasum_assets.ml.prompts import IGNORE_INDEX
 
 
-class LabelLossModule(torch.nn.Module):
-    """The model plus its summed label cross-entropy, as one module that DDP can wrap.
-
-    DDP only synchronises gradients for work done through its own ``forward``; the completion-only
-    loss calls the decoder and the LM head separately, so both live behind this forward.
-    """
-
-    def __init__(self, model, autocast_dtype=None, completion_only_logits: bool = True) -> None:
-        super().__init__()
-        self.model = model
-        self.autocast_dtype = autocast_dtype
-        self.completion_only_logits = completion_only_logits
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        from lorasum_assets.ml.train import token_loss_sum
-
-        loss_sum, _ = token_loss_sum(self.model, batch, self.autocast_dtype, self.completion_only_logits)
-        return loss_sum
-
-
 def window_share(n_micro_batches: int, rank: int, world_size: int) -> list[int | None]:
     """The micro-batches of one accumulation window that ``rank`` runs, in order.
 

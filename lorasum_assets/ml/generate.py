@@ -6,6 +6,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from lorasum_assets.ml.progress import DecodingHeartbeat
 from lorasum_assets.ml.specs import GenerationSpec
 
 
@@ -19,7 +24,6 @@ class Generation:
 
 def has_active_adapter(model) -> bool:
     """True when LoRA layers are injected and enabled in ``model``."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     return any(isinstance(m, BaseTunerLayer) and not m.disable_adapters for m in model.modules())
 
@@ -43,9 +47,27 @@ def plan_generation_batches(lengths: Sequence[int], batch_size: int, max_padding
     return batches
 
 
-def collate_left(prompts: Sequence[Sequence[int]], pad_id: int):
-    import torch
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a summary: the model's generation config may list several (Llama 3
+    Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>), plus the tokenizer's EOS."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    candidates = configured if isinstance(configured, list | tuple) else [configured]
+    ids: list[int] = []
+    for token_id in [*candidates, tokenizer.eos_token_id]:
+        if token_id is not None and int(token_id) not in ids:
+            ids.append(int(token_id))
+    return ids
 
+
+def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """The tokens before the first stop id, and whether a stop id was found."""
+    for position, token in enumerate(tokens):
+        if token in stop_ids:
+            return list(tokens[:position]), True
+    return list(tokens), False
+
+
+def collate_left(prompts: Sequence[Sequence[int]], pad_id: int):
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -61,26 +83,27 @@ def generate(
     prompts: Sequence[Sequence[int]],
     spec: GenerationSpec,
     on_batch: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> list[Generation]:
-    """Summaries for ``prompts`` (token ids), in the order given.
+    """Summaries for ``prompts`` (token ids), in the order given. ``on_batch(done, total)`` follows
+    each batch; ``on_progress`` gets a line every ~10 s while a batch decodes.
 
     Prompts are sorted by length and batched with left padding; a batch closes early rather than
     pad more than ``max_padding_share``. Latency is the batch's wall time shared equally among
     its rows.
     """
-    import torch
 
     if not prompts:
         return []
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = next(model.parameters()).device
     batches = plan_generation_batches([len(p) for p in prompts], spec.batch_size, spec.max_padding_share)
     results: list[Generation | None] = [None] * len(prompts)
     generation_kwargs = {
         "max_new_tokens": spec.max_new_tokens,
         "do_sample": spec.do_sample,
-        "eos_token_id": eos_id,
+        "eos_token_id": stop_ids,
         "pad_token_id": pad_id,
     }
     if spec.do_sample:
@@ -94,8 +117,13 @@ def generate(
         started = time.perf_counter()
         try:
             with torch.inference_mode():
+                heartbeat = (
+                    DecodingHeartbeat(on_progress, f"batch {batches.index(indices) + 1}/{len(batches)}", spec.max_new_tokens)
+                    if on_progress is not None
+                    else None
+                )
                 output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **generation_kwargs
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), streamer=heartbeat, **generation_kwargs
                 )
         except torch.cuda.OutOfMemoryError as exc:
             raise RuntimeError(
@@ -106,13 +134,9 @@ def generate(
         elapsed = time.perf_counter() - started
         new = output[:, input_ids.shape[1] :].cpu()
         for row, index in enumerate(indices):
-            tokens = new[row].tolist()
-            if eos_id in tokens:
-                tokens = tokens[: tokens.index(eos_id)]
-                hit_limit = False
-            else:
-                # Rows that finished early are padded with pad_id after their EOS; none here.
-                hit_limit = len(tokens) >= spec.max_new_tokens
+            tokens, stopped = cut_at_stop(new[row].tolist(), stop_ids)
+            # Rows that finished early are padded after their stop id, which the cut removes.
+            hit_limit = not stopped and len(tokens) >= spec.max_new_tokens
             text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
             results[index] = Generation(text, len(tokens), hit_limit, elapsed / len(indices))
         done += len(indices)
@@ -128,18 +152,18 @@ def generate_with_adapter(
     prompts: Sequence[Sequence[int]],
     spec: GenerationSpec,
     on_batch: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> list[Generation]:
     """Generate with ``adapter_path`` applied to ``base_model``, and leave the base as it was.
 
     ``PeftModel.from_pretrained`` injects LoRA layers into the base in place (the notebook's base
     column was contaminated this way); ``unload()`` takes them out again without merging.
     """
-    from peft import PeftModel
 
     tuned = PeftModel.from_pretrained(base_model, adapter_path, is_trainable=False)
     try:
         tuned.eval()
-        return generate(tuned, tokenizer, prompts, spec, on_batch)
+        return generate(tuned, tokenizer, prompts, spec, on_batch, on_progress)
     finally:
         restored = tuned.unload()
         if has_active_adapter(restored):

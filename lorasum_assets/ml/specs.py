@@ -98,6 +98,12 @@ class ModelChoice:
     quantization: str = setting("none", "Load the base model in 4-bit NF4 (QLoRA) or not.", choices=QUANTIZATIONS)
     compute_dtype: str = setting("auto", "Dtype of the base model's compute.", choices=DTYPES)
     use_chat_template: bool = setting(False, "Wrap the prompt in the tokenizer's chat template.")
+    prompt_boundary: str = setting(
+        "natural",
+        "natural: the prompt ends at 'Summary:' and the summary starts with its own space, as the tokenizer writes it; "
+        "notebook: 'Summary: ' and the summary tokenized apart (a lone space token before it).",
+        choices=("natural", "notebook"),
+    )
     trust_remote_code: bool = setting(False, "Run model code from the hub. Off unless a profile needs it.")
     online_equivalent: str | None = setting(None, "The hub id this model stands in for (documentation only).")
 

@@ -13,6 +13,10 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from lorasum_assets.ml.prompts import PROMPT_TEMPLATE
 
 TINY_CONFIG = {
@@ -43,9 +47,6 @@ def build_tiny_model(target: Path, vocab_size: int = 1024, seed: int = 0) -> Pat
     target = Path(target)
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

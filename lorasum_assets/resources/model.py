@@ -1,6 +1,8 @@
 """The model resource: one place that loads the (optionally 4-bit) base model and tokenizer."""
 
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -9,7 +11,7 @@ from pydantic import PrivateAttr
 from lorasum_assets.config import config_class, resolve
 from lorasum_assets.home import home_subdir
 from lorasum_assets.ml.generate import has_active_adapter
-from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer, model_fingerprint
+from lorasum_assets.ml.modeling import GGUF_PREFIX, ModelSpec, load_model, load_tokenizer, model_fingerprint
 from lorasum_assets.ml.specs import ModelChoice
 from lorasum_assets.resources.profile import ProfileResource
 from lorasum_assets.store.references import BaseModelRef
@@ -64,22 +66,33 @@ class _ModelResourceBase(dg.ConfigurableResource):
             self._base_ref = BaseModelRef(spec.model, spec.revision, spec.quantization, model_fingerprint(spec))
         return self._base_ref
 
-    def tokenizer(self):
+    def _loading(self, what: str, log: Callable[[str], None] | None, load: Callable[[], Any]) -> Any:
+        if log is None:
+            return load()
+        spec = self.spec()
+        note = " (the GGUF file is converted once, then cached)" if spec.model.startswith(GGUF_PREFIX) else ""
+        log(f"loading the {what} of {spec.model} ({spec.quantization}){note}")
+        started = time.perf_counter()
+        loaded = load()
+        log(f"loaded the {what} in {time.perf_counter() - started:.1f} s")
+        return loaded
+
+    def tokenizer(self, log: Callable[[str], None] | None = None):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.spec())
+            self._tokenizer = self._loading("tokenizer", log, lambda: load_tokenizer(self.spec()))
         return self._tokenizer
 
-    def base_model(self):
+    def base_model(self, log: Callable[[str], None] | None = None):
         """The shared base model. Raises if an adapter was left active in it."""
         if self._base is None:
-            self._base = load_model(self.spec())
+            self._base = self._loading("base model", log, lambda: load_model(self.spec()))
         if has_active_adapter(self._base):
             raise RuntimeError("the cached base model has an active LoRA adapter; base predictions would be contaminated")
         return self._base
 
-    def fresh_model(self):
+    def fresh_model(self, log: Callable[[str], None] | None = None):
         """A new copy of the base model, for training to change as it needs."""
-        return load_model(self.spec())
+        return self._loading("base model (a copy to train)", log, lambda: load_model(self.spec()))
 
 
 LoraModelResource = config_class(

@@ -16,9 +16,12 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from lorasum_assets.ml.adapter_files import save_adapter, sha256_file
+from lorasum_assets.ml.batching import TrainExample
+from lorasum_assets.ml.model_setup import prepare_peft_model
 from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
 from lorasum_assets.ml.specs import TrainSpec
-from lorasum_assets.ml.train import TrainExample, prepare_peft_model, save_adapter, sha256_file, train_lora
+from lorasum_assets.ml.train import train_lora
 
 JOB_VERSION = 1
 

@@ -1,0 +1,62 @@
+"""The adapter folder: written atomically, hashed, and checked for an adapter that changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors import safe_open
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def lora_b_all_zero(adapter_file: Path) -> bool:
+    """True when every LoRA B matrix in a saved adapter is still zero: the adapter changes nothing."""
+    with safe_open(str(adapter_file), framework="pt") as weights:
+        b_keys = [k for k in weights.keys() if "lora_B" in k]
+        return bool(b_keys) and all(not weights.get_tensor(k).any() for k in b_keys)
+
+
+class AdapterWriteError(OSError):
+    """The adapter folder could not be written; nothing was left that looks like an adapter."""
+
+
+def save_adapter(peft_model, tokenizer, target: Path) -> Path:
+    """Write the adapter folder (the notebook's ``training-output/`` layout) atomically.
+
+    Everything goes to a hidden staging folder first and is renamed into place, so a crash never
+    leaves a folder that looks complete.
+    """
+    target = Path(target)
+    staging = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        peft_model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        missing = [name for name in ADAPTER_FILES if not (staging / name).exists()]
+        if missing:
+            raise AdapterWriteError(f"adapter save did not write {missing}")
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
+    except OSError as exc:
+        if isinstance(exc, AdapterWriteError):
+            raise
+        raise AdapterWriteError(f"cannot write the adapter to {target}: {exc.strerror or exc}") from exc
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

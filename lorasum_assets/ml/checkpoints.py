@@ -1,0 +1,69 @@
+"""Resumable checkpoints: adapter weights, optimizer, scheduler, RNG state and the step log.
+
+A checkpoint is written to a staging folder and renamed into place with a COMPLETE marker, so a
+run killed while writing one resumes from the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from lorasum_assets.ml.progress import StepLog, TrainResult
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    if not checkpoint_dir.exists():
+        return []
+    found = [p for p in checkpoint_dir.glob("step-*") if (p / "COMPLETE").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(checkpoint_dir: Path, step: int, peft_model, optimizer, scheduler, scaler, result: TrainResult) -> None:
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".step-", dir=checkpoint_dir))
+    adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    save_file(adapter, str(staging / "adapter.safetensors"))
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, staging / "trainer_state.pt")
+    meta = {"step": step, "val_losses": result.val_losses, "steps": [asdict(s) for s in result.steps]}
+    (staging / "progress.json").write_text(json.dumps(meta))
+    (staging / "COMPLETE").write_text("ok")
+    final = checkpoint_dir / f"step-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    for old in complete_checkpoints(checkpoint_dir)[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, peft_model, optimizer, scheduler, scaler, result: TrainResult) -> int:
+    set_peft_model_state_dict(peft_model, load_file(str(path / "adapter.safetensors")))
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    meta = json.loads((path / "progress.json").read_text())
+    result.val_losses = list(meta["val_losses"])
+    result.steps = [StepLog(**s) for s in meta["steps"]]
+    return int(meta["step"])

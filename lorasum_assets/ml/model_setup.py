@@ -1,0 +1,77 @@
+"""Model setup for training: LoRA wrapping, k-bit preparation, attention kernel, compilation."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+from lorasum_assets.ml.specs import TrainSpec
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def prepare_peft_model(model, spec: TrainSpec):
+    """Wrap the base in LoRA. 4-bit bases go through ``prepare_model_for_kbit_training``."""
+    checkpointing_kwargs = {"use_reentrant": False}
+    attention = training_attention(model, spec.attention)
+    if attention != model.config._attn_implementation:
+        model.set_attn_implementation(attention)
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    elif spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model.enable_input_require_grads()
+    if spec.gradient_checkpointing:
+        model.config.use_cache = False
+    config = LoraConfig(
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(spec.target_modules),
+        bias=spec.bias,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(spec.seed)  # LoRA A matrices are randomly initialised: same seed, same start
+    peft_model = get_peft_model(model, config)
+    for _name, param in peft_model.named_parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()  # adapters stay fp32 (fp16 adapters break the grad scaler)
+    if spec.compile_layers:
+        compile_decoder_layers(peft_model)
+    return peft_model
+
+
+def training_attention(model, attention: str = "auto") -> str:
+    """The attention kernel to train with.
+
+    ``auto`` picks eager attention on CPU: SDPA trained at 0.82x (benchmarks/speed.py) and 0.85x
+    (benchmarks/levers.py) of eager on SmolLM2-135M with bf16 autocast and batches of up to ~500
+    tokens. On GPUs the model keeps its own choice (SDPA/flash kernels win there).
+    """
+    if attention in ("sdpa", "eager"):
+        return attention
+    if attention != "auto":
+        raise ValueError(f"attention must be auto, sdpa or eager, got {attention!r}")
+    device = next(model.parameters()).device
+    return "eager" if device.type == "cpu" else model.config._attn_implementation
+
+
+def compile_decoder_layers(model) -> int:
+    """``torch.compile`` every decoder layer in place, with dynamic shapes (batches vary in length).
+
+    Layers rather than the whole model: the completion-only loss calls the decoder and the LM head
+    separately, and a layer is the unit that repeats. Returns the number of layers compiled.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"compile_layers: {type(base).__name__} has no model.layers to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
