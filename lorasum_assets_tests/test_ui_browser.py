@@ -3,6 +3,7 @@ job's "Materialize all" launches a run on the tiny profile that succeeds, the Ru
 under its job name and filters it by the profile tag. Run with `make test-browser`."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -95,7 +96,7 @@ def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
 
         # Everything runs through the train_and_evaluate job, so its runs carry the job's name.
         page.goto(f"{dagster_ui}/jobs", wait_until="networkidle")
-        page.get_by_role("link", name="train_and_evaluate", exact=True).first.click()
+        page.locator("a[href$='/jobs/train_and_evaluate']").first.click()
         page.wait_for_load_state("networkidle")
         page.get_by_role("button", name="Materialize all").click()
         page.wait_for_timeout(2000)
@@ -111,6 +112,17 @@ def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
         assert page.get_by_text("Success", exact=True).count() == 1, "no successful run within 300 s"
         assert page.get_by_text("train_and_evaluate").count() >= 1, "the run is not shown under its job's name"
 
+        # The run's log: model loading, training steps with time left, generation batches.
+        page.locator("a[href*='/runs/']").filter(has_text=re.compile(r"^[0-9a-f]{8}$")).first.click()
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(3000)
+        log_filter = page.get_by_placeholder(re.compile("filter", re.IGNORECASE)).first
+        if log_filter.count():
+            log_filter.fill("left")  # the progress lines: "step 7/22 steps, … ~8 s left", generation batches
+            page.wait_for_timeout(2000)
+        page.screenshot(path=str(ARTIFACTS / "ui-run-log.png"))
+        assert page.get_by_text(re.compile(r"step 2\d/22 steps")).count() >= 1, "no training progress line in the run log"
+
         # The Runs page filters by the tags every run carries.
         tag_filter = urllib.parse.quote("tag:lorasum/profile=tiny")
         page.goto(f"{dagster_ui}/runs?q%5B0%5D={tag_filter}", wait_until="networkidle")
@@ -118,10 +130,23 @@ def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
         page.screenshot(path=str(ARTIFACTS / "ui-runs-by-profile.png"))
         assert page.get_by_text("Success", exact=True).count() == 1, "filtering by lorasum/profile=tiny lost the run"
 
+        # The report: the base-vs-tuned table laid out in the asset's metadata, no extra click.
         page.goto(f"{dagster_ui}/assets/bertscore_report", wait_until="networkidle")
         page.wait_for_timeout(2000)
+        page.get_by_placeholder("Filter metadata keys").fill("report")
+        page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "ui-report.png"), full_page=True)
+        assert page.get_by_text("tuned − base (paired 95% CI)").count() >= 1, "the report table is not shown"
+
+        # The training curve of lora_adapter.
         page.goto(f"{dagster_ui}/assets/lora_adapter", wait_until="networkidle")
         page.wait_for_timeout(2000)
+        page.get_by_placeholder("Filter metadata keys").fill("loss_curve")
+        page.wait_for_timeout(1000)
+        show = page.get_by_text("Show Markdown")
+        if show.count():
+            show.first.click()
+            page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "ui-training.png"), full_page=True)
+        assert page.locator("img[alt='Training loss']").first.is_visible(), "the loss curve is not visible"
         browser.close()

