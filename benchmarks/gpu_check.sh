@@ -3,7 +3,8 @@
 #   1. the notebook profile end to end (llama-3.2-3b-qlora on the hub data when the hub answers;
 #      otherwise SmolLM2-135M in 4-bit NF4 with the notebook's training recipe on the bundled sample),
 #   2. benchmarks/gpu_qlora_check.py (4-bit QLoRA in fp16 with the grad scaler, and in bf16),
-#   3. benchmarks/speed.py --device cuda --quantization nf4.
+#   3. benchmarks/speed.py --device cuda --quantization nf4 (when the DialogSum files are there),
+#   4. benchmarks/peer.py --device cuda against TRL (when installed) and plain generate.
 # Writes one JSON of results (default benchmarks/results/gpu_check.json; GPU_CHECK_OUT overrides).
 # Prints "no CUDA device" and exits 0 on a machine without one.
 set -uo pipefail
@@ -48,7 +49,16 @@ step pipeline 240 env LORASUM_PROFILE=$PROFILE HF_HUB_OFFLINE=$HUB "$PYTHON" -m 
   -m lorasum_assets.definitions --select '*' -c "$WORK/run.yaml"
 step report 30 "$PYTHON" -m lorasum_assets.cli report
 step qlora_check 150 "$PYTHON" benchmarks/gpu_qlora_check.py --smollm2
-step speed 180 "$PYTHON" benchmarks/speed.py --device cuda --quantization nf4 --epochs 2
+if [ -f ../shared/dialogsum/dialogsum.dev.jsonl ]; then
+  step speed 180 "$PYTHON" benchmarks/speed.py --device cuda --quantization nf4 --epochs 2
+  PEER_DATA=()
+else
+  echo "speed: skipped, no DialogSum files in ../shared/dialogsum"
+  PEER_DATA=(--sample)
+fi
+PEER_VARIANTS=train-ours,train-trl,generate-ours,generate-plain
+"$PYTHON" -c "import trl" 2>/dev/null || PEER_VARIANTS=train-ours,generate-ours,generate-plain
+step peer 150 "$PYTHON" benchmarks/peer.py --device cuda --repeats 3 --variants "$PEER_VARIANTS" "${PEER_DATA[@]}"
 
 "$PYTHON" - "$WORK" "$OUT" "$PROFILE" <<'PY'
 import json, sys, pathlib

@@ -114,8 +114,8 @@ def run_train_trl(args) -> dict:
 
     config = SFTConfig(
         output_dir=str(Path(args.cache).parent / "trl-bench"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.0, num_train_epochs=2, bf16=bf16, logging_steps=1,
-        group_by_length=True, completion_only_loss=True, gradient_checkpointing=False, save_strategy="no", report_to=[],
+        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0, num_train_epochs=2, bf16=bf16, logging_steps=1,
+        train_sampling_strategy="group_by_length", completion_only_loss=True, gradient_checkpointing=False, save_strategy="no", report_to=[],
         use_cpu=args.device == "cpu", seed=0, dataloader_num_workers=0, max_length=512,
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
@@ -204,7 +204,8 @@ def main() -> int:
 
     variants = args.variants.split(",")
     results: dict[str, list[dict]] = {v: [] for v in variants}
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--repeats") and not a.startswith("--variants")]
+    passthrough = [f"--data={args.data}", f"--model={args.model}", f"--train={args.train}", f"--generate={args.generate}",
+                   f"--device={args.device}", f"--cache={args.cache}", *(["--sample"] if args.sample else [])]
     for repeat in range(args.repeats):
         for variant in variants:  # interleaved, each in a fresh process
             done = subprocess.run([sys.executable, __file__, *passthrough, "--worker", variant], capture_output=True, text=True)
