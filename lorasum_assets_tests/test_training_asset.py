@@ -66,3 +66,44 @@ def test_killed_training_resumes_and_logs_each_step_once(fresh_home, tmp_path):
     assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 1
     adapter_dirs = [p for p in (fresh_home / "adapters").iterdir()]
     assert len(adapter_dirs) == 1 and not adapter_dirs[0].name.startswith(".")
+
+
+def test_an_adapter_whose_lora_b_is_still_zero_is_never_registered(fresh_home, monkeypatch):
+    """Training that leaves every LoRA B matrix at zero would register an adapter equal to the base."""
+    import dagster as dg
+
+    import lorasum_assets.assets.training as training_asset
+    from lorasum_assets.assets import ALL_ASSETS
+    from lorasum_assets.ml.progress import StepLog, TrainResult
+    from lorasum_assets.profiles import get_profile
+    from lorasum_assets.resources.factory import build_resources
+
+    def no_learning(peft_model, train_examples, val_examples, spec, **kwargs):
+        log = StepLog(step=1, epoch=1.0, loss=1.0, learning_rate=spec.learning_rate, grad_norm=0.0, label_tokens=1, seconds=0.0)
+        return TrainResult(steps=[log], val_losses=[None], total_steps=1, trainable_params=1, total_params=1)
+
+    monkeypatch.setattr(training_asset, "train_lora", no_learning)
+    result = dg.materialize(ALL_ASSETS, resources=build_resources(get_profile("tiny")), instance=dg.DagsterInstance.ephemeral(),
+                            selection="*lora_adapter", raise_on_error=False)
+    assert not result.success
+    failure = result.failure_data_for_node("lora_adapter").error
+    assert "every LoRA B matrix is still zero" in str(failure.cause.message if failure.cause else failure.message)
+    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 0
+    assert not any((fresh_home / "adapters").glob("*")) if (fresh_home / "adapters").exists() else True
+
+
+def test_lora_b_all_zero_tells_an_untrained_adapter_from_a_trained_one(tiny_model, tiny_tokenizer, tmp_path):
+    from lorasum_assets.ml.adapter_files import lora_b_all_zero, save_adapter
+    from lorasum_assets.ml.batching import TrainExample
+    from lorasum_assets.ml.model_setup import prepare_peft_model
+    from lorasum_assets.ml.prompts import encode_example
+    from lorasum_assets.ml.specs import TrainSpec
+    from lorasum_assets.ml.train import train_lora
+
+    spec = TrainSpec(epochs=1, batch_size=1, gradient_accumulation_steps=1, max_steps=1, warmup_ratio=0.0, gradient_checkpointing=False)
+    peft_model = prepare_peft_model(tiny_model, spec)
+    assert lora_b_all_zero(save_adapter(peft_model, tiny_tokenizer, tmp_path / "untrained") / "adapter_model.safetensors")
+    example = encode_example(tiny_tokenizer, "#Person1#: Hi.\n#Person2#: Hello.", "They greet.", 128)
+    train_lora(peft_model, [TrainExample(example.input_ids, example.labels)], [], spec, tiny_tokenizer.pad_token_id)
+    assert not lora_b_all_zero(save_adapter(peft_model, tiny_tokenizer, tmp_path / "trained") / "adapter_model.safetensors")
