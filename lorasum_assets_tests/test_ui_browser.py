@@ -1,6 +1,8 @@
 """The Dagster UI in headless Chromium: the lineage shows the seven assets, the train_and_evaluate
 job's "Materialize all" launches a run on the tiny profile that succeeds, the Runs page shows it
-under its job name and filters it by the profile tag. Run with `make test-browser`."""
+under its job name and filters it by the profile tag, the run log shows progress lines, the report
+table and the loss curve are visible, and the evaluate job launched from its Launchpad with a
+config succeeds. Run with `make test-browser`."""
 
 import os
 import re
@@ -149,4 +151,22 @@ def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
             page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "ui-training.png"), full_page=True)
         assert page.locator("img[alt='Training loss']").first.is_visible(), "the loss curve is not visible"
+
+        # Re-score the adapter with the evaluate job, launched from its Launchpad with a config.
+        page.goto(f"{dagster_ui}/locations/lorasum_assets.definitions/jobs/evaluate/playground", wait_until="networkidle")
+        page.wait_for_timeout(2000)
+        if skip.count() and skip.is_visible():
+            skip.click()
+        config = "ops:\n  base_predictions:\n    config:\n      max_new_tokens: 8\n  tuned_predictions:\n    config:\n      max_new_tokens: 8\n"
+        page.evaluate("(text) => document.querySelector('.CodeMirror').CodeMirror.setValue(text)", config)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(ARTIFACTS / "ui-launchpad-evaluate.png"))
+        page.get_by_role("button", name="Launch Run").click()
+        page.wait_for_url(re.compile(r".*/runs/[0-9a-f-]+.*"), timeout=60000)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not page.get_by_text(re.compile(r"^(Success|Failure)$")).count():
+            page.wait_for_timeout(2000)
+        page.screenshot(path=str(ARTIFACTS / "ui-evaluate-run.png"))
+        assert page.get_by_text("Success", exact=True).count() >= 1, "the evaluate run did not succeed"
+        assert page.get_by_text("evaluate").count() >= 1
         browser.close()
