@@ -190,6 +190,7 @@ WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_four_processes_write_history_at_once_and_no_row_is_lost(tmp_path):
     db = tmp_path / "h.duckdb"
     workers, runs = 4, 15

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +25,7 @@ def materialize(home: Path, selection: str, config_file: Path) -> subprocess.Pop
     )
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_and_logs_each_step_once(fresh_home, tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(RUN_CONFIG))
