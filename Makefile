@@ -25,7 +25,7 @@ $(DAGSTER_HOME)/dagster.yaml: | setup
 
 # The main job: every asset, on the profile in LORASUM_PROFILE (default: smollm2-135m).
 demo: setup $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster asset materialize -m lorasum_assets.definitions --select '*'
+	$(BIN)/dagster job execute -m lorasum_assets.definitions -j train_and_evaluate
 	$(BIN)/lorasum report
 
 test: setup
