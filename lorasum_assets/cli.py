@@ -289,6 +289,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     from lorasum_assets.recovery import release_dead_runs
 
+    if not os.environ.get("DAGSTER_HOME"):
+        raise SystemExit("lorasum recover: set DAGSTER_HOME to the Dagster instance whose runs to check")
     with dg.DagsterInstance.get() as instance:
         released = release_dead_runs(instance)
     _emit(args, ("run_id", "job_name", "pid"), [(r.run_id, r.job_name, r.pid) for r in released])
@@ -296,9 +298,12 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_init_instance(args: argparse.Namespace) -> int:
-    from lorasum_assets.instance import init_instance
+    from lorasum_assets.instance import InstanceSetupError, init_instance
 
-    home = init_instance(args.config)
+    try:
+        home = init_instance(args.config)
+    except InstanceSetupError as exc:
+        raise SystemExit(f"lorasum init-instance: {exc}") from exc
     print(f"Dagster instance ready at {home}")
     return 0
 

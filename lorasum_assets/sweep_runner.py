@@ -7,6 +7,7 @@ each evaluates the adapter its own run trained, and the points are ranked from t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any
 import yaml
 
 from lorasum_assets.home import database_path, home_subdir
+from lorasum_assets.instance import init_instance
 from lorasum_assets.store.history import with_lock_retry
 from lorasum_assets.sweep import point_label, point_run_config
 
@@ -86,6 +88,10 @@ def _ranking(sweep_id: str, metric: str) -> list[tuple]:
 
 
 def run_sweep(points: list[dict[str, Any]], parallel: int, metric: str, log: Callable[[str], None]) -> SweepResult:
+    if not os.environ.get("DAGSTER_HOME"):
+        # Each point's process must find the data materializations the preparing run recorded.
+        raise SystemExit("lorasum sweep: set DAGSTER_HOME (the points share its Dagster instance), e.g. DAGSTER_HOME=$PWD/.lorasum/dagster")
+    init_instance()  # the points start together: create the instance's storage once first
     sweep_id = f"sweep-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     log(f"{sweep_id}: {len(points)} point(s), {parallel} at a time")
     folder = home_subdir("sweeps", sweep_id)  # run configs and each point's log

@@ -192,3 +192,24 @@ def test_every_option_has_help_and_shows_its_default(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["compare", "--help"])
     assert "(default: 1000)" in capsys.readouterr().out
+
+
+def test_commands_that_need_a_dagster_instance_say_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("lora_adapter:\n  learning_rate: [0.001]\n")
+    for argv, message in ((["sweep", str(grid)], "lorasum sweep: set DAGSTER_HOME"),
+                          (["recover"], "lorasum recover: set DAGSTER_HOME"),
+                          (["init-instance"], "lorasum init-instance: DAGSTER_HOME is not set")):
+        assert main(argv) == 1
+        assert capsys.readouterr().err.startswith(message)
+
+
+def test_a_bad_sweep_grid_names_the_file_and_the_field(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("lora_adapter:\n  learning_rat: [0.001]\n")
+    assert main(["sweep", str(grid)]) == 1
+    assert f"{grid}: 'learning_rat' is not a lora_adapter setting" in capsys.readouterr().err
+    grid.write_text("lora_adapter:\n  epochs: [0, 1]\n")
+    assert main(["sweep", str(grid)]) == 1
+    assert "point {'epochs': 0}: TrainSpec.epochs = 0; must be >= 1" in capsys.readouterr().err
