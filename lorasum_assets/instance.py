@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -31,6 +33,7 @@ def init_instance(config: str | None = None) -> Path:
         target = home / "dagster.yaml"
         if config and not target.exists():
             shutil.copyfile(config, target)
-        with dg.DagsterInstance.get() as instance:
+        # Creating SQLite storage prints progress; keep stdout for the commands' own output (--json).
+        with contextlib.redirect_stdout(sys.stderr), dg.DagsterInstance.get() as instance:
             instance.upgrade()
     return home
