@@ -206,16 +206,14 @@ def _summarize(args: argparse.Namespace, base_model: str, revision: str | None, 
     from lorasum_assets.home import home_subdir
     from lorasum_assets.ml.generate import generate_with_adapter
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_prompt
+    from lorasum_assets.ml.prompts import encode_prompt, trained_prompt_format
     from lorasum_assets.ml.specs import GenerationSpec
 
     quantization = trained.get("quantization", "none")
     spec = ModelSpec(model=base_model, revision=revision, quantization=quantization, cache_dir=str(home_subdir("models")))
     tokenizer = load_tokenizer(spec)
-    prompt, truncated = encode_prompt(
-        tokenizer, dialogue, trained.get("use_chat_template", False), args.max_prompt_tokens,
-        trained.get("prompt_boundary", "notebook"),  # the format the adapter was trained with
-    )
+    use_chat_template, boundary = trained_prompt_format(trained)
+    prompt, truncated = encode_prompt(tokenizer, dialogue, use_chat_template, args.max_prompt_tokens, boundary)
     model = load_model(spec)
     try:
         output = generate_with_adapter(model, path, tokenizer, [prompt], GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=1))[0]

@@ -7,6 +7,7 @@ decides), with the spec's help text as its description. Nothing here lists a fie
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Iterable
 from typing import Any
@@ -24,7 +25,7 @@ def _config_type(annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin is tuple:
         return list[typing.get_args(annotation)[0]]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _config_type(args[0]) if len(args) == 1 else annotation
     return annotation

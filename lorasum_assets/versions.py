@@ -27,10 +27,9 @@ ROOT = Path(__file__).resolve().parent
 def _source_path(module: str) -> Path | None:
     """The file of a lorasum module; None for names that are not modules (functions, constants)."""
     parts = module.split(".")[1:]
-    for candidate in (ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py")):
-        if parts and candidate.is_file() or not parts and candidate.name == "__init__.py" and candidate.is_file():
-            return candidate
-    return None
+    candidates = [ROOT.joinpath(*parts).with_suffix(".py")] if parts else []
+    candidates.append(ROOT.joinpath(*parts, "__init__.py"))
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def _imported(module: str, path: Path) -> set[str]:

@@ -12,7 +12,7 @@ from lorasum_assets.deployment import gpu_op_tags
 from lorasum_assets.ml.adapter_files import sha256_file
 from lorasum_assets.ml.generate import generate, generate_with_adapter, has_active_adapter
 from lorasum_assets.ml.progress import Progress
-from lorasum_assets.ml.prompts import encode_prompt
+from lorasum_assets.ml.prompts import encode_prompt, trained_prompt_format
 from lorasum_assets.ml.specs import GenerationSpec, ModelChoice
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
@@ -156,7 +156,7 @@ def tuned_predictions(
     in_lineage = lora_adapter if lora_adapter is not None and lora_adapter.run_id in lineage_run_ids(context.instance, context.run_id) else None
     with store.connect() as con:
         adapter = choose_adapter(con, model.base_ref(), config.adapter_id, in_lineage)
-    trained_with = adapter.training.get("prompt_boundary", "notebook")  # adapters from before the setting used the notebook's
+    _, trained_with = trained_prompt_format(adapter.training)
     if trained_with != model.choice().prompt_boundary:
         raise ValueError(
             f"adapter {adapter.adapter_id} was trained with the {trained_with!r} prompt boundary; "

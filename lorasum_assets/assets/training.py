@@ -17,7 +17,7 @@ from lorasum_assets.config import config_class, resolve
 from lorasum_assets.deployment import gpu_op_tags, training_gpus
 from lorasum_assets.home import home_subdir, lorasum_home
 from lorasum_assets.ml.adapter_files import lora_b_all_zero, save_adapter, sha256_file
-from lorasum_assets.ml.batching import TrainExample, steps_per_epoch
+from lorasum_assets.ml.batching import TrainExample, planned_steps
 from lorasum_assets.ml.model_setup import prepare_peft_model
 from lorasum_assets.ml.progress import Progress, StepLog
 from lorasum_assets.ml.specs import TrainSpec
@@ -84,11 +84,6 @@ class TrainingOutcome:
     def final_val_loss(self) -> float | None:
         known = [v for v in self.val_losses if v is not None]
         return known[-1] if known else None
-
-
-def planned_steps(n_examples: int, spec: TrainSpec) -> int:
-    total = steps_per_epoch(n_examples, spec) * spec.epochs
-    return min(total, spec.max_steps) if spec.max_steps is not None else total
 
 
 class TrainingCurves:

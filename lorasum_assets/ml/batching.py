@@ -70,5 +70,11 @@ def collate_packed(examples: Sequence[TrainExample], pad_id: int):
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 
+def planned_steps(n_examples: int, spec: TrainSpec) -> int:
+    """Optimizer steps a run takes: every epoch's, capped by max_steps."""
+    total = steps_per_epoch(n_examples, spec) * spec.epochs
+    return min(total, spec.max_steps) if spec.max_steps is not None else total
+
+
 def steps_per_epoch(n_examples: int, spec: TrainSpec) -> int:
     return math.ceil(math.ceil(n_examples / spec.batch_size) / spec.gradient_accumulation_steps)

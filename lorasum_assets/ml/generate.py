@@ -112,13 +112,13 @@ def generate(
     else:
         generation_kwargs.update(temperature=None, top_p=None, top_k=None)
     done = 0
-    for indices in batches:
+    for batch_number, indices in enumerate(batches, start=1):
         input_ids, attention_mask = collate_left([prompts[i] for i in indices], pad_id)
         started = time.perf_counter()
         try:
             with torch.inference_mode():
                 heartbeat = (
-                    DecodingHeartbeat(on_progress, f"batch {batches.index(indices) + 1}/{len(batches)}", spec.max_new_tokens)
+                    DecodingHeartbeat(on_progress, f"batch {batch_number}/{len(batches)}", spec.max_new_tokens)
                     if on_progress is not None
                     else None
                 )

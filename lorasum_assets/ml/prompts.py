@@ -19,6 +19,12 @@ class SummaryTooLongError(ValueError):
     """The summary alone does not fit in max_length; we never truncate a summary."""
 
 
+def trained_prompt_format(training_config: dict) -> tuple[bool, str]:
+    """(use_chat_template, boundary) an adapter was trained with, from its registered config.
+    Adapters registered before the boundary was recorded were trained at the notebook's."""
+    return bool(training_config.get("use_chat_template", False)), training_config.get("prompt_boundary", "notebook")
+
+
 def _check_boundary(boundary: str) -> None:
     if boundary not in BOUNDARIES:
         raise ValueError(f"prompt boundary must be one of {BOUNDARIES}, got {boundary!r}")

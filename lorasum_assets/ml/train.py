@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import get_scheduler
 
-from lorasum_assets.ml.batching import TrainExample, collate_packed, collate_right, plan_batches, steps_per_epoch
+from lorasum_assets.ml.batching import TrainExample, collate_packed, collate_right, plan_batches, planned_steps, steps_per_epoch
 from lorasum_assets.ml.checkpoints import complete_checkpoints, load_checkpoint, save_checkpoint
 from lorasum_assets.ml.distributed import label_token_count, micro_batch_seed, reduce_sum, window_share
 from lorasum_assets.ml.loss import LabelLossModule, evaluate_loss
@@ -78,9 +78,7 @@ def train_lora(
     result = TrainResult()
     result.trainable_params, result.total_params = count_parameters(peft_model)
     per_epoch = steps_per_epoch(len(train_examples), spec)
-    total_steps = per_epoch * spec.epochs
-    if spec.max_steps is not None:
-        total_steps = min(total_steps, spec.max_steps)
+    total_steps = planned_steps(len(train_examples), spec)
     result.total_steps = total_steps
     optimizer, scheduler, trainable = build_optimizer(peft_model, spec, total_steps)
     autocast_dtype = training_autocast_dtype(peft_model, spec.mixed_precision)

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from lorasum_assets.store.schema import rows_table
+
 T = TypeVar("T")
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 
@@ -69,8 +71,6 @@ def write_materialization(
 
     Returns the row count of the first table.
     """
-    from lorasum_assets.store.schema import rows_table
-
     counts = []
     with transaction(con):
         for table, (columns, rows) in tables.items():
