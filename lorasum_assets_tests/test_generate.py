@@ -141,3 +141,46 @@ def test_the_stored_text_is_cut_at_the_first_stop_id(tiny_tokenizer):
 
     out = generate(Writes(), tiny_tokenizer, [[1, 2, 3]], GenerationSpec(max_new_tokens=20, batch_size=1))[0]
     assert out.text == tiny_tokenizer.decode(words).strip() and out.new_tokens == len(words) and not out.hit_limit
+
+
+def test_as_loaded_precision_gives_exactly_what_plain_generate_gives(tiny_model_dir, tiny_tokenizer):
+    import torch
+
+    from lorasum_assets.ml.generate import collate_left, cut_at_stop, stop_token_ids
+
+    model = load_model(ModelSpec(model=str(tiny_model_dir), device="cpu"))
+    test_prompts = prompts(tiny_tokenizer)
+    ours = generate(model, tiny_tokenizer, test_prompts, GenerationSpec(max_new_tokens=16, batch_size=16, precision="as_loaded"))
+    stops = stop_token_ids(model, tiny_tokenizer)
+    input_ids, attention_mask = collate_left(test_prompts, tiny_tokenizer.pad_token_id)
+    with torch.inference_mode():
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=16, do_sample=False,
+                                eos_token_id=stops, pad_token_id=tiny_tokenizer.pad_token_id)
+    plain = [tiny_tokenizer.decode(cut_at_stop(row, stops)[0], skip_special_tokens=True).strip()
+             for row in output[:, input_ids.shape[1]:].tolist()]
+    assert [g.text for g in ours] == plain
+
+
+def test_bf16_generation_runs_in_bf16_and_gives_the_model_back_in_fp32(tiny_model_dir, tiny_tokenizer, trained_adapter, monkeypatch):
+    import torch
+
+    from lorasum_assets.ml import precision
+
+    model = load_model(ModelSpec(model=str(tiny_model_dir), device="cpu"))
+    before = {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()}
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.lm_head.weight.dtype))
+    spec = GenerationSpec(max_new_tokens=8, batch_size=4, precision="bf16")
+    generate(model, tiny_tokenizer, prompts(tiny_tokenizer), spec)
+    generate_with_adapter(model, str(trained_adapter), tiny_tokenizer, prompts(tiny_tokenizer), spec)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()} == before
+    assert all(dtype == torch.float32 for _, dtype in before.values())
+
+    # auto: bf16 only for an fp32 model on a CPU with native bf16
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert precision.generation_dtype(model, "auto") == torch.bfloat16
+    assert precision.generation_dtype(model, "as_loaded") is None
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    assert precision.generation_dtype(model, "auto") is None
+    assert precision.generation_dtype(model, "bf16") == torch.bfloat16

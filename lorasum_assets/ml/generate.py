@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from lorasum_assets.ml.precision import generation_dtype, weights_in
 from lorasum_assets.ml.progress import DecodingHeartbeat
 from lorasum_assets.ml.specs import GenerationSpec
 
@@ -97,9 +98,7 @@ def generate(
         return []
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    device = next(model.parameters()).device
     batches = plan_generation_batches([len(p) for p in prompts], spec.batch_size, spec.max_padding_share)
-    results: list[Generation | None] = [None] * len(prompts)
     generation_kwargs = {
         "max_new_tokens": spec.max_new_tokens,
         "do_sample": spec.do_sample,
@@ -111,6 +110,14 @@ def generate(
         torch.manual_seed(spec.seed)
     else:
         generation_kwargs.update(temperature=None, top_p=None, top_k=None)
+    with weights_in(model, generation_dtype(model, spec.precision)):
+        return _generate_batches(model, tokenizer, prompts, spec, batches, generation_kwargs, on_batch, on_progress)
+
+
+def _generate_batches(model, tokenizer, prompts, spec, batches, generation_kwargs, on_batch, on_progress) -> list[Generation]:
+    stop_ids, pad_id = generation_kwargs["eos_token_id"], generation_kwargs["pad_token_id"]
+    device = next(model.parameters()).device
+    results: list[Generation | None] = [None] * len(prompts)
     done = 0
     for batch_number, indices in enumerate(batches, start=1):
         input_ids, attention_mask = collate_left([prompts[i] for i in indices], pad_id)
