@@ -299,3 +299,39 @@ def test_bf16_training_stores_only_linear_weights_in_bf16_and_matches_autocast(t
         cast_once, _ = token_loss_sum(peft_model, dict(batch), torch.bfloat16)
     assert cast_once.item() == reference.item()  # the same numbers as autocast alone
     assert all(p.dtype == torch.float32 for p in peft_model.parameters())
+
+
+def test_cpu_training_uses_eager_attention_up_to_512_tokens_and_sdpa_above(tiny_model, tiny_tokenizer):
+    from lorasum_assets.ml.model_setup import CPU_EAGER_MAX_WIDTH, training_attention
+
+    text = resources.files("lorasum_assets").joinpath("sample_data/dialogues.jsonl").read_text("utf-8")
+    rows = [json.loads(line) for line in text.splitlines()]
+    joined = "\n".join(r["dialogue"] for r in rows[:12])
+    long_examples = [encode_example(tiny_tokenizer, joined, rows[i]["summary"], 700) for i in range(2)]
+    short = examples(tiny_tokenizer, 2)
+    train = short + [TrainExample(e.input_ids, e.labels) for e in long_examples]
+    assert max(len(e.input_ids) for e in short) <= CPU_EAGER_MAX_WIDTH < min(len(e.input_ids) for e in long_examples)
+
+    spec = TrainSpec(epochs=1, batch_size=1, gradient_accumulation_steps=1, learning_rate=1e-3, warmup_ratio=0.0,
+                     gradient_checkpointing=False, lora_dropout=0.0)
+    peft_model = prepare_peft_model(tiny_model, spec)
+    seen = []
+    decoder = peft_model.get_base_model().model
+    decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["input_ids"].shape[1], module.config._attn_implementation)), with_kwargs=True
+    )
+    train_lora(peft_model, train, [], spec, tiny_tokenizer.pad_token_id)
+    assert sorted(seen) == sorted((len(e.input_ids), "sdpa" if len(e.input_ids) > 512 else "eager") for e in train)
+    assert training_attention(peft_model, "eager", 700) == "eager" and training_attention(peft_model, "sdpa", 100) == "sdpa"
+
+    # both kernels give the same loss on a wide batch
+    from lorasum_assets.ml.loss import token_loss_sum
+    from lorasum_assets.ml.model_setup import use_attention
+
+    batch = collate_right(train[2:], tiny_tokenizer.pad_token_id)
+    losses = {}
+    with torch.no_grad():
+        for kernel in ("eager", "sdpa"):
+            use_attention(peft_model, kernel)
+            losses[kernel] = float(token_loss_sum(peft_model, dict(batch))[0])
+    assert abs(losses["eager"] - losses["sdpa"]) <= 1e-4 * abs(losses["eager"])

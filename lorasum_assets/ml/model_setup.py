@@ -15,9 +15,7 @@ def is_quantized(model) -> bool:
 def prepare_peft_model(model, spec: TrainSpec):
     """Wrap the base in LoRA. 4-bit bases go through ``prepare_model_for_kbit_training``."""
     checkpointing_kwargs = {"use_reentrant": False}
-    attention = training_attention(model, spec.attention)
-    if attention != model.config._attn_implementation:
-        model.set_attn_implementation(attention)
+    use_attention(model, training_attention(model, spec.attention))
     if is_quantized(model):
         model = prepare_model_for_kbit_training(
             model,
@@ -47,19 +45,36 @@ def prepare_peft_model(model, spec: TrainSpec):
     return peft_model
 
 
-def training_attention(model, attention: str = "auto") -> str:
-    """The attention kernel to train with.
+# Widest micro-batch (tokens per row) that trains faster with eager attention than with SDPA on CPU.
+# SmolLM2-135M, bf16 autocast, 32 examples of exactly this width (benchmarks/cost_growth.py's
+# long examples): 512 tokens eager 26.0 s, SDPA 29.0 s; 768 tokens eager 62.7 s, SDPA 45.8 s;
+# 1024 tokens eager 161.8 s, SDPA 63.3 s (eager's full attention matrices grow with width squared).
+CPU_EAGER_MAX_WIDTH = 512
 
-    ``auto`` picks eager attention on CPU: SDPA trained at 0.82x (benchmarks/speed.py) and 0.85x
-    (benchmarks/levers.py) of eager on SmolLM2-135M with bf16 autocast and batches of up to ~500
-    tokens. On GPUs the model keeps its own choice (SDPA/flash kernels win there).
+
+def training_attention(model, attention: str = "auto", width: int | None = None) -> str:
+    """The attention kernel to train a micro-batch of ``width`` tokens per row with.
+
+    ``auto`` on CPU: eager up to ``CPU_EAGER_MAX_WIDTH`` tokens (SDPA trained at 0.82-0.87x of eager
+    on SmolLM2-135M's ~250-token DialogSum batches, benchmarks/speed.py), SDPA above it. On GPUs
+    the model keeps its own choice (SDPA/flash kernels win there).
     """
     if attention in ("sdpa", "eager"):
         return attention
     if attention != "auto":
         raise ValueError(f"attention must be auto, sdpa or eager, got {attention!r}")
     device = next(model.parameters()).device
-    return "eager" if device.type == "cpu" else model.config._attn_implementation
+    if device.type != "cpu":
+        return model.config._attn_implementation
+    return "sdpa" if width is not None and width > CPU_EAGER_MAX_WIDTH else "eager"
+
+
+def use_attention(model, attention: str) -> None:
+    """Switch ``model`` (a PEFT wrapper or a plain model) to ``attention``; attention layers read the
+    choice from the config on every forward, so this holds from the next forward on."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation != attention:
+        base.set_attn_implementation(attention)
 
 
 def compile_decoder_layers(model) -> int:

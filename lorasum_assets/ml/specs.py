@@ -136,7 +136,9 @@ class TrainSpec:
     group_by_length: bool = setting(True, "Group similar lengths into micro-batches (less padding).")
     compile_layers: bool = setting(False, "torch.compile each decoder layer (pays only on long runs).")
     attention: str = setting(
-        "auto", "Attention kernel while training: auto is eager on CPU and the model's own on GPU.", choices=("auto", "sdpa", "eager")
+        "auto",
+        "Attention kernel while training: auto is eager on CPU for micro-batches up to 512 tokens wide and SDPA above, the model's own on GPU.",
+        choices=("auto", "sdpa", "eager"),
     )
     logging_steps: int = setting(1, "Log every N optimizer steps.", ge=1)
     checkpoint_steps: int = setting(10, "Write a resumable checkpoint every N optimizer steps.", ge=1)

@@ -26,6 +26,7 @@ from lorasum_assets.ml.batching import TrainExample, collate_packed, collate_rig
 from lorasum_assets.ml.checkpoints import complete_checkpoints, load_checkpoint, save_checkpoint
 from lorasum_assets.ml.distributed import label_token_count, micro_batch_seed, reduce_sum, window_share
 from lorasum_assets.ml.loss import LabelLossModule, evaluate_loss
+from lorasum_assets.ml.model_setup import training_attention, use_attention
 from lorasum_assets.ml.modeling import count_parameters
 from lorasum_assets.ml.precision import frozen_weights_in, training_autocast_dtype
 from lorasum_assets.ml.progress import StepLog, TrainResult
@@ -112,6 +113,7 @@ def train_lora(
                     real = micro_index is not None
                     examples = [train_examples[i] for i in window[micro_index if real else 0]]
                     batch = collate_packed(examples, pad_id) if spec.packing else collate_right(examples, pad_id)
+                    use_attention(peft_model, training_attention(peft_model, spec.attention, batch["input_ids"].shape[1]))
                     if real:
                         result.real_tokens += sum(len(e.input_ids) for e in examples)
                         result.padded_tokens += batch["input_ids"].numel()
