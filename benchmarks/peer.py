@@ -288,6 +288,12 @@ def main() -> int:
     if "generate-lookup" in results and "generate-ours" in results:
         same = sum(a == b for a, b in zip(results["generate-lookup"][0]["texts"], results["generate-ours"][0]["texts"]))
         print(f"| prompt lookup outputs identical to ours (both bf16) | {same}/{len(plain_texts)} | | |")
+    generated = [v for v in results if v.startswith("generate-")]
+    if generated:
+        print("\n| generation variant | new tokens/s | seconds |\n|---|---|---|")
+        for variant in generated:
+            print(f"| {variant} | {spread([r['new_tokens_per_s'] for r in results[variant]])} | "
+                  f"{spread([r['seconds'] for r in results[variant]])} |")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "peer.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
