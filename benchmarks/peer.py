@@ -51,11 +51,11 @@ def model_spec(args):
     return ModelSpec(model=args.model, cache_dir=args.cache, device=args.device)
 
 
-def train_spec():
+def train_spec(lora_dropout: float = 0.1):
     from lorasum_assets.ml.specs import TrainSpec
 
     return TrainSpec(learning_rate=2e-4, batch_size=2, gradient_accumulation_steps=2, epochs=2, warmup_ratio=0.0,
-                     gradient_checkpointing=False, lora_dropout=0.1, seed=0)
+                     gradient_checkpointing=False, lora_dropout=lora_dropout, seed=0)
 
 
 def encoded_train(args, tokenizer):
@@ -74,9 +74,9 @@ def run_train_ours(args) -> dict:
     spec = model_spec(args)
     tokenizer = load_tokenizer(spec)
     examples = encoded_train(args, tokenizer)
-    peft_model = prepare_peft_model(load_model(spec), train_spec())
+    peft_model = prepare_peft_model(load_model(spec), train_spec(args.lora_dropout))
     marks = [time.perf_counter()]
-    result = train_lora(peft_model, [TrainExample(e.input_ids, e.labels) for e in examples], [], train_spec(),
+    result = train_lora(peft_model, [TrainExample(e.input_ids, e.labels) for e in examples], [], train_spec(args.lora_dropout),
                         tokenizer.pad_token_id, on_epoch=lambda epoch, _: marks.append(time.perf_counter()))
     epoch_tokens = sum(len(e.input_ids) for e in examples)
     losses = [s.loss for s in result.steps]
@@ -119,7 +119,7 @@ def run_train_trl(args) -> dict:
         train_sampling_strategy="group_by_length", completion_only_loss=True, gradient_checkpointing=False, save_strategy="no", report_to=[],
         use_cpu=args.device == "cpu", seed=0, dataloader_num_workers=0, max_length=512,
     )
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=lora, callbacks=[EpochTimer()])
     trainer.train()
@@ -232,6 +232,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cache", default=str(ROOT / ".lorasum" / "models"), help="model cache")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--output", default="peer.json", help="file name of the JSON under benchmarks/results")
+    parser.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout of both trainers (the recipe's 0.1)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.sample and not Path(args.data, "dialogsum.dev.jsonl").exists():
@@ -244,7 +246,8 @@ def main() -> int:
     variants = args.variants.split(",")
     results: dict[str, list[dict]] = {v: [] for v in variants}
     passthrough = [f"--data={args.data}", f"--model={args.model}", f"--train={args.train}", f"--generate={args.generate}",
-                   f"--device={args.device}", f"--cache={args.cache}", *(["--sample"] if args.sample else [])]
+                   f"--device={args.device}", f"--cache={args.cache}", f"--lora-dropout={args.lora_dropout}",
+                   *(["--sample"] if args.sample else [])]
     for repeat in range(args.repeats):
         for variant in variants:  # interleaved, each in a fresh process
             done = subprocess.run([sys.executable, __file__, *passthrough, "--worker", variant], capture_output=True, text=True)
@@ -288,6 +291,11 @@ def main() -> int:
     if "generate-lookup" in results and "generate-ours" in results:
         same = sum(a == b for a, b in zip(results["generate-lookup"][0]["texts"], results["generate-ours"][0]["texts"]))
         print(f"| prompt lookup outputs identical to ours (both bf16) | {same}/{len(plain_texts)} | | |")
+    if "train-ours" in results:
+        print("\n| training variant | real tokens/s, epoch 2 | mean loss epoch 2 |\n|---|---|---|")
+        for variant in (v for v in results if v.startswith("train-")):
+            print(f"| {variant} (LoRA dropout {args.lora_dropout}) | {spread([r['tokens_per_s'] for r in results[variant]])} | "
+                  f"{statistics.median(r['loss_epoch2'] for r in results[variant]):.4f} |")
     generated = [v for v in results if v.startswith("generate-")]
     if generated:
         print("\n| generation variant | new tokens/s | seconds |\n|---|---|---|")
@@ -296,7 +304,7 @@ def main() -> int:
                   f"{spread([r['seconds'] for r in results[variant]])} |")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "peer.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    (out / args.output).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     return 0
 
 
