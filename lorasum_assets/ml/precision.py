@@ -65,16 +65,9 @@ def frozen_weights_in(model, dtype):
     (``autocast_cast_weights``), so the numbers equal autocast's; the model leaves the block with
     its own fp32 weights, so only the LoRA weights have changed.
     """
-    originals = []
-    if dtype in (torch.bfloat16, torch.float16) and not is_quantized(model):
-        for param in autocast_cast_weights(model):
-            originals.append((param, param.data))
-            param.data = param.data.to(dtype)
-    try:
-        yield len(originals)
-    finally:
-        for param, data in originals:
-            param.data = data
+    chosen = autocast_cast_weights(model) if dtype in (torch.bfloat16, torch.float16) and not is_quantized(model) else []
+    with _held_in(chosen, dtype) as count:
+        yield count
 
 
 def generation_dtype(model, precision: str = "auto"):
@@ -101,12 +94,17 @@ def weights_in(model, dtype):
     """Hold every floating-point parameter of ``model`` (LoRA weights too) in ``dtype`` while the
     block runs, then put the original tensors back; buffers (the rotary frequencies) stay as they
     are. ``dtype`` None leaves the model alone."""
-    originals = []
-    if dtype is not None:
-        for param in model.parameters():
-            if param.is_floating_point() and param.dtype != dtype:
-                originals.append((param, param.data))
-                param.data = param.data.to(dtype)
+    chosen = [p for p in model.parameters() if p.is_floating_point() and p.dtype != dtype] if dtype is not None else []
+    with _held_in(chosen, dtype) as count:
+        yield count
+
+
+@contextlib.contextmanager
+def _held_in(params, dtype):
+    """Store ``params`` in ``dtype`` while the block runs, then put their original tensors back."""
+    originals = [(param, param.data) for param in params]
+    for param, data in originals:
+        param.data = data.to(dtype)
     try:
         yield len(originals)
     finally:
