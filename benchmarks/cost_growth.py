@@ -38,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import dialogsum_splits, print_result, run_interleaved, training_examples  # noqa: E402  (beside this script)
+
 TRAIN_SIZES = (32, 128, 512)
 TRAIN_LENGTHS = (256, 512, 1024)
 GENERATE_SIZES = (16, 64, 256)
@@ -54,12 +56,9 @@ def _peak_memory_mb(device: str) -> float:
 
 
 def _dialogues(args):
-    from lorasum_assets.ml.data import normalise
-    from lorasum_assets.ml.readers import read_local
-
-    loaded = normalise(read_local(args.data), "local")
-    return ([d for d in loaded.dialogues if d.split == "validation"] + [d for d in loaded.dialogues if d.split == "test"],
-            [d for d in loaded.dialogues if d.split == "test"])
+    """(dev then test dialogues as the training pool, test dialogues)."""
+    dev, test = dialogsum_splits(args.data)
+    return dev + test, test
 
 
 def run_train(args, count: int, max_length: int, joined: bool) -> dict:
@@ -87,9 +86,7 @@ def run_train(args, count: int, max_length: int, joined: bool) -> dict:
             e = encode_example(tokenizer, "\n".join(parts), pool[cursor - 1].references[0], max_length)
             examples.append(TrainExample(e.input_ids, e.labels))
     else:
-        for d in pool[:count]:
-            e = encode_example(tokenizer, d.dialogue, d.references[0], max_length)
-            examples.append(TrainExample(e.input_ids, e.labels))
+        examples = training_examples(tokenizer, pool[:count], max_length)
     train_spec = dataclasses.replace(PROFILES["smollm2-135m"].training, epochs=1, attention=args.attention)
     peft_model = prepare_peft_model(load_model(spec), train_spec)
     if args.device != "cpu":
@@ -175,22 +172,15 @@ def main() -> int:
         print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)
         return 2
     if args.worker:
-        print("RESULT " + json.dumps(run_variant(args, args.worker)), flush=True)
+        print_result(run_variant(args, args.worker))
         return 0
 
     variants = args.variants.split(",")
-    results: dict[str, list[dict]] = {v: [] for v in variants}
     passthrough = [f"--data={args.data}", f"--model={args.model}", f"--device={args.device}", f"--cache={args.cache}",
                    f"--attention={args.attention}"]
-    for repeat in range(args.repeats):
-        for variant in variants:  # interleaved, each in a fresh process
-            done = subprocess.run([sys.executable, __file__, *passthrough, "--worker", variant], capture_output=True, text=True)
-            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if done.returncode != 0 or line is None:
-                print(f"{variant} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
-                return 1
-            results[variant].append(json.loads(line[len("RESULT "):]))
-            print(f"repeat {repeat + 1}/{args.repeats} {variant}: {results[variant][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    results = run_interleaved(__file__, passthrough, variants, args.repeats, describe=lambda r: f"{r['seconds']:.1f} s")
+    if results is None:
+        return 1
 
     import torch
 

@@ -25,17 +25,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import dialogsum_splits, training_examples  # noqa: E402  (benchmarks/common.py, beside this script)
+
 
 def main() -> int:
     from lorasum_assets.ml.adapter_files import save_adapter
-    from lorasum_assets.ml.batching import TrainExample
-    from lorasum_assets.ml.data import normalise
     from lorasum_assets.ml.generate import generate, generate_with_adapter
     from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path
     from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_example, encode_prompt
-    from lorasum_assets.ml.readers import read_local
+    from lorasum_assets.ml.prompts import encode_prompt
     from lorasum_assets.ml.report import METRICS, metric_value, score_predictions
     from lorasum_assets.ml.specs import SMOLLM2_GGUF, BertScoreSpec, GenerationSpec, TrainSpec
     from lorasum_assets.ml.train import train_lora
@@ -57,19 +56,14 @@ def main() -> int:
         print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)
         return 2
 
-    loaded = normalise(read_local(args.data), "local")
-    dev = [d for d in loaded.dialogues if d.split == "validation"]
-    test = [d for d in loaded.dialogues if d.split == "test" and d.source_index % args.test_every == 0]
+    dev, test = dialogsum_splits(args.data)
+    test = [d for d in test if d.source_index % args.test_every == 0]
     train_rows, val_rows = dev[: args.train], dev[args.train : args.train + 20]
     spec = ModelSpec(model=args.model, cache_dir=args.cache)
     tokenizer = load_tokenizer(spec)
 
     def encode(rows):
-        out = []
-        for d in rows:
-            e = encode_example(tokenizer, d.dialogue, d.references[0], args.max_length, boundary=args.prompt_boundary)
-            out.append(TrainExample(e.input_ids, e.labels))
-        return out
+        return training_examples(tokenizer, rows, args.max_length, boundary=args.prompt_boundary)
 
     train_spec = TrainSpec(learning_rate=args.lr, batch_size=4, gradient_accumulation_steps=1, epochs=args.epochs,
                            gradient_checkpointing=False, warmup_ratio=0.1)

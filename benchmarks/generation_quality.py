@@ -25,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import dialogsum_splits, training_examples  # noqa: E402  (benchmarks/common.py, beside this script)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -42,20 +44,15 @@ def main() -> int:
     import torch
 
     from lorasum_assets.ml.adapter_files import save_adapter
-    from lorasum_assets.ml.batching import TrainExample
-    from lorasum_assets.ml.data import normalise
     from lorasum_assets.ml.generate import generate, generate_with_adapter
     from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path, paired_bootstrap_ci, rouge_scores
     from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_example, encode_prompt
-    from lorasum_assets.ml.readers import read_local
+    from lorasum_assets.ml.prompts import encode_prompt
     from lorasum_assets.ml.specs import BertScoreSpec, GenerationSpec, TrainSpec
     from lorasum_assets.ml.train import train_lora
 
-    loaded = normalise(read_local(args.data), "local")
-    dev = [d for d in loaded.dialogues if d.split == "validation"]
-    test_all = [d for d in loaded.dialogues if d.split == "test"]
+    dev, test_all = dialogsum_splits(args.data)
     stride = max(1, len(test_all) // args.test)
     test = test_all[::stride][: args.test]
     spec = ModelSpec(model=args.model, cache_dir=args.cache)
@@ -63,10 +60,7 @@ def main() -> int:
 
     train_spec = TrainSpec(learning_rate=1e-3, batch_size=4, gradient_accumulation_steps=1, epochs=1,
                            gradient_checkpointing=False, warmup_ratio=0.1)
-    examples = []
-    for d in dev[: args.train]:
-        e = encode_example(tokenizer, d.dialogue, d.references[0], 512)
-        examples.append(TrainExample(e.input_ids, e.labels))
+    examples = training_examples(tokenizer, dev[: args.train], 512)
     peft_model = prepare_peft_model(load_model(spec), train_spec)
     trained = train_lora(peft_model, examples, [], train_spec, tokenizer.pad_token_id)
     adapter_dir = save_adapter(peft_model, tokenizer, Path(args.cache).parent / "quality-adapter")

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import print_result, run_interleaved  # noqa: E402  (benchmarks/common.py, beside this script)
 
 VARIANTS = ("train-ours", "train-trl", "generate-ours", "generate-ours-fp32", "generate-plain", "generate-lookup",
             "generate-static-compiled")
@@ -240,23 +241,16 @@ def main() -> int:
         print(f"no DialogSum files in {args.data}: nothing measured (--sample uses the bundled sample)", file=sys.stderr)
         return 2
     if args.worker:
-        print("RESULT " + json.dumps(WORKERS[args.worker](args)), flush=True)
+        print_result(WORKERS[args.worker](args))
         return 0
 
     variants = args.variants.split(",")
-    results: dict[str, list[dict]] = {v: [] for v in variants}
     passthrough = [f"--data={args.data}", f"--model={args.model}", f"--train={args.train}", f"--generate={args.generate}",
                    f"--device={args.device}", f"--cache={args.cache}", f"--lora-dropout={args.lora_dropout}",
                    *(["--sample"] if args.sample else [])]
-    for repeat in range(args.repeats):
-        for variant in variants:  # interleaved, each in a fresh process
-            done = subprocess.run([sys.executable, __file__, *passthrough, "--worker", variant], capture_output=True, text=True)
-            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if done.returncode != 0 or line is None:
-                print(f"{variant} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
-                return 1
-            results[variant].append(json.loads(line[len("RESULT "):]))
-            print(f"repeat {repeat + 1}/{args.repeats} {variant}: done", file=sys.stderr, flush=True)
+    results = run_interleaved(__file__, passthrough, variants, args.repeats, describe=lambda _: "done")
+    if results is None:
+        return 1
 
     import torch
 

@@ -40,6 +40,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import dialogsum_splits, training_examples  # noqa: E402  (benchmarks/common.py, beside this script)
+
 NOTEBOOK_PAD = 512
 LEVERS = {
     "ours": {},
@@ -54,20 +57,13 @@ LEVERS = {
 
 
 def _examples(args):
-    from lorasum_assets.ml.batching import TrainExample
-    from lorasum_assets.ml.data import normalise
     from lorasum_assets.ml.modeling import ModelSpec, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_example, encode_prompt
-    from lorasum_assets.ml.readers import read_local
+    from lorasum_assets.ml.prompts import encode_prompt
 
-    loaded = normalise(read_local(args.data), "local")
-    dev = [d for d in loaded.dialogues if d.split == "validation"]
-    test = [d for d in loaded.dialogues if d.split == "test"][: args.generate]
+    dev, test = dialogsum_splits(args.data)
+    test = test[: args.generate]
     tokenizer = load_tokenizer(ModelSpec(model=args.model, cache_dir=args.cache))
-    train = []
-    for d in dev[: args.train]:
-        e = encode_example(tokenizer, d.dialogue, d.references[0], NOTEBOOK_PAD)
-        train.append(TrainExample(e.input_ids, e.labels))
+    train = training_examples(tokenizer, dev[: args.train], NOTEBOOK_PAD)
     prompts = [encode_prompt(tokenizer, d.dialogue)[0] for d in test]
     return tokenizer, train, prompts, [d.references for d in test]
 

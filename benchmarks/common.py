@@ -1,0 +1,54 @@
+"""What the benchmarks share: DialogSum's dev and test dialogues, training examples, and running
+each variant in a fresh process, interleaved and repeated."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+
+
+def dialogsum_splits(data: str) -> tuple[list, list]:
+    """The dev (validation) and test dialogues of the DialogSum files in ``data``, in file order."""
+    from lorasum_assets.ml.data import normalise
+    from lorasum_assets.ml.readers import read_local
+
+    dialogues = normalise(read_local(data), "local").dialogues
+    return [d for d in dialogues if d.split == "validation"], [d for d in dialogues if d.split == "test"]
+
+
+def training_examples(tokenizer, dialogues: Sequence, max_length: int, boundary: str = "natural") -> list:
+    """Each dialogue with its first reference summary, encoded for training."""
+    from lorasum_assets.ml.batching import TrainExample
+    from lorasum_assets.ml.prompts import encode_example
+
+    examples = []
+    for d in dialogues:
+        e = encode_example(tokenizer, d.dialogue, d.references[0], max_length, boundary=boundary)
+        examples.append(TrainExample(e.input_ids, e.labels))
+    return examples
+
+
+def run_interleaved(
+    script: str, arguments: Sequence[str], variants: Sequence[str], repeats: int, describe: Callable[[dict], str]
+) -> dict[str, list[dict]] | None:
+    """Run ``script --worker VARIANT`` for every variant in a fresh process, the variants interleaved,
+    ``repeats`` rounds. A worker prints its result as one line ``RESULT <json>``. Returns the results
+    per variant, or None (after printing the worker's stderr) when one fails."""
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    for repeat in range(repeats):
+        for variant in variants:
+            done = subprocess.run([sys.executable, script, *arguments, "--worker", variant], capture_output=True, text=True)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if done.returncode != 0 or line is None:
+                print(f"{variant} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+                return None
+            results[variant].append(json.loads(line[len("RESULT "):]))
+            print(f"repeat {repeat + 1}/{repeats} {variant}: {describe(results[variant][-1])}", file=sys.stderr, flush=True)
+    return results
+
+
+def print_result(result: dict) -> None:
+    """A worker's answer to ``run_interleaved``."""
+    print("RESULT " + json.dumps(result), flush=True)
