@@ -83,6 +83,8 @@ SETTINGS = [
     ("prompt budget 4", "base_predictions", config("base_predictions", max_prompt_tokens=4), None, "GenerationSpec.max_prompt_tokens = 4; must be >= 16"),
     ("temperature 0", "base_predictions", config("base_predictions", temperature=0.0), None, "GenerationSpec.temperature = 0.0; must be > 0.0"),
     ("top_p 1.5", "base_predictions", config("base_predictions", top_p=1.5), None, "GenerationSpec.top_p = 1.5; must be <= 1.0"),
+    ("unknown LoRA dropout mask", "lora_adapter", config("lora_adapter", lora_dropout_mask="fast"), None,
+     "TrainSpec.lora_dropout_mask = 'fast'; allowed: auto, packed_bits, torch"),
     ("unknown generation precision", "base_predictions", config("base_predictions", precision="fp8"), None,
      "GenerationSpec.precision = 'fp8'; allowed: auto, bf16, as_loaded"),
     ("no room for a prompt", "base_predictions", config("base_predictions", max_new_tokens=2040), None, "leaves no room for a prompt"),

