@@ -7,7 +7,7 @@ and one plain batched ``model.generate``.
 Same data for both sides: the first 32 DialogSum dev dialogues (training, tokenized once by our
 ``encode_example`` and handed to TRL pre-tokenized with its completion mask, so both train on the
 same tokens with a completion-only loss) and 16 test dialogues (generation, greedy, 60 new tokens).
-Training: SmolLM2-135M, LoRA r16/alpha32/dropout 0.1 on q,k,v,o, micro-batches of 2 x accumulation
+Training: SmolLM2-135M, LoRA r16/alpha32/dropout 0.1 on q,k,v,o (ours also with torch's dropout mask), micro-batches of 2 x accumulation
 2, lr 2e-4 cosine, two epochs, the second timed. Every variant runs in a fresh process, the
 variants interleaved, ``--repeats`` times; the table shows the median and min-max, and a JSON lands
 in benchmarks/results/peer.json. Exits 2 without the DialogSum files unless ``--sample`` (the
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import print_result, run_interleaved  # noqa: E402  (benchmarks/common.py, beside this script)
 
-VARIANTS = ("train-ours", "train-trl", "generate-ours", "generate-ours-fp32", "generate-plain", "generate-lookup",
+VARIANTS = ("train-ours", "train-ours-torch-dropout", "train-trl", "generate-ours", "generate-ours-fp32", "generate-plain", "generate-lookup",
             "generate-static-compiled")
 
 
@@ -52,11 +52,12 @@ def model_spec(args):
     return ModelSpec(model=args.model, cache_dir=args.cache, device=args.device)
 
 
-def train_spec(lora_dropout: float = 0.1):
+def train_spec(args, lora_dropout_mask: str = "auto"):
     from lorasum_assets.ml.specs import TrainSpec
 
     return TrainSpec(learning_rate=2e-4, batch_size=2, gradient_accumulation_steps=2, epochs=2, warmup_ratio=0.0,
-                     gradient_checkpointing=False, lora_dropout=lora_dropout, seed=0)
+                     gradient_checkpointing=False, lora_dropout=args.lora_dropout, lora_dropout_mask=lora_dropout_mask,
+                     seed=args.seed)
 
 
 def encoded_train(args, tokenizer):
@@ -66,7 +67,7 @@ def encoded_train(args, tokenizer):
     return [encode_example(tokenizer, d.dialogue, d.references[0], 512) for d in train]
 
 
-def run_train_ours(args) -> dict:
+def run_train_ours(args, lora_dropout_mask: str = "auto") -> dict:
     from lorasum_assets.ml.batching import TrainExample
     from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import load_model, load_tokenizer
@@ -75,15 +76,15 @@ def run_train_ours(args) -> dict:
     spec = model_spec(args)
     tokenizer = load_tokenizer(spec)
     examples = encoded_train(args, tokenizer)
-    peft_model = prepare_peft_model(load_model(spec), train_spec(args.lora_dropout))
+    peft_model = prepare_peft_model(load_model(spec), train_spec(args, lora_dropout_mask))
     marks = [time.perf_counter()]
-    result = train_lora(peft_model, [TrainExample(e.input_ids, e.labels) for e in examples], [], train_spec(args.lora_dropout),
+    result = train_lora(peft_model, [TrainExample(e.input_ids, e.labels) for e in examples], [], train_spec(args, lora_dropout_mask),
                         tokenizer.pad_token_id, on_epoch=lambda epoch, _: marks.append(time.perf_counter()))
     epoch_tokens = sum(len(e.input_ids) for e in examples)
     losses = [s.loss for s in result.steps]
     half = len(losses) // 2
     return {"epoch2_s": marks[2] - marks[1], "tokens_per_s": epoch_tokens / (marks[2] - marks[1]),
-            "loss_epoch1": statistics.mean(losses[:half]), "loss_epoch2": statistics.mean(losses[half:])}
+            "loss_epoch1": statistics.mean(losses[:half]), "loss_epoch2": statistics.mean(losses[half:]), "losses": losses}
 
 
 def run_train_trl(args) -> dict:
@@ -118,7 +119,7 @@ def run_train_trl(args) -> dict:
         output_dir=str(Path(args.cache).parent / "trl-bench"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
         learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0, num_train_epochs=2, bf16=bf16, logging_steps=1,
         train_sampling_strategy="group_by_length", completion_only_loss=True, gradient_checkpointing=False, save_strategy="no", report_to=[],
-        use_cpu=args.device == "cpu", seed=0, dataloader_num_workers=0, max_length=512,
+        use_cpu=args.device == "cpu", seed=args.seed, dataloader_num_workers=0, max_length=512,
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -129,7 +130,7 @@ def run_train_trl(args) -> dict:
     epoch_tokens = sum(len(e.input_ids) for e in examples)
     epoch2 = marks[3] - marks[2]
     return {"epoch2_s": epoch2, "tokens_per_s": epoch_tokens / epoch2,
-            "loss_epoch1": statistics.mean(losses[:half]), "loss_epoch2": statistics.mean(losses[half:])}
+            "loss_epoch1": statistics.mean(losses[:half]), "loss_epoch2": statistics.mean(losses[half:]), "losses": losses}
 
 
 def prompts(args, tokenizer):
@@ -212,7 +213,8 @@ def run_generate_plain(args) -> dict:
     return {"seconds": seconds, "new_tokens_per_s": new_tokens / seconds, "texts": texts}
 
 
-WORKERS = {"train-ours": run_train_ours, "train-trl": run_train_trl, "generate-ours": run_generate_ours,
+WORKERS = {"train-ours": run_train_ours, "train-ours-torch-dropout": lambda args: run_train_ours(args, "torch"),
+           "train-trl": run_train_trl, "generate-ours": run_generate_ours,
            "generate-ours-fp32": lambda args: run_generate_ours(args, "as_loaded"), "generate-plain": run_generate_plain,
            "generate-lookup": run_generate_lookup,
            "generate-static-compiled": lambda args: run_generate_ours(args, "auto", static_compiled=True)}
@@ -235,6 +237,7 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     parser.add_argument("--output", default="peer.json", help="file name of the JSON under benchmarks/results")
     parser.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout of both trainers (the recipe's 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of both trainers")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.sample and not Path(args.data, "dialogsum.dev.jsonl").exists():
@@ -247,6 +250,7 @@ def main() -> int:
     variants = args.variants.split(",")
     passthrough = [f"--data={args.data}", f"--model={args.model}", f"--train={args.train}", f"--generate={args.generate}",
                    f"--device={args.device}", f"--cache={args.cache}", f"--lora-dropout={args.lora_dropout}",
+                   f"--seed={args.seed}",
                    *(["--sample"] if args.sample else [])]
     results = run_interleaved(__file__, passthrough, variants, args.repeats, describe=lambda _: "done")
     if results is None:
@@ -263,6 +267,10 @@ def main() -> int:
         trl = [r["tokens_per_s"] for r in results["train-trl"]]
         print(f"| training real tokens/s, epoch 2 (vs TRL SFTTrainer) | {spread(ours)} | {spread(trl)} | "
               f"{statistics.median(ours) / statistics.median(trl):.2f}x |")
+        if "train-ours-torch-dropout" in results:
+            torch_mask = [r["tokens_per_s"] for r in results["train-ours-torch-dropout"]]
+            print(f"| training real tokens/s, ours with lora_dropout_mask torch (vs TRL SFTTrainer) | {spread(torch_mask)} | "
+                  f"{spread(trl)} | {statistics.median(torch_mask) / statistics.median(trl):.2f}x |")
         for key in ("loss_epoch1", "loss_epoch2"):
             print(f"| training mean loss, {key[5:].replace('epoch', 'epoch ')} | "
                   f"{statistics.median(r[key] for r in results['train-ours']):.4f} | "
@@ -288,7 +296,7 @@ def main() -> int:
     if "train-ours" in results:
         print("\n| training variant | real tokens/s, epoch 2 | mean loss epoch 2 |\n|---|---|---|")
         for variant in (v for v in results if v.startswith("train-")):
-            print(f"| {variant} (LoRA dropout {args.lora_dropout}) | {spread([r['tokens_per_s'] for r in results[variant]])} | "
+            print(f"| {variant} (LoRA dropout {args.lora_dropout}, seed {args.seed}) | {spread([r['tokens_per_s'] for r in results[variant]])} | "
                   f"{statistics.median(r['loss_epoch2'] for r in results[variant]):.4f} |")
     generated = [v for v in results if v.startswith("generate-")]
     if generated:
