@@ -116,7 +116,7 @@ class TrainSpec:
     lora_dropout: float = setting(0.1, "Dropout on the LoRA input.", ge=0.0, le=0.9)
     lora_dropout_mask: str = setting(
         "auto",
-        "How LoRA dropout draws its mask: auto is packed_bits on CPU (15 random bits per element, about 2.5x "
+        "How LoRA dropout draws its mask: auto is packed_bits on CPU (15 random bits per element, about 3x "
         "cheaper than torch's dropout there; same drop probability within 2e-5) and torch on GPU.",
         choices=LORA_DROPOUT_MASKS,
     )
