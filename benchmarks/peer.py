@@ -76,10 +76,10 @@ def run_train_ours(args, lora_dropout_mask: str = "auto") -> dict:
     spec = model_spec(args)
     tokenizer = load_tokenizer(spec)
     examples = encoded_train(args, tokenizer)
-    peft_model = prepare_peft_model(load_model(spec), train_spec(args, lora_dropout_mask))
+    training = train_spec(args, lora_dropout_mask)
+    peft_model = prepare_peft_model(load_model(spec), training)
     marks = [time.perf_counter()]
-    result = train_lora(peft_model, [TrainExample(e.input_ids, e.labels) for e in examples], [], train_spec(args, lora_dropout_mask),
-                        tokenizer.pad_token_id, on_epoch=lambda epoch, _: marks.append(time.perf_counter()))
+    result = train_lora(peft_model, [TrainExample(e.input_ids, e.labels) for e in examples], [], training, tokenizer.pad_token_id, on_epoch=lambda epoch, _: marks.append(time.perf_counter()))
     epoch_tokens = sum(len(e.input_ids) for e in examples)
     losses = [s.loss for s in result.steps]
     half = len(losses) // 2
