@@ -117,7 +117,6 @@ def record_run_failures(context: dg.RunFailureSensorContext) -> None:
     store = build_store()
     with store.connect() as con:
         record_run_failure(con, run.run_id, run.job_name, message)
-    store.export_run(run.run_id)
 
 
 @dg.sensor(

@@ -1,7 +1,7 @@
 """The ``lorasum`` command: the evaluation history, run comparisons, summaries and exports.
 
-Reads open the database read-only and retry with jitter while a pipeline run holds the write
-lock; past ``--wait`` seconds they stop with a clear message (exit code 3).
+Reads open the history (a DuckLake) read-only: they never wait for a run, nor a run for them.
+``lorasum sql`` opens a DuckDB shell on it.
 """
 
 from __future__ import annotations
@@ -15,25 +15,17 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorasum_assets.home import database_location
-from lorasum_assets.store.history import DatabaseBusyError, with_lock_retry
+from lorasum_assets.home import home_path
+from lorasum_assets.store.history import DatabaseBusyError
+from lorasum_assets.store.lake import HistoryNotFoundError, HistorySettingError, history_location, open_history, write_init_file
 from lorasum_assets.store.schema import HISTORY_TABLES
 
 
 def _connect(args: argparse.Namespace):
-    import duckdb
-
-    if getattr(args, "history_uri", None):
-        from lorasum_assets.store.shared_history import open_shared_history
-
-        return open_shared_history(args.history_uri)
-    location = database_location(create_home=False)
-    if location.startswith("md:"):
-        return duckdb.connect(location, read_only=True)
-    path = Path(location)
-    if not path.exists():
-        raise SystemExit(f"no lorasum database at {path}; run the pipeline first (make demo)")
-    return with_lock_retry(lambda: duckdb.connect(str(path), read_only=True), args.wait)
+    try:
+        return open_history(read_only=True)
+    except (HistoryNotFoundError, HistorySettingError) as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def _fmt(value: object) -> str:
@@ -269,6 +261,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def duckdb_cli() -> str:
+    """The DuckDB shell installed with lorasum (PyPI ``duckdb-cli``, the same DuckDB version)."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "duckdb"
+    found = str(beside) if beside.exists() else shutil.which("duckdb")
+    if not found:
+        raise SystemExit("lorasum sql: the DuckDB shell is not installed (pip install duckdb-cli)")
+    return found
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """A DuckDB shell on the history, read-only; tables of your own go to the session's memory."""
+    _connect(args).close()  # the same checks and messages as every other command
+    init = write_init_file(history_location(), home_path() / "history" / "attach.sql")
+    command = [duckdb_cli(), "-init", str(init)]
+    if args.command_text is not None:
+        command += ["-c", args.command_text]
+    if args.json and args.command_text is not None:
+        command.insert(1, "-json")
+    sys.stdout.flush()
+    os.execv(command[0], command)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from lorasum_assets.sweep import SweepGridError, load_grid
     from lorasum_assets.sweep_runner import run_sweep
@@ -309,16 +325,10 @@ def cmd_init_instance(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="lorasum", description="Query the lorasum evaluation history (DuckDB under LORASUM_HOME).", formatter_class=formatter
+        prog="lorasum", description="Query the lorasum evaluation history (a DuckLake: LORASUM_HISTORY, default under LORASUM_HOME).", formatter_class=formatter
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output (errors too)")
-    common.add_argument("--wait", type=float, default=30.0, help="seconds to wait while a pipeline run holds the database")
-    common.add_argument(
-        "--history-uri",
-        default=os.environ.get("LORASUM_HISTORY_URI") or None,
-        help="read the history shared by runs on many machines (per-run Parquet files) instead of the local database",
-    )
     common.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own progress bars and warnings")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -357,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", help="YAML file: lora_adapter: {setting: [values, ...]}")
     p.add_argument("--parallel", type=int, default=2, help="points running at once")
     p.add_argument("--metric", default="bertscore_f1", help="metric that ranks the points")
+
+    p = command("sql", "a DuckDB shell on the history (every table and view), or one query with -c", cmd_sql)
+    p.add_argument("-c", dest="command_text", metavar="SQL", help="run this query and exit")
 
     command("recover", "fail runs whose process died and free their GPU pool slots", cmd_recover)
 

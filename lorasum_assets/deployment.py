@@ -3,15 +3,14 @@
 - ``local`` (default): every step in the run's own process on this machine.
 - ``k8s-run``: dagster-k8s's ``K8sRunLauncher`` (set in the Helm values) starts one pod per run on
   a GPU node; the jobs carry the ``dagster-k8s/config`` tag that asks for it. Steps still share one
-  process, so the model loads once per run; each pod's DuckDB is scratch and the history goes to
-  ``LORASUM_HISTORY_URI`` (per-run Parquet files).
+  process, so the model loads once per run; every pod writes one shared history, a DuckLake on a
+  PostgreSQL catalog (``LORASUM_HISTORY=postgres:...``) with its data files in object storage.
 - ``k8s-steps``: dagster-k8s's ``k8s_job_executor``, one pod per step. The GPU steps carry a tag
   asking for GPUs, a GPU node and its taint's toleration; data and report steps get a CPU pod. The
-  steps of a run meet in one database they can all reach: ``LORASUM_DATABASE=md:<name>``
-  (MotherDuck).
+  steps of a run meet in the same shared history.
 
 The op tags are always present and inert outside ``k8s-steps``. Secrets reach the pods from the
-Kubernetes secret ``lorasum-secrets`` (``HF_TOKEN``, ``MOTHERDUCK_TOKEN``, object-store
+Kubernetes secret ``lorasum-secrets`` (``HF_TOKEN``, ``PGPASSWORD``, object-store
 credentials), never from run config.
 """
 
@@ -21,7 +20,7 @@ import os
 
 import dagster as dg
 
-from lorasum_assets.home import database_location
+from lorasum_assets.home import HISTORY_ENV
 
 DEPLOYMENT_ENV = "LORASUM_DEPLOYMENT"
 DEPLOYMENTS = ("local", "k8s-run", "k8s-steps")
@@ -78,10 +77,10 @@ def run_tags() -> dict:
 
 def build_executor() -> dg.ExecutorDefinition:
     if deployment() == "k8s-steps":
-        if not database_location().startswith("md:"):
+        if not (os.environ.get(HISTORY_ENV) or "").startswith("postgres:"):
             raise ValueError(
-                "LORASUM_DEPLOYMENT=k8s-steps runs each step in its own pod, and they need one database they all "
-                "reach: set LORASUM_DATABASE=md:<name> (MotherDuck), or use k8s-run"
+                "LORASUM_DEPLOYMENT=k8s-steps runs each step in its own pod, and they need one history they all "
+                f"reach: set {HISTORY_ENV}=postgres:<conninfo> (a DuckLake on PostgreSQL), or use k8s-run"
             )
         from dagster_k8s import k8s_job_executor
 

@@ -24,19 +24,21 @@ def lorasum_home() -> Path:
     return home
 
 
-DATABASE_ENV = "LORASUM_DATABASE"
+HISTORY_ENV = "LORASUM_HISTORY"
+HISTORY_DATA_ENV = "LORASUM_HISTORY_DATA"
+LEGACY_DATABASE = "lorasum.duckdb"
 
 
-def database_path() -> Path:
-    return lorasum_home() / "lorasum.duckdb"
+def history_setting() -> tuple[str | None, str | None]:
+    """``LORASUM_HISTORY`` (the DuckLake catalog: ``sqlite:PATH`` or ``postgres:CONNINFO``; unset:
+    a SQLite catalog in the home) and ``LORASUM_HISTORY_DATA`` (where a new history puts its data
+    files; an existing one keeps the path it was created with)."""
+    return os.environ.get(HISTORY_ENV) or None, os.environ.get(HISTORY_DATA_ENV) or None
 
 
-def database_location(create_home: bool = True) -> str:
-    """The history database: ``LORASUM_DATABASE`` (a file, or ``md:<name>`` for MotherDuck), else
-    ``lorasum.duckdb`` in the home (created unless ``create_home`` is False)."""
-    if os.environ.get(DATABASE_ENV):
-        return os.environ[DATABASE_ENV]
-    return str(database_path() if create_home else home_path() / "lorasum.duckdb")
+def legacy_database_path() -> Path:
+    """The single-file DuckDB history of lorasum before DuckLake, migrated on first open."""
+    return home_path() / LEGACY_DATABASE
 
 
 def home_subdir(*parts: str) -> Path:

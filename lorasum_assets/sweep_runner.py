@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from lorasum_assets.home import database_path, home_subdir
+from lorasum_assets.home import home_subdir
 from lorasum_assets.instance import init_instance
-from lorasum_assets.store.history import with_lock_retry
+from lorasum_assets.store.lake import open_history
 from lorasum_assets.sweep import point_label, point_run_config
 
 PREPARE_SELECTION = "raw_dialogsum,filtered_split,tokenized_dataset,base_predictions"
@@ -68,9 +68,7 @@ def _run_points(points: list[dict[str, Any]], sweep_id: str, parallel: int, fold
 
 
 def _ranking(sweep_id: str, metric: str) -> list[tuple]:
-    import duckdb
-
-    con = with_lock_retry(lambda: duckdb.connect(str(database_path()), read_only=True), 120)
+    con = open_history(read_only=True)
     try:
         return con.execute(
             """SELECT rank() OVER (ORDER BY m.value DESC) AS rank,

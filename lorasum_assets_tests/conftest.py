@@ -75,3 +75,10 @@ def smollm2_tokenizer(session_home):
     from lorasum_assets.ml.specs import SMOLLM2_GGUF
 
     return load_tokenizer(ModelSpec(model=SMOLLM2_GGUF, cache_dir=str(session_home / "models")))
+
+
+def history_of(home):
+    """The history a lorasum home holds, opened read-only (as a notebook would)."""
+    from lorasum_assets.store.lake import history_location, open_history
+
+    return open_history(location=history_location(f"sqlite:{home}/history/catalog.sqlite"))

@@ -1,7 +1,5 @@
-import os
 
 import dagster as dg
-import duckdb
 import pytest
 
 from lorasum_assets.automation import (
@@ -11,6 +9,7 @@ from lorasum_assets.automation import (
     record_run_failures,
     retrain_on_data_change,
 )
+from lorasum_assets_tests.conftest import history_of
 
 
 def test_schedule_is_weekly_and_stopped_by_default(monkeypatch):
@@ -72,6 +71,6 @@ def test_run_failure_sensor_records_the_failure(fresh_home):
         sensor_name="record_run_failures", dagster_event=failure, dagster_instance=instance, dagster_run=result.dagster_run
     ).for_run_failure()
     record_run_failures(context)
-    con = duckdb.connect(os.path.join(fresh_home, "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     rows = con.execute("SELECT run_id, job_name FROM run_failures").fetchall()
     assert rows == [(result.run_id, result.dagster_run.job_name)]

@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import pytest
 
 from lorasum_assets.assets import ALL_ASSETS
 from lorasum_assets.checks import ALL_CHECKS
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources.factory import build_resources
+from lorasum_assets_tests.conftest import history_of
 
 from .test_reliability import error_text, good
 
@@ -44,7 +44,7 @@ def run(instance, selection, ops=None, resources=None):
 
 
 def counts(home: Path) -> dict[str, int]:
-    con = duckdb.connect(str(home / "lorasum.duckdb"), read_only=True)
+    con = history_of(home)
     try:
         return {view: con.execute(f"SELECT count(*) FROM {view}").fetchone()[0] for view in VIEWS}
     finally:
@@ -132,7 +132,7 @@ def local(folder: Path, **extra):
 
 
 def quarantined(folder: Path, run_id: str) -> list[tuple]:
-    con = duckdb.connect(str(folder / "lorasum.duckdb"), read_only=True)
+    con = history_of(folder)
     try:
         return con.execute(
             "SELECT file, row_number, reason FROM raw_dialogsum_quarantine_by_run WHERE run_id = ? ORDER BY row_number", [run_id]
@@ -142,7 +142,7 @@ def quarantined(folder: Path, run_id: str) -> list[tuple]:
 
 
 def kept(folder: Path, run_id: str) -> int:
-    con = duckdb.connect(str(folder / "lorasum.duckdb"), read_only=True)
+    con = history_of(folder)
     try:
         return con.execute("SELECT count(*) FROM raw_dialogsum_by_run WHERE run_id = ?", [run_id]).fetchone()[0]
     finally:

@@ -10,15 +10,14 @@ import duckdb
 import pytest
 
 from lorasum_assets.cli import main
-from lorasum_assets.store.schema import migrate
+from lorasum_assets.store import open_history
 
 from .test_store import seed_run
 
 
 @pytest.fixture()
 def seeded(fresh_home):
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"))
-    migrate(con)
+    con = open_history(read_only=False)
     seed_run(con, "run-1", "2026-01-01 10:00:00", "ad1", 0.50, 0.60, {"a": (0.5, 0.6), "b": (0.5, 0.4)})
     seed_run(con, "run-2", "2026-01-02 10:00:00", "ad2", 0.50, 0.70, {"a": (0.5, 0.9), "b": (0.5, 0.45)})
     seed_run(con, "run-3", "2026-01-03 10:00:00", "ad3", 0.50, 0.65, {"a": (0.5, 0.6)}, scorer="other")
@@ -86,43 +85,65 @@ def test_summarize_unknown_adapter(seeded, capsys):
     assert "no adapter with id 'missing'" in capsys.readouterr().err
 
 
-HOLD_LOCK = textwrap.dedent(
+HOLD_WRITE = textwrap.dedent(
     """
-    import sys, time, duckdb
-    con = duckdb.connect(sys.argv[1])
+    import sys, time
+    from lorasum_assets.store import open_history
+    con = open_history(read_only=False)
     con.execute("BEGIN TRANSACTION")
     con.execute("INSERT INTO run_failures VALUES ('held', 'job', now(), 'x')")
-    print("locked", flush=True)
-    time.sleep(float(sys.argv[2]))
+    con.execute("SELECT count(*) FROM run_failures").fetchall()
+    print("writing", flush=True)
+    time.sleep(float(sys.argv[1]))
     con.execute("COMMIT")
-    con.close()
+    print("committed", flush=True)
     """
 )
 
 
-def hold(home, seconds):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(home / "lorasum.duckdb"), str(seconds)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
-
-
-def test_cli_waits_for_a_writer_then_reads(seeded, capsys):
-    writer = hold(seeded, 2.0)
-    started = time.monotonic()
-    out = run_json(capsys, "history")
-    waited = time.monotonic() - started
-    writer.wait(timeout=30)
-    assert len(out["rows"]) == 3
-    assert waited >= 1.0  # it really waited for the lock
-
-
-def test_cli_gives_a_clear_message_when_the_lock_is_held_too_long(seeded, capsys):
-    writer = hold(seeded, 6.0)
+def test_cli_reads_at_once_while_a_writer_holds_a_transaction_open(seeded, capsys):
+    writer = subprocess.Popen([sys.executable, "-c", HOLD_WRITE, "6"], stdout=subprocess.PIPE, text=True)
     try:
-        assert main(["history", "--wait", "1"]) == 3
-        assert "locked by another process" in capsys.readouterr().err
+        assert writer.stdout.readline().strip() == "writing"
+        started = time.monotonic()
+        out = run_json(capsys, "history")
+        waited = time.monotonic() - started
+        assert len(out["rows"]) == 3
+        assert waited < 3.0, f"the read waited {waited:.1f}s for the writer"
+        assert writer.poll() is None  # the writer's transaction was still open while we read
+        assert writer.stdout.readline().strip() == "committed"
     finally:
         writer.wait(timeout=30)
+
+
+HOLD_FILE = textwrap.dedent(
+    """
+    import sys, time, duckdb
+    con = duckdb.connect(sys.argv[1])
+    print("holding", flush=True)
+    time.sleep(float(sys.argv[2]))
+    """
+)
+
+
+def test_a_lock_error_names_the_process_that_holds_the_file(tmp_path):
+    import duckdb
+
+    from lorasum_assets.store.history import DatabaseBusyError, retry_busy
+
+    path = tmp_path / "held.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FILE, str(path), "20"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        waits = []
+        with pytest.raises(DatabaseBusyError) as error:
+            retry_busy(lambda: duckdb.connect(str(path)), f"the file {path.name}", timeout_s=1.0, on_wait=waits.append)
+        assert f"locked by process {holder.pid}" in str(error.value)
+        assert "HOLD" not in str(error.value) and "python" in str(error.value)  # the holder's command line
+        assert waits == []  # under 10 s: nothing to report yet
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 def test_export_never_overwrites_without_force_and_names_an_unwritable_folder(seeded, capsys, tmp_path):
@@ -165,12 +186,12 @@ def test_read_only_commands_never_create_the_home(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("LORASUM_HOME", str(missing))
     for command in (["history"], ["report"], ["adapters"]):
         assert main(command) == 1
-        assert "no lorasum database" in capsys.readouterr().err
+        assert "no lorasum history" in capsys.readouterr().err
     assert not missing.exists()
 
 
 def test_run_ids_are_accepted_by_unique_prefix(seeded, capsys):
-    con = duckdb.connect(str(seeded / "lorasum.duckdb"))
+    con = open_history(read_only=False)
     seed_run(con, "8f2c41d0-aaaa-4c1e-9d1b-000000000001", "2026-01-04 10:00:00", "ad4", 0.5, 0.6, {"a": (0.5, 0.6)})
     seed_run(con, "8f2c41d0-bbbb-4c1e-9d1b-000000000002", "2026-01-05 10:00:00", "ad5", 0.5, 0.7, {"a": (0.5, 0.7)})
     con.close()
@@ -213,3 +234,21 @@ def test_a_bad_sweep_grid_names_the_file_and_the_field(tmp_path, capsys):
     grid.write_text("lora_adapter:\n  epochs: [0, 1]\n")
     assert main(["sweep", str(grid)]) == 1
     assert "point {'epochs': 0}: TrainSpec.epochs = 0; must be >= 1" in capsys.readouterr().err
+
+
+def test_lorasum_sql_runs_a_query_on_the_history_and_never_writes_it(seeded):
+    sql = [sys.executable, "-m", "lorasum_assets.cli", "sql", "--json", "-c"]
+    done = subprocess.run([*sql, "SELECT count(*) AS runs FROM eval_runs"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"runs": 3}]
+    views = subprocess.run([*sql, "SELECT (SELECT count(*) FROM eval_history) AS h, (SELECT count(*) FROM best_adapters) AS b, "
+                                  "(SELECT count(*) FROM tuned_worse_examples) AS w, (SELECT count(*) FROM bertscore_report) AS r"],
+                           capture_output=True, text=True, timeout=120)
+    assert json.loads(views.stdout) == [{"h": 9, "b": 3, "w": 2, "r": 3}]
+    mine = subprocess.run([*sql, "CREATE TABLE mine AS SELECT run_id FROM eval_runs; SELECT count(*) AS n FROM mine"],
+                          capture_output=True, text=True, timeout=120)
+    assert json.loads(mine.stdout) == [{"n": 3}]  # a table of the user's own, in the session's memory
+    write = subprocess.run([*sql, "DELETE FROM eval_runs"], capture_output=True, text=True, timeout=120)
+    assert write.returncode != 0 and "read-only" in (write.stdout + write.stderr).lower()
+    assert json.loads(subprocess.run([*sql, "SELECT count(*) AS runs FROM eval_runs"], capture_output=True, text=True).stdout) == [{"runs": 3}]
+    assert (seeded / "history" / "attach.sql").read_text().count("ATTACH") == 1  # for the plain DuckDB CLI too

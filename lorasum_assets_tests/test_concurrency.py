@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import pytest
 import yaml
+
+from lorasum_assets.store.lake import HistoryNotFoundError
+from lorasum_assets_tests.conftest import history_of
 
 REPO = Path(__file__).resolve().parents[1]
 MATERIALIZE = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "lorasum_assets.definitions"]
@@ -48,7 +50,7 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> str:
 
 
 def database(home: Path):
-    return duckdb.connect(str(home / "lorasum.duckdb"), read_only=True)
+    return history_of(home)
 
 
 def open_instance(home: Path) -> dg.DagsterInstance:
@@ -85,19 +87,20 @@ def test_two_whole_graph_runs_at_once_each_evaluate_their_own_adapter(fresh_home
 def test_a_run_killed_in_training_does_not_block_the_next_one(fresh_home):
     init_instance(fresh_home, "deploy/dagster.yaml")  # the pool lorasum_gpu limited to 1
     killed = start(fresh_home, "*lora_adapter", {"ops": {"lora_adapter": {"config": {"epochs": 60}}}})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and killed.poll() is None:
-        if (fresh_home / "lorasum.duckdb").exists():
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and killed.poll() is None:
             try:
                 with database(fresh_home) as con:
                     if con.execute("SELECT count(*) FROM training_steps").fetchone()[0] >= 3:
                         break
-            except duckdb.IOException:
-                pass  # the training run holds the write lock
-        time.sleep(0.2)
-    assert killed.poll() is None, "training ended before it could be killed"
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=60)
+            except HistoryNotFoundError:
+                pass  # the run has not created the history yet
+            time.sleep(0.2)
+        assert killed.poll() is None, "training ended before it could be killed"
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=60)
 
     started = time.monotonic()
     output = finish(start(fresh_home, "lora_adapter", {"ops": {"lora_adapter": {"config": {"epochs": 1}}}}), timeout=240)

@@ -4,7 +4,6 @@ import math
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import pytest
 from safetensors.torch import load_file
 
@@ -12,6 +11,7 @@ from lorasum_assets.assets import ALL_ASSETS
 from lorasum_assets.ml.distributed import micro_batch_seed, window_share
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources.factory import build_resources
+from lorasum_assets_tests.conftest import history_of
 
 TRAINING_ASSETS = ["raw_dialogsum", "filtered_split", "tokenized_dataset", "lora_adapter"]
 # Same seed, same examples per optimizer step; the two runs differ only in how floating-point sums
@@ -45,7 +45,7 @@ def train_through_dagster(home: Path, training_config: dict):
     assert result.success
     [materialization] = result.asset_materializations_for_node("lora_adapter")
     metadata = {k: v.value for k, v in materialization.metadata.items()}
-    con = duckdb.connect(str(home / "lorasum.duckdb"), read_only=True)
+    con = history_of(home)
     steps = con.execute("SELECT step, loss FROM training_steps ORDER BY step").fetchall()
     path, sha = con.execute("SELECT path, sha256 FROM adapters").fetchone()
     con.close()

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import pytest
 
 from lorasum_assets.assets import ALL_ASSETS
 from lorasum_assets.checks import ALL_CHECKS
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources.factory import build_resources
+from lorasum_assets_tests.conftest import history_of
 
 from .test_reliability import error_text
 
@@ -53,7 +53,7 @@ def test_an_asset_reads_its_own_upstream_materialization_not_the_newest_rows(fre
     assert materialize(theirs, "*filtered_split", {"ops": {"filtered_split": {"config": {"modulus": 2}}}}).success
     result = materialize(ours, "tokenized_dataset")
     ref = result.asset_materializations_for_node("tokenized_dataset")[0].metadata["lorasum/reference"].value
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     ours_split = con.execute("SELECT count(*) FROM filtered_split_by_run WHERE run_id = ? AND split IN ('train', 'validation')",
                              [first.run_id]).fetchone()[0]
     assert ref["rows"] == con.execute("SELECT count(*) FROM tokenized_dataset_by_run WHERE run_id = ?", [result.run_id]).fetchone()[0]

@@ -3,13 +3,13 @@
 import json
 
 import dagster as dg
-import duckdb
 import pytest
 
 from lorasum_assets.assets import ALL_ASSETS
 from lorasum_assets.checks import ALL_CHECKS
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources.factory import build_resources
+from lorasum_assets_tests.conftest import history_of
 
 
 def materialize_all(instance=None, run_config=None):
@@ -30,7 +30,7 @@ def materialized(fresh_home):
 
 def test_whole_graph_materializes_on_the_tiny_model(materialized):
     home, result = materialized
-    con = duckdb.connect(str(home / "lorasum.duckdb"), read_only=True)
+    con = history_of(home)
     count = lambda table, where="": con.execute(f"SELECT count(*) FROM {table} {where}").fetchone()[0]  # noqa: E731
     assert count("raw_dialogsum") == 64
     assert count("filtered_split") == 64
@@ -104,7 +104,7 @@ def test_two_materializations_leave_two_history_runs(fresh_home):
         selection="base_predictions*",
     )
     assert second.success
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     assert con.execute("SELECT count(DISTINCT run_id) FROM eval_runs").fetchone()[0] == 2
     assert con.execute("SELECT count(*) FROM eval_metrics").fetchone()[0] == 42
     assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 1
@@ -153,7 +153,7 @@ def test_summarize_with_a_trained_adapter_and_a_corrupted_one(fresh_home, tmp_pa
         [*ALL_ASSETS, *ALL_CHECKS], resources=build_resources(get_profile("tiny")), instance=dg.DagsterInstance.ephemeral(),
         selection="*lora_adapter",
     ).success
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     adapter_id, path = con.execute("SELECT adapter_id, path FROM adapters").fetchone()
     con.close()
     dialogue = tmp_path / "d.txt"

@@ -12,13 +12,15 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import pytest
 
 from lorasum_assets.assets import ALL_ASSETS
 from lorasum_assets.checks import ALL_CHECKS
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources.factory import build_resources
+from lorasum_assets.store import open_history
+from lorasum_assets.store.lake import history_location
+from lorasum_assets_tests.conftest import history_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +81,7 @@ def test_bad_rows_are_quarantined_by_the_asset(fresh_home, tmp_path, case, rows,
     assert result.success
     meta = result.asset_materializations_for_node("raw_dialogsum")[0].metadata
     assert meta["rows_in"].value == meta["rows_kept"].value + meta["rows_quarantined"].value == len(rows) + 4
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     reasons = [r[0] for r in con.execute("SELECT reason FROM raw_dialogsum_quarantine").fetchall()]
     assert any(r.startswith(reason) for r in reasons), reasons
 
@@ -120,7 +122,7 @@ def test_a_50000_token_dialogue_is_truncated_and_keeps_its_summary(fresh_home, t
     assert result.success
     meta = result.asset_materializations_for_node("tokenized_dataset")[0].metadata
     assert meta["rows_truncated"].value == 1
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     n, labels = con.execute("SELECT n_tokens, labels FROM tokenized_dataset WHERE id = 'train_1'").fetchone()
     assert n <= meta["max_length"].value
     assert tiny_tokenizer.decode([t for t in labels if t != -100]) == " They greet 1." + tiny_tokenizer.eos_token  # the natural boundary
@@ -134,7 +136,7 @@ def test_a_summary_longer_than_max_length_fails_naming_the_row_and_the_length_ne
     assert not result.success
     message = error_text(result, "tokenized_dataset")
     assert "TokenizeSpec.max_length = 128; must be >= " in message and "the longest summary (train/train_1:" in message
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     assert con.execute("SELECT count(*) FROM tokenized_dataset").fetchone()[0] == 0  # nothing was written
 
 
@@ -166,7 +168,7 @@ def test_an_unwritable_adapter_folder_fails_clearly_and_registers_nothing(fresh_
                             instance=dg.DagsterInstance.ephemeral(), selection="*lora_adapter", raise_on_error=False)
     assert not result.success
     assert "cannot write the adapter to" in error_text(result, "lora_adapter")
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 0
 
 
@@ -179,7 +181,7 @@ WRITER = textwrap.dedent(
     sys.path.insert(0, sys.argv[4])
     from lorasum_assets.resources.store import LorasumStore
     from lorasum_assets_tests.test_store import seed_run
-    store = LorasumStore(database=sys.argv[1])
+    store = LorasumStore(history="sqlite:" + sys.argv[1])
     worker, runs = sys.argv[2], int(sys.argv[3])
     for i in range(runs):
         with store.connect() as con:
@@ -192,13 +194,13 @@ WRITER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_four_processes_write_history_at_once_and_no_row_is_lost(tmp_path):
-    db = tmp_path / "h.duckdb"
+    db = tmp_path / "history" / "catalog.sqlite"
     workers, runs = 4, 15
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(w), str(runs), str(REPO)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for w in range(workers)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
-    con = duckdb.connect(str(db), read_only=True)
+    con = open_history(location=history_location(f"sqlite:{db}"))
     found = con.execute("SELECT count(*) FROM eval_runs").fetchone()[0]
     metrics = con.execute("SELECT count(*) FROM eval_metrics").fetchone()[0]
     examples = con.execute("SELECT count(*) FROM eval_examples").fetchone()[0]
@@ -212,11 +214,9 @@ KILLED_WRITER = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, sys.argv[2])
-    import duckdb
-    from lorasum_assets.store.schema import migrate
+    from lorasum_assets.store.lake import history_location, open_history
     from lorasum_assets_tests.test_store import seed_run
-    con = duckdb.connect(sys.argv[1])
-    migrate(con)
+    con = open_history(read_only=False, location=history_location("sqlite:" + sys.argv[1]))
     seed_run(con, "complete", "2026-01-01", "ad1", 0.5, 0.6, {"a": (0.5, 0.6)})
     print("writing", flush=True)
     seed_run(con, "partial", "2026-01-02", "ad2", 0.5, 0.6, {f"ex{k}": (0.5, 0.6) for k in range(200000)})
@@ -226,14 +226,14 @@ KILLED_WRITER = textwrap.dedent(
 
 
 def test_kill_9_during_a_write_leaves_no_partial_run(tmp_path):
-    db = tmp_path / "h.duckdb"
+    db = tmp_path / "history" / "catalog.sqlite"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(db), str(REPO)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     time.sleep(1.5)
     assert proc.poll() is None, "the write finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    con = duckdb.connect(str(db))
+    con = open_history(read_only=False, location=history_location(f"sqlite:{db}"))
     runs = sorted(r[0] for r in con.execute("SELECT run_id FROM eval_runs").fetchall())
     partial_examples = con.execute("SELECT count(*) FROM eval_examples WHERE run_id = 'partial'").fetchone()[0]
     partial_metrics = con.execute("SELECT count(*) FROM eval_metrics WHERE run_id = 'partial'").fetchone()[0]
@@ -260,10 +260,15 @@ def test_hf_token_never_reaches_logs_metadata_or_duckdb(fresh_home, monkeypatch)
     assert secret not in logs
     run_config = json.dumps(result.dagster_run.run_config, default=str)
     assert secret not in run_config
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
-    for (table,) in con.execute("SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'").fetchall():
-        dump = json.dumps(con.execute(f'SELECT * FROM "{table}"').fetchall(), default=str)
+    con = history_of(fresh_home)
+    tables = con.execute("SELECT table_name FROM information_schema.tables WHERE table_catalog = 'lorasum' AND table_type = 'BASE TABLE'").fetchall()
+    assert len(tables) > 10
+    for (table,) in tables:
+        dump = json.dumps(con.execute(f'SELECT * FROM lorasum.main."{table}"').fetchall(), default=str)
         assert secret not in dump, table
+    for path in (fresh_home / "history").rglob("*"):  # the catalog (inlined rows too) and every data file
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
     for path in (fresh_home / "adapters").rglob("*"):
         if path.is_file() and path.suffix in (".json", ".md"):
             assert secret not in path.read_text(errors="ignore")
@@ -313,7 +318,7 @@ def test_dependencies_have_upper_bounds_and_the_ui_binds_localhost():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     for requirement in project["dependencies"] + project["optional-dependencies"]["dev"]:
-        assert "<" in requirement, f"{requirement} has no upper bound"
+        assert "<" in requirement or "==" in requirement, f"{requirement} has no upper bound"
     ui_recipe = (REPO / "Makefile").read_text().split("\nui:")[1].split("\n\n")[0]
     assert "-h 127.0.0.1" in ui_recipe
 
@@ -341,13 +346,13 @@ def test_a_killed_generation_step_rematerializes_cleanly(fresh_home, tmp_path):
     assert proc.poll() is None, "generation finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     assert con.execute("SELECT count(*) FROM base_predictions").fetchone()[0] == 0  # nothing half-written
     con.close()
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:]
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     assert con.execute("SELECT count(*), count(DISTINCT id) FROM base_predictions").fetchone() == (12, 12)
 
 

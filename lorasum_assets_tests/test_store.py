@@ -1,10 +1,14 @@
 """Evaluation history: append-only, idempotent per run, views that answer the questions."""
 
+import threading
+import time
+
 import duckdb
 import pytest
 
-from lorasum_assets.store.history import record_training_step, transaction, write_evaluation
-from lorasum_assets.store.schema import SCHEMA_VERSION, current_version, migrate
+from lorasum_assets.store import open_history
+from lorasum_assets.store.history import in_transaction, record_training_log, write_evaluation
+from lorasum_assets.store.schema import LEGACY_VERSION, SCHEMA_VERSION, current_version, migrate_file
 
 
 def seed_run(con, run_id, created_at, adapter, f1_base, f1_tuned, per_example, dataset="d1", scorer="s1"):
@@ -22,9 +26,8 @@ def seed_run(con, run_id, created_at, adapter, f1_base, f1_tuned, per_example, d
 
 
 @pytest.fixture()
-def con(tmp_path):
-    connection = duckdb.connect(str(tmp_path / "h.duckdb"))
-    migrate(connection)
+def con(fresh_home):
+    connection = open_history(read_only=False)
     yield connection
     connection.close()
 
@@ -76,10 +79,10 @@ def test_training_steps_are_keyed_by_run_so_no_run_overwrites_another(con):
     class Log:
         step, epoch, loss, learning_rate, grad_norm, label_tokens, seconds = 1, 0.1, 2.0, 1e-4, 0.5, 10, 0.1
 
-    record_training_step(con, "k", "run-1", Log)
+    record_training_log(con, "k", "run-1", steps=[Log])
     Log.loss = 1.5
-    record_training_step(con, "k", "run-2", Log)  # the same config and data trained again
-    record_training_step(con, "k", "run-2", Log)  # a step logged twice by one run is kept once
+    record_training_log(con, "k", "run-2", steps=[Log])  # the same config and data trained again
+    record_training_log(con, "k", "run-2", steps=[Log])  # a step logged twice by one run is kept once
     rows = con.execute("SELECT run_id, step, loss FROM training_steps ORDER BY run_id").fetchall()
     assert rows == [("run-1", 1, 2.0), ("run-2", 1, 1.5)]
 
@@ -94,18 +97,40 @@ def test_an_older_database_upgrades_in_place(tmp_path):
     old.execute("INSERT INTO eval_runs (run_id, created_at) VALUES ('kept', '2025-01-01')")
     old.close()
     con = duckdb.connect(path)
-    assert migrate(con) == SCHEMA_VERSION
-    assert current_version(con) == SCHEMA_VERSION
+    assert migrate_file(con) == LEGACY_VERSION
+    assert current_version(con) == LEGACY_VERSION
     assert con.execute("SELECT run_id FROM eval_runs").fetchall() == [("kept",)]
     assert con.execute("SELECT count(*) FROM eval_history").fetchone()[0] == 0
-    assert migrate(con) == SCHEMA_VERSION  # idempotent
+    assert migrate_file(con) == LEGACY_VERSION  # idempotent
+
+
+def test_a_single_file_history_moves_into_the_lake_on_first_open(fresh_home):
+    legacy = duckdb.connect(str(fresh_home / "lorasum.duckdb"))
+    migrate_file(legacy)
+    seed_run(legacy, "old-run", "2025-06-01 10:00:00", "ad-old", 0.5, 0.6, {"a": (0.5, 0.6)})
+    legacy.execute("INSERT INTO filtered_split_by_run VALUES ('old-run', 'test', 'a', 'hi', ['s'], 't', 0)")
+    legacy.execute("INSERT INTO materializations VALUES ('filtered_split', 'old-run', now(), 1, NULL, NULL)")
+    legacy.close()
+
+    con = open_history()  # even a read-only first open moves it
+    assert con.execute("SELECT max(version) FROM lorasum.schema_version").fetchone()[0] == SCHEMA_VERSION
+    assert con.execute("SELECT run_id, adapter_id FROM eval_runs").fetchall() == [("old-run", "ad-old")]
+    assert con.execute("SELECT count(*) FROM eval_history").fetchone()[0] == 3
+    assert con.execute("SELECT id, \"references\" FROM filtered_split").fetchall() == [("a", ["s"])]
+    con.close()
+    assert not (fresh_home / "lorasum.duckdb").exists()
+    assert (fresh_home / "lorasum.duckdb.imported").exists()
+    again = open_history(read_only=False)  # a second open imports nothing twice
+    assert again.execute("SELECT count(*) FROM eval_runs").fetchone()[0] == 1
 
 
 def test_transaction_rolls_back(con):
+    def body(con):
+        con.execute("INSERT INTO run_failures VALUES ('r', 'j', now(), 'e')")
+        raise RuntimeError("boom")
+
     with pytest.raises(RuntimeError):
-        with transaction(con):
-            con.execute("INSERT INTO run_failures VALUES ('r', 'j', now(), 'e')")
-            raise RuntimeError("boom")
+        in_transaction(con, body)
     assert con.execute("SELECT count(*) FROM run_failures").fetchone()[0] == 0
 
 
@@ -120,7 +145,7 @@ def test_a_version_1_database_keeps_its_rows_when_tables_become_run_scoped(tmp_p
     con.execute("""INSERT INTO filtered_split VALUES ('test', 'a', 'hi', ['s'], 't', 0), ('test', 'b', 'yo', ['s'], 't', 1)""")
     con.execute("INSERT INTO tuned_predictions VALUES ('test', 'a', 'p', 1, false, 0.1, 'ad1', 'run-9')")
     con.execute("INSERT INTO training_steps VALUES ('k', 'run-9', 1, 0.1, 2.0, 1e-4, 0.5, 10, 0.1, now())")
-    assert migrate(con) == SCHEMA_VERSION == 2
+    assert migrate_file(con) == LEGACY_VERSION == 2
     assert con.execute("SELECT run_id, count(*) FROM filtered_split_by_run GROUP BY ALL").fetchall() == [("legacy", 2)]
     assert con.execute("SELECT count(*) FROM filtered_split").fetchone()[0] == 2  # the view shows the kept rows
     assert con.execute("SELECT run_id, adapter_id FROM tuned_predictions").fetchall() == [("run-9", "ad1")]
@@ -128,3 +153,44 @@ def test_a_version_1_database_keeps_its_rows_when_tables_become_run_scoped(tmp_p
     con.execute("INSERT INTO training_steps VALUES ('k', 'run-10', 1, 0.1, 1.0, 1e-4, 0.5, 10, 0.1, now())")  # same key, other run
     assert con.execute("SELECT count(*) FROM training_steps").fetchone()[0] == 2
     assert "base_fingerprint" in {r[0] for r in con.execute("DESCRIBE adapters").fetchall()}
+
+
+def test_a_busy_store_delays_the_write_never_the_caller():
+    from lorasum_assets.store.buffer import BackgroundWriter
+
+    store_free = threading.Event()
+    written, errors = [], []
+
+    def write(batch):
+        if not store_free.is_set():
+            raise RuntimeError("database is locked")
+        written.extend(batch)
+
+    writer = BackgroundWriter(write, interval_s=0.05, on_error=errors.append)
+    started = time.monotonic()
+    for step in range(200):
+        writer.put(step)
+    handed_over = time.monotonic() - started
+    time.sleep(0.3)
+    assert written == [] and errors and "will retry" in errors[0]
+    store_free.set()
+    assert writer.close()
+    assert written == list(range(200))  # every row, once, in order
+    assert handed_over < 0.05
+
+
+def test_a_long_wait_is_reported_once_naming_what_it_waits_for(monkeypatch):
+    from lorasum_assets.store import history
+
+    monkeypatch.setattr(history, "WAIT_REPORT_AFTER_S", 0.2)
+    free_at = time.monotonic() + 0.6
+    reports = []
+
+    def write():
+        if time.monotonic() < free_at:
+            raise RuntimeError("Failed to commit DuckLake transaction: database is locked")
+        return "written"
+
+    assert history.retry_busy(write, "the history catalog sqlite:/x", on_wait=reports.append) == "written"
+    assert len(reports) == 1
+    assert reports[0].startswith("waiting ") and "for the history catalog sqlite:/x: another writer holds the catalog" in reports[0]

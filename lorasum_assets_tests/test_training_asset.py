@@ -7,9 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
 import pytest
 import yaml
+
+from lorasum_assets_tests.conftest import history_of
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CONFIG = {"ops": {"lora_adapter": {"config": {"epochs": 12, "checkpoint_steps": 4, "logging_steps": 1}}}}
@@ -43,7 +44,7 @@ def test_killed_training_resumes_and_logs_each_step_once(fresh_home, tmp_path):
     os.killpg(training.pid, signal.SIGKILL)
     training.wait(timeout=60)
 
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     logged_before = con.execute("SELECT count(*) FROM training_steps").fetchone()[0]
     assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 0  # no half adapter registered
     con.close()
@@ -54,7 +55,7 @@ def test_killed_training_resumes_and_logs_each_step_once(fresh_home, tmp_path):
     assert again.returncode == 0, output[-3000:]
     assert "resumed from checkpoint at step" in output
 
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     planned = 11 * 12  # ceil(44 / 4) optimizer steps per epoch x 12 epochs
     assert logged_before >= 8
     assert con.execute("SELECT count(DISTINCT run_id) FROM training_steps").fetchone()[0] == 2
@@ -90,7 +91,7 @@ def test_an_adapter_whose_lora_b_is_still_zero_is_never_registered(fresh_home, m
     assert not result.success
     failure = result.failure_data_for_node("lora_adapter").error
     assert "every LoRA B matrix is still zero" in str(failure.cause.message if failure.cause else failure.message)
-    con = duckdb.connect(str(fresh_home / "lorasum.duckdb"), read_only=True)
+    con = history_of(fresh_home)
     assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 0
     assert not any((fresh_home / "adapters").glob("*")) if (fresh_home / "adapters").exists() else True
 

@@ -150,7 +150,6 @@ def bertscore_report(
             metrics,
             examples,
         )
-    exported = store.export_run(run_id)
 
     table = report_tables(report)
     context.log.info(f"base vs tuned on {len(dialogues)} {split} dialogues:\n{table}")
@@ -174,8 +173,6 @@ def bertscore_report(
         "examples": dg.MetadataValue.md(side_by_side),
         "f1_delta_histogram": histogram(deltas, "Per-example BERTScore F1, tuned − base", "F1 delta", bins=20),
     }
-    if exported:
-        metadata["history_exported_rows"] = dg.MetadataValue.json(exported)
     for model_name in ("base", "tuned"):
         for metric in ("bertscore_precision", "bertscore_recall", "bertscore_f1", *ROUGE_TYPES):
             metadata[f"{model_name}_{metric}"] = round(metric_value(report, model_name, metric)["value"], 4)

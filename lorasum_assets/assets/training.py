@@ -25,7 +25,7 @@ from lorasum_assets.ml.train import train_lora
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.resources.recovery import RunPreflightResource
-from lorasum_assets.store.history import record_training_epoch, record_training_step, register_adapter, transaction
+from lorasum_assets.store.history import record_training_log, register_adapter
 from lorasum_assets.store.references import AdapterRef, TableRef, version_of
 from lorasum_assets.versions import code_version
 from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
@@ -113,6 +113,10 @@ def _train_in_process(context, spec, model, store, train_key, train_examples, va
     curves = TrainingCurves(run_id)
     last_step = 0
 
+    # Step and epoch logs reach the history from a thread of their own: a busy store delays the
+    # write, never the next training step.
+    history_log = store.training_log_writer(train_key, run_id, on_error=context.log.warning)
+
     def on_step(log) -> None:
         nonlocal progress, last_step
         progress = progress or Progress(total, "steps", start_at=log.step - 1)
@@ -121,28 +125,29 @@ def _train_in_process(context, spec, model, store, train_key, train_examples, va
             f"step {progress.line(log.step)}: loss {log.loss:.4f}, lr {log.learning_rate:.2e}, grad_norm {log.grad_norm:.3f}, epoch {log.epoch:.2f}"
         )
         curves.step(log)
-        with store.connect() as con:
-            record_training_step(con, train_key, run_id, log)
+        history_log.put(("step", log))
 
     def on_epoch(epoch: int, val_loss: float | None) -> None:
         context.log.info(f"epoch {epoch}: validation loss {val_loss}")
         curves.validation(last_step, val_loss)
-        with store.connect() as con:
-            record_training_epoch(con, train_key, run_id, epoch, val_loss)
+        history_log.put(("epoch", (epoch, val_loss)))
 
     context.log.info(f"training {total} optimizer steps on {len(train_examples)} examples; curves in {curves.folder}")
     tokenizer = model.tokenizer(context.log.info)
     peft_model = prepare_peft_model(model.fresh_model(context.log.info), spec)
-    result = train_lora(
-        peft_model,
-        train_examples,
-        val_examples,
-        spec,
-        pad_id=tokenizer.pad_token_id,
-        checkpoint_dir=checkpoint_dir,
-        on_step=on_step,
-        on_epoch=on_epoch,
-    )
+    try:
+        result = train_lora(
+            peft_model,
+            train_examples,
+            val_examples,
+            spec,
+            pad_id=tokenizer.pad_token_id,
+            checkpoint_dir=checkpoint_dir,
+            on_step=on_step,
+            on_epoch=on_epoch,
+        )
+    finally:
+        history_log.close("the live training log")
     curves.close()
     if result.resumed_from_step:
         context.log.info(f"resumed from checkpoint at step {result.resumed_from_step} of {result.total_steps}")
@@ -206,11 +211,10 @@ def _train_with_accelerate(
 def _record_training_log(store: LorasumStore, train_key: str, run_id: str, outcome: "TrainingOutcome") -> None:
     """Every step and epoch of this run's training under this run's id, the ones a resumed run
     took over from its checkpoint included; steps already logged live are rewritten as they were."""
-    with store.connect() as con, transaction(con):
-        for log in outcome.steps:
-            record_training_step(con, train_key, run_id, log)
-        for epoch, val_loss in enumerate(outcome.val_losses, start=1):
-            record_training_epoch(con, train_key, run_id, epoch, val_loss)
+    with store.connect() as con:
+        record_training_log(
+            con, train_key, run_id, steps=outcome.steps, epochs=list(enumerate(outcome.val_losses, start=1)), replace_all=True
+        )
 
 
 @dg.asset(
@@ -306,7 +310,6 @@ def lora_adapter(
             },
         )
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    exported = store.export_run(run_id)
     context.instance.add_run_tags(run_id, {"lorasum/adapter_id": adapter_id})
 
     steps = [log.step for log in outcome.steps]
@@ -334,8 +337,6 @@ def lora_adapter(
         "train_seconds": round(outcome.seconds, 2),
         "config": dg.MetadataValue.json(asdict(spec)),
     }
-    if exported:
-        metadata["history_exported_rows"] = dg.MetadataValue.json(exported)
     if steps:
         metadata["loss_curve"] = line_plot({"train loss": (steps, losses)}, "Training loss", "optimizer step", "loss")
         metadata["loss_curve_points"] = table_value(

@@ -6,7 +6,6 @@ import os
 
 import dagster as dg
 
-from lorasum_assets.home import database_location
 from lorasum_assets.profiles import Profile, get_profile, profile_name
 from lorasum_assets.resources.lineage import LineageIOManager
 from lorasum_assets.resources.model import LoraModelResource
@@ -17,16 +16,9 @@ from lorasum_assets.resources.store import LorasumStore
 
 
 def build_store() -> LorasumStore:
-    """The history store this environment names.
-
-    ``LORASUM_DATABASE=md:<name>`` keeps it in MotherDuck (its extension reads ``MOTHERDUCK_TOKEN``
-    from the environment, so the token never enters config); ``LORASUM_HISTORY_URI`` adds the
-    per-run Parquet export that runs on many machines share.
-    """
-    return LorasumStore(
-        database=database_location(),
-        history_export_uri=os.environ.get("LORASUM_HISTORY_URI") or None,
-    )
+    """The history store: its catalog and data path come from ``LORASUM_HISTORY`` and
+    ``LORASUM_HISTORY_DATA`` when a run starts (see ``store/lake.py``)."""
+    return LorasumStore()
 
 
 def build_resources(profile: Profile | str | None = None) -> dict:

@@ -1,56 +1,129 @@
-"""Writes to the lorasum DuckDB database, each one short transaction."""
+"""Writes to the history, each one short transaction retried whole while the history is busy."""
 
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
+
+import pyarrow as pa
 
 from lorasum_assets.store.schema import rows_table
 
 T = TypeVar("T")
-LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
+# DuckLake reports a busy SQLite catalog, a commit that lost a race to another writer, and a
+# PostgreSQL serialization failure with these; a single-file DuckDB with "Conflicting lock".
+BUSY_MARKERS = (
+    "database is locked",
+    "Transaction conflict",
+    "could not serialize access",
+    "deadlock detected",
+    "Could not set lock",
+    "Conflicting lock",
+)
+WAIT_REPORT_AFTER_S = 10.0
+_wait_reporter: ContextVar[Callable[[str], None] | None] = ContextVar("lorasum_wait_reporter", default=None)
+_log = logging.getLogger("lorasum.store")
 
 
 class DatabaseBusyError(RuntimeError):
-    """Another process held the database for longer than we were willing to wait."""
+    """The history stayed busy for longer than we were willing to wait."""
 
 
-def is_lock_error(exc: BaseException) -> bool:
-    return any(marker in str(exc) for marker in LOCK_MARKERS)
+def is_busy_error(exc: BaseException) -> bool:
+    return any(marker in str(exc) for marker in BUSY_MARKERS)
 
 
-def with_lock_retry(action: Callable[[], T], timeout_s: float = 60.0, what: str = "the lorasum database") -> T:
-    """Run ``action``, retrying with jittered backoff while another process holds the file lock."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    while True:
+def busy_reason(exc: BaseException) -> str:
+    """What holds the history, in words: the holder's PID and command when DuckDB names it."""
+    text = str(exc)
+    pid = re.search(r"PID (\d+)", text)
+    if pid:
         try:
-            return action()
-        except Exception as exc:  # duckdb raises IOException for lock conflicts
-            if not is_lock_error(exc):
-                raise
-            if time.monotonic() >= deadline:
-                raise DatabaseBusyError(
-                    f"{what} is locked by another process (a pipeline run writing?) and stayed locked for "
-                    f"{timeout_s:.0f}s; try again when the run finishes"
-                ) from exc
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
+            command = Path(f"/proc/{pid[1]}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            command = ""
+        return f"locked by process {pid[1]}" + (f" ({command[:120]})" if command else "")
+    if "Transaction conflict" in text or "serialize" in text or "deadlock" in text:
+        return "another writer committed a conflicting change first"
+    return "another writer holds the catalog"
 
 
 @contextmanager
-def transaction(con):
-    con.execute("BEGIN TRANSACTION")
+def report_waits(callback: Callable[[str], None] | None) -> Iterator[None]:
+    """Waits on the history inside this block are reported through ``callback`` (a run's log)."""
+    token = _wait_reporter.set(callback)
     try:
-        yield con
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
+        yield
+    finally:
+        _wait_reporter.reset(token)
+
+
+def retry_busy(
+    action: Callable[[], T], what: str, timeout_s: float = 600.0, on_wait: Callable[[str], None] | None = None
+) -> T:
+    """Run ``action``, retrying with jittered backoff while the history is busy. A wait longer than
+    10 s is reported once, naming what it waits for; past ``timeout_s`` it fails with the reason."""
+    report = on_wait or _wait_reporter.get() or _log.warning
+    start = time.monotonic()
+    delay = 0.02
+    reported = False
+    while True:
+        try:
+            return action()
+        except Exception as exc:
+            if not is_busy_error(exc):
+                raise
+            waited = time.monotonic() - start
+            if waited >= timeout_s:
+                raise DatabaseBusyError(f"{what} stayed busy for {timeout_s:.0f}s: {busy_reason(exc)}") from exc
+            if waited >= WAIT_REPORT_AFTER_S and not reported:
+                report(f"waiting {waited:.0f}s so far for {what}: {busy_reason(exc)}")
+                reported = True
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 1.0)
+
+
+def in_transaction(con, body: Callable[[Any], T], what: str = "a history write", timeout_s: float = 600.0) -> T:
+    """``body(con)`` in one transaction, committed or rolled back whole, and run again from the
+    start when the commit loses a race to another writer."""
+
+    def attempt() -> T:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            result = body(con)
+            con.execute("COMMIT")
+        except BaseException:
+            with suppress(Exception):
+                con.execute("ROLLBACK")
+            raise
+        return result
+
+    return retry_busy(attempt, what, timeout_s=timeout_s)
+
+
+def insert_rows(con, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+    """Every row in one INSERT: one data file (or inlined rows) per table and write, not one per row."""
+    rows = list(rows)
+    if not rows:
+        return 0
+    frame = pa.table({column: [row[i] for row in rows] for i, column in enumerate(columns)})
+    name = f"_lorasum_rows_{id(frame)}"
+    quoted = ", ".join(f'"{c}"' for c in columns)
+    con.register(name, frame)
+    try:
+        con.execute(f"INSERT INTO {table} ({quoted}) SELECT {quoted} FROM {name}")
+    finally:
+        con.unregister(name)
+    return len(rows)
 
 
 KEEP_MATERIALIZATIONS = 10
@@ -71,17 +144,14 @@ def write_materialization(
 
     Returns the row count of the first table.
     """
-    counts = []
-    with transaction(con):
-        for table, (columns, rows) in tables.items():
-            rows = list(rows)
-            counts.append(len(rows))
+    materialized = {table: (columns, list(rows)) for table, (columns, rows) in tables.items()}
+    counts = [len(rows) for _, rows in materialized.values()]
+
+    def body(con) -> None:
+        for table, (columns, rows) in materialized.items():
             physical = rows_table(table)
-            quoted = ", ".join(f'"{c}"' for c in ("run_id", *columns))
-            placeholders = ", ".join("?" for _ in range(len(columns) + 1))
             con.execute(f"DELETE FROM {physical} WHERE run_id = ?", [run_id])
-            if rows:
-                con.executemany(f"INSERT INTO {physical} ({quoted}) VALUES ({placeholders})", [(run_id, *r) for r in rows])
+            insert_rows(con, physical, ("run_id", *columns), [(run_id, *r) for r in rows])
         con.execute("DELETE FROM materializations WHERE asset = ? AND run_id = ?", [asset, run_id])
         con.execute(
             "INSERT INTO materializations VALUES (?, ?, now(), ?, ?, ?)", [asset, run_id, counts[0] if counts else 0, content_hash, data_version]
@@ -93,35 +163,64 @@ def write_materialization(
             ).fetchall()
         ]
         for old_run in stale:
-            for table in tables:
+            for table in materialized:
                 con.execute(f"DELETE FROM {rows_table(table)} WHERE run_id = ?", [old_run])
             con.execute("DELETE FROM materializations WHERE asset = ? AND run_id = ?", [asset, old_run])
+
+    in_transaction(con, body, f"writing {asset}")
     return counts[0] if counts else 0
+
+
+def _replace_rows(con, table: str, key: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
+    """Delete the rows matching ``key``, then insert ``rows`` (DuckLake has no primary keys: this
+    is how a write stays idempotent)."""
+    where = " AND ".join(f'"{c}" = ?' for c in key)
+    con.execute(f"DELETE FROM {table} WHERE {where}", list(key.values()))
+    if rows:
+        columns = list(rows[0])
+        insert_rows(con, table, columns, [[r[c] for c in columns] for r in rows])
 
 
 def register_adapter(con, row: dict[str, Any]) -> None:
     row = dict(row)
     row["config"] = json.dumps(row["config"], sort_keys=True)
-    columns = list(row)
-    with transaction(con):
-        con.execute("DELETE FROM adapters WHERE adapter_id = ?", [row["adapter_id"]])
-        con.execute(
-            f"INSERT INTO adapters ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
-            [row[c] for c in columns],
-        )
+    in_transaction(con, lambda con: _replace_rows(con, "adapters", {"adapter_id": row["adapter_id"]}, [row]), "registering an adapter")
 
 
-def record_training_step(con, train_key: str, run_id: str, log: Any) -> None:
-    """Steps are keyed by (run_id, step): a step logged twice by one run is kept once, and no run
-    overwrites another's log."""
-    con.execute(
-        "INSERT OR REPLACE INTO training_steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-        [train_key, run_id, log.step, log.epoch, log.loss, log.learning_rate, log.grad_norm, log.label_tokens, log.seconds],
-    )
+def _step_row(train_key: str, run_id: str, log: Any) -> dict[str, Any]:
+    return {
+        "train_key": train_key, "run_id": run_id, "step": log.step, "epoch": log.epoch, "loss": log.loss,
+        "learning_rate": log.learning_rate, "grad_norm": log.grad_norm, "label_tokens": log.label_tokens,
+        "seconds": log.seconds, "logged_at": datetime.now(UTC).replace(tzinfo=None),
+    }
 
 
-def record_training_epoch(con, train_key: str, run_id: str, epoch: int, val_loss: float | None) -> None:
-    con.execute("INSERT OR REPLACE INTO training_epochs VALUES (?, ?, ?, ?)", [train_key, run_id, epoch, val_loss])
+def record_training_log(
+    con,
+    train_key: str,
+    run_id: str,
+    steps: Sequence[Any] = (),
+    epochs: Sequence[tuple[int, float | None]] = (),
+    replace_all: bool = False,
+) -> None:
+    """Steps and epochs of one run's training, in one transaction. They are keyed by (run_id,
+    step) and (run_id, epoch): a step logged twice by one run is kept once, and no run overwrites
+    another's log. ``replace_all`` rewrites the run's whole log."""
+
+    def body(con) -> None:
+        for table, column, keys, rows in (
+            ("training_steps", "step", [log.step for log in steps], [_step_row(train_key, run_id, log) for log in steps]),
+            ("training_epochs", "epoch", [e for e, _ in epochs],
+             [{"train_key": train_key, "run_id": run_id, "epoch": e, "val_loss": v} for e, v in epochs]),
+        ):
+            if replace_all:
+                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            elif keys:
+                con.execute(f"DELETE FROM {table} WHERE run_id = ? AND {column} IN (SELECT unnest(?))", [run_id, keys])
+            if rows:
+                insert_rows(con, table, list(rows[0]), [list(r.values()) for r in rows])
+
+    in_transaction(con, body, "logging training steps")
 
 
 def write_evaluation(
@@ -134,29 +233,15 @@ def write_evaluation(
     run = dict(run)
     run["params"] = json.dumps(run.get("params", {}), sort_keys=True, default=str)
     run_id = run["run_id"]
-    with transaction(con):
-        for table in ("eval_examples", "eval_metrics", "eval_runs"):
-            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
-        columns = list(run)
-        con.execute(
-            f"INSERT INTO eval_runs ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
-            [run[c] for c in columns],
-        )
-        if metrics:
-            columns = list(metrics[0])
-            con.executemany(
-                f"INSERT INTO eval_metrics ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
-                [[m[c] for c in columns] for m in metrics],
-            )
-        if examples:
-            columns = list(examples[0])
-            con.executemany(
-                f"INSERT INTO eval_examples ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
-                [[e[c] for c in columns] for e in examples],
-            )
+
+    def body(con) -> None:
+        _replace_rows(con, "eval_examples", {"run_id": run_id}, examples)
+        _replace_rows(con, "eval_metrics", {"run_id": run_id}, metrics)
+        _replace_rows(con, "eval_runs", {"run_id": run_id}, [run])
+
+    in_transaction(con, body, "writing an evaluation")
 
 
 def record_run_failure(con, run_id: str, job_name: str, error: str) -> None:
-    with transaction(con):
-        con.execute("DELETE FROM run_failures WHERE run_id = ?", [run_id])
-        con.execute("INSERT INTO run_failures VALUES (?, ?, now(), ?)", [run_id, job_name, error[:4000]])
+    row = {"run_id": run_id, "job_name": job_name, "failed_at": datetime.now(UTC).replace(tzinfo=None), "error": error[:4000]}
+    in_transaction(con, lambda con: _replace_rows(con, "run_failures", {"run_id": run_id}, [row]), "recording a run failure")

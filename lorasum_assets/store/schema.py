@@ -1,8 +1,23 @@
-"""Schema, versioned. ``migrate`` brings any older database up to ``SCHEMA_VERSION`` in place."""
+"""Schema, versioned.
+
+Versions 1 and 2 were single DuckDB files; ``migrate_file`` still brings such a file up to v2,
+so that ``import_legacy_file`` can copy it into the DuckLake history. Version 3 is v2's tables and
+views in DuckLake, without key constraints (DuckLake has none: every write deletes the rows it
+replaces first, in the same transaction). ``ensure_lake_schema`` creates it; later versions go in
+``LAKE_MIGRATIONS``.
+"""
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+LEGACY_VERSION = 2
+LAKE_BASE_VERSION = 3
+SCHEMA_VERSION = 3
+# Statements that upgrade the DuckLake history from version k - 1 to k, keyed by k (> 3).
+LAKE_MIGRATIONS: dict[int, list[str]] = {}
 
 # The append-only history: every row carries the run_id of the Dagster run that wrote it.
 HISTORY_TABLES = ("eval_runs", "eval_metrics", "eval_examples", "adapters", "training_steps", "training_epochs", "run_failures")
@@ -149,17 +164,22 @@ MIGRATIONS: list[list[str]] = [
 
 
 def current_version(con) -> int:
-    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER, applied_at TIMESTAMP)")
+    exists = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND table_name = 'schema_version'"
+    ).fetchone()[0]
+    if not exists:
+        return 0
     row = con.execute("SELECT max(version) FROM schema_version").fetchone()
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def migrate(con) -> int:
-    """Apply every migration the database lacks, each in its own transaction."""
+def migrate_file(con) -> int:
+    """Bring a single-file DuckDB history of an older lorasum up to v2, each step in its own transaction."""
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER, applied_at TIMESTAMP)")
     version = current_version(con)
-    if version > SCHEMA_VERSION:
-        raise RuntimeError(f"database schema v{version} is newer than this lorasum (v{SCHEMA_VERSION}); upgrade lorasum")
-    for target in range(version + 1, SCHEMA_VERSION + 1):
+    if version > LEGACY_VERSION:
+        raise RuntimeError(f"database schema v{version} is newer than a single-file lorasum history (v{LEGACY_VERSION})")
+    for target in range(version + 1, LEGACY_VERSION + 1):
         con.execute("BEGIN TRANSACTION")
         try:
             for statement in MIGRATIONS[target - 1]:
@@ -169,4 +189,82 @@ def migrate(con) -> int:
         except Exception:
             con.execute("ROLLBACK")
             raise
+    return LEGACY_VERSION
+
+
+@cache
+def lake_schema_statements() -> tuple[str, ...]:
+    """The v3 tables and views, read off the v2 schema that the migrations above build."""
+    import duckdb
+
+    v2 = duckdb.connect()
+    migrate_file(v2)
+    statements = []
+    tables = [r[0] for r in v2.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main' ORDER BY table_oid").fetchall()]
+    for table in tables:
+        columns = v2.execute(
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ? ORDER BY column_index", [table]
+        ).fetchall()
+        statements.append(f"CREATE TABLE {table} ({', '.join(f'{chr(34)}{c}{chr(34)} {t}' for c, t in columns)})")
+    # Views in the order they were created: a view may read one made before it.
+    statements += [r[0] for r in v2.execute("SELECT sql FROM duckdb_views() WHERE NOT internal AND schema_name = 'main' ORDER BY view_oid").fetchall()]
+    v2.close()
+    return tuple(statements)
+
+
+def ensure_lake_schema(con, on_wait: Callable[[str], None] | None = None) -> int:
+    """Create the v3 schema in an empty history, then apply the migrations it lacks, each in one
+    transaction. Two processes doing this at once: one commits, the other retries and finds it done."""
+    from lorasum_assets.store.history import in_transaction
+
+    def upgrade(con) -> None:
+        version = current_version(con)
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"history schema v{version} is newer than this lorasum (v{SCHEMA_VERSION}); upgrade lorasum")
+        if version == 0:
+            for statement in lake_schema_statements():
+                con.execute(statement)
+            con.execute("INSERT INTO schema_version VALUES (?, now())", [LAKE_BASE_VERSION])
+            version = LAKE_BASE_VERSION
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in LAKE_MIGRATIONS[target]:
+                con.execute(statement)
+            con.execute("INSERT INTO schema_version VALUES (?, now())", [target])
+
+    if current_version(con) != SCHEMA_VERSION:
+        in_transaction(con, upgrade, "creating the history's tables")
     return SCHEMA_VERSION
+
+
+def import_legacy_file(con, path: Path, on_wait: Callable[[str], None] | None = None) -> dict[str, int]:
+    """Copy every row of a single-file history into the DuckLake one, in one transaction; returns
+    rows copied per table. The file is first brought up to v2 in place."""
+    import duckdb
+
+    from lorasum_assets.store.history import in_transaction, retry_busy
+
+    def upgrade_file() -> None:
+        legacy = duckdb.connect(str(path))
+        try:
+            migrate_file(legacy)
+        finally:
+            legacy.close()
+
+    retry_busy(upgrade_file, f"the old history file {path}", on_wait=on_wait)
+    quoted = "'" + str(path).replace("'", "''") + "'"
+    con.execute(f"ATTACH {quoted} AS legacy_history (READ_ONLY)")
+    try:
+        tables = [r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = 'legacy_history' AND table_name <> 'schema_version'"
+        ).fetchall()]
+
+        def copy(con) -> dict[str, int]:
+            copied = {}
+            for table in tables:
+                copied[table] = con.execute(f"SELECT count(*) FROM legacy_history.main.{table}").fetchone()[0]
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM legacy_history.main.{table}")
+            return copied
+
+        return in_transaction(con, copy, f"importing {path}")
+    finally:
+        con.execute("DETACH legacy_history")
