@@ -106,27 +106,27 @@ def test_a_notebook_session_held_open_for_4_minutes_never_stops_a_run(fresh_home
     assert steps == list(range(1, 8 * TINY_STEPS // 2 + 1))  # nothing lost
 
 
-def read_until(fd: int, marker: str, timeout: float = 60.0) -> str:
+def read_until(fd: int, pattern: str, timeout: float = 60.0) -> re.Match:
+    """Read the shell's output until ``pattern`` matches it (colour codes removed)."""
     seen = ""
     deadline = time.monotonic() + timeout
-    while marker not in seen:
+    while True:
+        found = re.search(pattern, re.sub(r"\x1b\[[0-9;]*m", "", seen))
+        if found:
+            return found
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise AssertionError(f"the shell never printed {marker!r}; it printed: {seen[-2000:]}")
+            raise AssertionError(f"the shell never printed {pattern!r}; it printed: {seen[-2000:]}")
         ready, _, _ = select.select([fd], [], [], remaining)
         if ready:
             seen += os.read(fd, 65536).decode(errors="replace")
-    return seen
 
 
 def shell_count(fd: int, mark: str, query: str) -> int:
     """One query typed into the shell; its result row carries ``mark`` (built by SQL so the echo of
     the typed line cannot match)."""
-    os.write(fd, f"SELECT '{mark}' || '-' || 'n' AS mark, ({query}) AS n;\r".encode())
-    text = read_until(fd, f"{mark}-n")
-    found = re.search(rf"{mark}-n\s*[│|]\s*(\d+)", text)
-    assert found, text[-2000:]
-    return int(found[1])
+    os.write(fd, f"SELECT '{mark}' || '-' || 'n' AS mark, ({query}) AS n;\n".encode())
+    return int(read_until(fd, rf"{mark}-n\s*[│|]\s*(\d+)")[1])
 
 
 def test_an_interactive_lorasum_sql_shell_held_open_for_4_minutes_never_stops_a_run(fresh_home, tmp_path):
@@ -137,12 +137,15 @@ def test_an_interactive_lorasum_sql_shell_held_open_for_4_minutes_never_stops_a_
     wait_for_training(fresh_home, run)
 
     controller, terminal = pty.openpty()
+    # TERM=dumb: the shell reads plain lines instead of querying the cursor position as it does
+    # on a full terminal (a test has no terminal to answer).
     shell = subprocess.Popen([*LORASUM, "sql"], stdin=terminal, stdout=terminal, stderr=terminal, cwd=REPO,
-                             env=environment(fresh_home), start_new_session=True)
+                             env={**environment(fresh_home), "TERM": "dumb"}, start_new_session=True)
     os.close(terminal)
     opened_at = time.monotonic()
     try:
-        os.write(controller, b"CREATE TABLE my_runs AS SELECT run_id FROM eval_runs;\r")
+        read_until(controller, r'Enter "\.help"')
+        os.write(controller, b"CREATE TABLE my_runs AS SELECT run_id FROM eval_runs;\n")
         assert shell_count(controller, "mine", "SELECT count(*) FROM my_runs") == 1
         finish(run)
         run_seconds = time.monotonic() - started
@@ -152,7 +155,7 @@ def test_an_interactive_lorasum_sql_shell_held_open_for_4_minutes_never_stops_a_
         evaluations = shell_count(controller, "after", "SELECT count(*) FROM eval_runs")
         mine = shell_count(controller, "still", "SELECT count(*) FROM my_runs")
         held = time.monotonic() - opened_at
-        os.write(controller, b".quit\r")
+        os.write(controller, b".quit\n")
         shell.wait(timeout=30)
     finally:
         if shell.poll() is None:
@@ -169,13 +172,15 @@ def test_three_whole_graph_runs_at_once_while_history_is_polled_every_2s(fresh_h
     init_instance(fresh_home)
     rates = (1e-3, 3e-3, 5e-3)
     runs = [start(fresh_home, "*", {"ops": {"lora_adapter": {"config": {"learning_rate": rate}}}}) for rate in rates]
-    polls, failures, most_seen = 0, [], 0
+    polls, failures, not_yet, most_seen = 0, [], 0, 0
     while any(run.poll() is None for run in runs):
         done = subprocess.run([*LORASUM, "history", "--json"], cwd=REPO, env=environment(fresh_home), capture_output=True, text=True)
         polls += 1
         if done.returncode != 0:
-            if "no lorasum history" not in done.stderr:  # before the first run has written anything
-                failures.append(done.stderr.strip())
+            if "no lorasum history" not in done.stdout:  # before the first run has created it (--json: errors on stdout)
+                failures.append((done.returncode, done.stderr.strip()[-300:], done.stdout[-300:]))
+            else:
+                not_yet += 1
         else:
             most_seen = max(most_seen, len(json.loads(done.stdout)["rows"]))
         time.sleep(2)
@@ -190,8 +195,8 @@ def test_three_whole_graph_runs_at_once_while_history_is_polled_every_2s(fresh_h
         ).fetchall()
     with open_instance(fresh_home) as instance:
         statuses = [run.status.value for run in instance.get_runs()]
-    print(f"\n3 runs at once: statuses {statuses}; {polls} polls of `lorasum history --json`, {len(failures)} failed; "
-          f"final history lists {len(final)} runs")
+    print(f"\n3 runs at once: statuses {statuses}; {polls} polls of `lorasum history --json`: {not_yet} before the history "
+          f"existed, {len(failures)} failed, at most {most_seen} runs seen while running; final history lists {len(final)} runs")
     assert statuses == ["SUCCESS"] * 3
     assert failures == []
     assert len(evaluations) == 3 and len(final) == 3

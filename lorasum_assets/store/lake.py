@@ -132,6 +132,8 @@ def _attach(con: duckdb.DuckDBPyConnection, location: HistoryLocation, read_only
     try:
         con.execute(location.attach_sql(read_only))
     except duckdb.Error as exc:
+        if read_only and "creating a new DuckLake is explicitly disabled" in str(exc):
+            raise HistoryNotFoundError(f"no lorasum history at {location.describe()} yet; run the pipeline first (make demo)") from exc
         if "data_path is not set" not in str(exc):
             raise
         if read_only:
