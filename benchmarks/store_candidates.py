@@ -72,6 +72,7 @@ def setup(candidate: str, folder: Path, history_rows: int) -> None:
     con = open_writer(candidate, folder)
     con.execute(STEPS_DDL)
     con.execute(EXAMPLES_DDL)
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")  # lorasum's readers look for it
     con.execute("INSERT INTO examples SELECT 'old-' || (i // 100), 'ex' || i, repeat('word ', 40) FROM range(?) t(i)", [history_rows])
     publish(candidate, folder, con)
     con.close()

@@ -59,6 +59,7 @@ def open_instance(home: Path) -> dg.DagsterInstance:
     return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home / "dagster")))
 
 
+@pytest.mark.slow  # 35-45 s; test_history_readers runs three at once under a polling reader
 def test_two_whole_graph_runs_at_once_each_evaluate_their_own_adapter(fresh_home):
     init_instance(fresh_home)
     rates = (1e-3, 5e-3)
