@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lorasum_assets.store.lake import HistoryNotFoundError
 from lorasum_assets_tests.conftest import history_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +27,14 @@ def materialize(home: Path, selection: str, config_file: Path) -> subprocess.Pop
     )
 
 
+def logged_steps(home) -> int:
+    try:
+        with history_of(home) as con:
+            return con.execute("SELECT count(*) FROM training_steps").fetchone()[0]
+    except HistoryNotFoundError:
+        return 0
+
+
 @pytest.mark.slow
 def test_killed_training_resumes_and_logs_each_step_once(fresh_home, tmp_path):
     config_file = tmp_path / "run.yaml"
@@ -37,7 +46,9 @@ def test_killed_training_resumes_and_logs_each_step_once(fresh_home, tmp_path):
     checkpoints = fresh_home / "checkpoints"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and training.poll() is None:
-        if any(checkpoints.glob("*/step-8/COMPLETE")):
+        # Live step logs reach the history from a writer thread every 2 s: wait until they show the
+        # steps up to the checkpoint, so that the killed run leaves a log of its own.
+        if any(checkpoints.glob("*/step-*/COMPLETE")) and logged_steps(fresh_home) >= 8:
             break
         time.sleep(0.05)
     assert training.poll() is None, "training finished before it could be killed; make it longer"

@@ -28,6 +28,8 @@ BUSY_MARKERS = (
     "deadlock detected",
     "Could not set lock",
     "Conflicting lock",
+    # two machines creating a PostgreSQL-catalogued history at the same moment
+    "duplicate key value violates unique constraint",
 )
 WAIT_REPORT_AFTER_S = 10.0
 _wait_reporter: ContextVar[Callable[[str], None] | None] = ContextVar("lorasum_wait_reporter", default=None)
