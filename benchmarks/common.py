@@ -49,6 +49,28 @@ def run_interleaved(
     return results
 
 
+def run_whole_graph(tree, env: dict[str, str], models=None) -> float:
+    """``dagster asset materialize --select '*'`` from ``tree`` in a fresh home (sharing the model
+    cache ``models`` when given); returns seconds."""
+    import os
+    import tempfile
+    import time
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as home:
+        run_env = {**os.environ, "LORASUM_HOME": home, "DAGSTER_HOME": str(Path(home) / "dagster"), "HF_HUB_OFFLINE": "1", **env}
+        Path(run_env["DAGSTER_HOME"]).mkdir()
+        if models is not None:
+            (Path(home) / "models").symlink_to(models, target_is_directory=True)
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "dagster", "asset", "materialize", "-m", "lorasum_assets.definitions",
+                               "--select", "*"], cwd=tree, env=run_env, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"the graph failed:\n{done.stderr[-3000:]}")
+    return seconds
+
+
 def print_result(result: dict) -> None:
     """A worker's answer to ``run_interleaved``."""
     print("RESULT " + json.dumps(result), flush=True)

@@ -19,29 +19,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_result, run_interleaved  # noqa: E402
+from common import print_result, run_interleaved, run_whole_graph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_graph(tree: Path, models: Path) -> dict:
-    with tempfile.TemporaryDirectory() as home:
-        (Path(home) / "models").symlink_to(models, target_is_directory=True)
-        env = {**os.environ, "LORASUM_HOME": home, "DAGSTER_HOME": str(Path(home) / "dagster"), "HF_HUB_OFFLINE": "1",
-               "LORASUM_PROFILE": "tiny", "PYTHONPATH": str(tree)}
-        Path(env["DAGSTER_HOME"]).mkdir()
-        started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "dagster", "asset", "materialize", "-m", "lorasum_assets.definitions",
-                               "--select", "*"], cwd=tree, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"the graph failed:\n{done.stderr[-3000:]}")
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"seconds": seconds, "peak_mb": peak_mb}
+    seconds = run_whole_graph(tree, {"LORASUM_PROFILE": "tiny", "PYTHONPATH": str(tree)}, models=models)
+    return {"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
 def main() -> int:

@@ -40,6 +40,9 @@ class HistorySettingError(ValueError):
 class HistoryNotFoundError(FileNotFoundError):
     """Nothing has been written to the history yet."""
 
+    def __init__(self, where: str) -> None:
+        super().__init__(f"no lorasum history at {where} yet; run the pipeline first (make demo)")
+
 
 @dataclass(frozen=True)
 class HistoryLocation:
@@ -133,11 +136,11 @@ def _attach(con: duckdb.DuckDBPyConnection, location: HistoryLocation, read_only
         con.execute(location.attach_sql(read_only))
     except duckdb.Error as exc:
         if read_only and "creating a new DuckLake is explicitly disabled" in str(exc):
-            raise HistoryNotFoundError(f"no lorasum history at {location.describe()} yet; run the pipeline first (make demo)") from exc
+            raise HistoryNotFoundError(location.describe()) from exc
         if "data_path is not set" not in str(exc):
             raise
         if read_only:
-            raise HistoryNotFoundError(f"no lorasum history at {location.describe()} yet; run the pipeline first (make demo)") from exc
+            raise HistoryNotFoundError(location.describe()) from exc
         if not location.data_path:
             raise HistorySettingError(
                 f"the history {location.describe()} is new: set {HISTORY_DATA_ENV} to the folder or object-store URL "
@@ -195,14 +198,14 @@ def connect(
     """A DuckDB connection with the history attached as ``lorasum``: writers ``USE`` it, readers
     find its tables and views by name and keep tables of their own in memory."""
     if location.kind == "sqlite" and read_only and not location.sqlite_path.exists():
-        raise HistoryNotFoundError(f"no lorasum history at {location.sqlite_path}; run the pipeline first (make demo)")
+        raise HistoryNotFoundError(str(location.sqlite_path))
     con = _engine(location, read_only, on_wait, timeout_s).cursor()
     con.execute(init_statements(location, read_only)[-1])
     if read_only and not con.execute(
         f"SELECT count(*) FROM duckdb_tables() WHERE database_name = '{ALIAS}' AND table_name = 'schema_version'"
     ).fetchone()[0]:
         con.close()
-        raise HistoryNotFoundError(f"no lorasum history at {location.describe()} yet (no tables); run the pipeline first (make demo)")
+        raise HistoryNotFoundError(f"{location.describe()} (no tables)")
     return con
 
 
@@ -225,7 +228,7 @@ def prepare(location: HistoryLocation, on_wait: Callable[[str], None] | None = N
     with _home_lock():
         con = connect(location, read_only=False, on_wait=on_wait)
         try:
-            ensure_lake_schema(con, on_wait=on_wait)
+            ensure_lake_schema(con)
             legacy = legacy_database_path()
             if legacy.exists():
                 import_legacy_file(con, legacy, on_wait=on_wait)

@@ -212,7 +212,7 @@ def lake_schema_statements() -> tuple[str, ...]:
     return tuple(statements)
 
 
-def ensure_lake_schema(con, on_wait: Callable[[str], None] | None = None) -> int:
+def ensure_lake_schema(con) -> int:
     """Create the v3 schema in an empty history, then apply the migrations it lacks, each in one
     transaction. Two processes doing this at once: one commits, the other retries and finds it done."""
     from lorasum_assets.store.history import in_transaction
