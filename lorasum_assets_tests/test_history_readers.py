@@ -236,6 +236,7 @@ def postgres_server():
 
 def test_two_machines_run_the_whole_graph_at_once_into_one_postgres_history(postgres_server, tmp_path, session_home):
     shared_data = tmp_path / "shared-storage" / "lorasum"
+    (session_home / "models").mkdir(exist_ok=True)  # the model cache both homes share
     homes = []
     for machine in ("machine-a", "machine-b"):
         home = tmp_path / machine
