@@ -45,11 +45,12 @@ def main() -> int:
 
     from lorasum_assets.ml.adapter_files import save_adapter
     from lorasum_assets.ml.generate import generate, generate_with_adapter
-    from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path, paired_bootstrap_ci, rouge_scores
+    from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path, rouge_scores
     from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_prompt
     from lorasum_assets.ml.specs import BertScoreSpec, GenerationSpec, TrainSpec
+    from lorasum_assets.ml.stats import paired_bootstrap_ci
     from lorasum_assets.ml.train import train_lora
 
     dev, test_all = dialogsum_splits(args.data)

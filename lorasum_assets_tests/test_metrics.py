@@ -7,11 +7,10 @@ from rouge_score import rouge_scorer
 from lorasum_assets.ml.metrics import (
     BertScoreModel,
     BertScoreSpec,
-    bootstrap_ci,
     package_minilm_path,
-    paired_bootstrap_ci,
     rouge_scores,
 )
+from lorasum_assets.ml.stats import bootstrap_ci, paired_bootstrap_ci
 from lorasum_assets.ml.report import metric_value, score_predictions
 
 CANDS = ["#Person1# books a table for two.", "They plan a trip to the lake.", ""]

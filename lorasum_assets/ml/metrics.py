@@ -1,4 +1,4 @@
-"""BERTScore, ROUGE and bootstrap confidence intervals.
+"""BERTScore and ROUGE (the bootstrap confidence intervals are in ``ml/stats.py``).
 
 Multi-reference scoring takes the best reference per example. Empty predictions score 0
 explicitly (bert_score would only warn).
@@ -9,17 +9,15 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import bert_score
-import numpy as np
 from bert_score.utils import get_hash
 from rouge_score import rouge_scorer
 
-from lorasum_assets.ml.specs import BertScoreSpec
+from lorasum_assets.ml.specs import BERTSCORE_METRICS, ROUGE_METRICS, BertScoreSpec
 
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-BERTSCORE_KEYS = ("bertscore_precision", "bertscore_recall", "bertscore_f1")
+ROUGE_TYPES = ROUGE_METRICS
+BERTSCORE_KEYS = BERTSCORE_METRICS
 
 
 def package_minilm_path() -> str:
@@ -104,28 +102,3 @@ def rouge_scores(candidates: Sequence[str], references: Sequence[Sequence[str]])
         for k in ROUGE_TYPES:
             out[k].append(float(scores[k].fmeasure))
     return out
-
-
-@dataclass(frozen=True)
-class Interval:
-    mean: float
-    low: float
-    high: float
-
-
-def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> Interval:
-    data = np.asarray(values, dtype=float)
-    if data.size == 0:
-        return Interval(float("nan"), float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(n_resamples, data.size))].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return Interval(float(data.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
-
-
-def paired_bootstrap_ci(tuned: Sequence[float], base: Sequence[float], n_resamples: int = 1000, seed: int = 0) -> Interval:
-    """CI of mean(tuned − base), resampling examples jointly."""
-    t, b = np.asarray(tuned, dtype=float), np.asarray(base, dtype=float)
-    if t.shape != b.shape:
-        raise ValueError("paired bootstrap needs the same examples for both models")
-    return bootstrap_ci(t - b, n_resamples, seed)
