@@ -85,6 +85,7 @@ def test_two_whole_graph_runs_at_once_each_evaluate_their_own_adapter(fresh_home
     assert sorted(r for *_, r in evaluations) == sorted(rates)
 
 
+@pytest.mark.slow  # runs a real job, kills it mid-step and runs it again: 30-40 s
 def test_a_run_killed_in_training_does_not_block_the_next_one(fresh_home):
     init_instance(fresh_home, "deploy/dagster.yaml")  # the pool lorasum_gpu limited to 1
     killed = start(fresh_home, "*lora_adapter", {"ops": {"lora_adapter": {"config": {"epochs": 60}}}})

@@ -327,6 +327,7 @@ def test_dependencies_have_upper_bounds_and_the_ui_binds_localhost():
 # Crashes in evaluation
 
 
+@pytest.mark.slow  # runs a real job, kills it mid-step and runs it again: 30-40 s
 def test_a_killed_generation_step_rematerializes_cleanly(fresh_home, tmp_path):
     # base_predictions reads the filtered_split materialization recorded in the same Dagster instance
     (tmp_path / "dagster").mkdir()
