@@ -19,7 +19,7 @@ WATCH_PATH_ENV = "LORASUM_WATCH_PATH"
 train_and_evaluate = dg.define_asset_job(
     "train_and_evaluate",
     selection=dg.AssetSelection.all(),
-    description="The whole graph: data, training, predictions and the report.",
+    description="The whole graph: data, training, predictions, the report and the promotion gate.",
     tags=run_tags(),
 )
 
@@ -27,17 +27,19 @@ evaluate = dg.define_asset_job(
     "evaluate",
     selection=dg.AssetSelection.assets("base_predictions", "tuned_predictions", "bertscore_report"),
     description=(
-        "Re-score an existing adapter: set ops.tuned_predictions.config.adapter_id (default: the newest adapter trained "
-        "on the run's base model). The adapter is checked when the run starts, before any generation."
+        "Re-score an existing adapter: set ops.tuned_predictions.config.adapter_id (default: the production adapter of "
+        "the run's base model and dataset, else the newest adapter trained on it). The adapter is checked when the run "
+        "starts, before any generation. Promotes nothing."
     ),
     tags=run_tags(),
 )
 
 sweep_point = dg.define_asset_job(
     "sweep_point",
-    selection=dg.AssetSelection.assets("lora_adapter", "tuned_predictions", "bertscore_report"),
+    selection=dg.AssetSelection.assets("lora_adapter", "tuned_predictions", "bertscore_report", "promoted_adapter"),
     description=(
-        "One point of a sweep (`lorasum sweep GRID.yaml`): trains with its run config and scores its own adapter; "
+        "One point of a sweep (`lorasum sweep GRID.yaml`): trains with its run config, scores its own adapter and "
+        "puts it through the promotion gate; "
         "the data and the base predictions come from their latest materializations."
     ),
     tags=run_tags(),

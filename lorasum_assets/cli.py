@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lorasum_assets.home import home_path
+from lorasum_assets.ml.specs import PRODUCTION_ALIAS
 from lorasum_assets.store.history import DatabaseBusyError
 from lorasum_assets.store.lake import HistoryNotFoundError, HistorySettingError, history_location, open_history, write_init_file
 from lorasum_assets.store.schema import HISTORY_TABLES
@@ -126,7 +127,7 @@ EXAMPLE_METRICS = ("bertscore_precision", "bertscore_recall", "bertscore_f1", "r
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lorasum_assets.ml.metrics import paired_bootstrap_ci
+    from lorasum_assets.ml.stats import paired_bootstrap_ci
 
     con = _connect(args)
     run_a, run_b = _resolve_run(con, args.run_a), _resolve_run(con, args.run_b)
@@ -172,46 +173,240 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _production_adapter(con, alias: str) -> tuple[str, str]:
+    """The adapter holding ``alias``: on the profile's base model when several bases have one."""
+    from lorasum_assets.profiles import UnknownProfileError, get_profile
+    from lorasum_assets.store.promotions import holders
+
+    held = holders(con, alias)
+    if not held:
+        raise SystemExit(f"no adapter holds the {alias!r} alias yet; pass --adapter ID (`lorasum adapters` lists them)")
+    try:
+        profile_base = get_profile().model.model
+    except UnknownProfileError:
+        profile_base = None
+    base_model, dataset, adapter_id, _ = ([h for h in held if h[0] == profile_base] or held)[0]
+    return adapter_id, f"{alias} on {base_model} / {dataset}"
+
+
 def cmd_summarize(args: argparse.Namespace) -> int:
     con = _connect(args)
-    row = con.execute("SELECT base_model, base_revision, config, path FROM adapters WHERE adapter_id = ?", [args.adapter]).fetchone()
+    adapter_id, held_as = (args.adapter, None) if args.adapter else _production_adapter(con, args.alias)
+    row = con.execute("SELECT base_model, base_revision, config, path FROM adapters WHERE adapter_id = ?", [adapter_id]).fetchone()
     con.close()
     if row is None:
-        raise SystemExit(f"no adapter with id {args.adapter!r}; `lorasum adapters` lists them")
+        raise SystemExit(f"no adapter with id {adapter_id!r}; `lorasum adapters` lists them")
     base_model, revision, config, path = row
     if not Path(path, "adapter_model.safetensors").exists():
-        raise SystemExit(f"adapter {args.adapter!r} is registered but its files are missing at {path}")
+        raise SystemExit(f"adapter {adapter_id!r} is registered but its files are missing at {path}")
+    if held_as:
+        print(f"lorasum summarize: using adapter {adapter_id} ({held_as})", file=sys.stderr)
+    model = SummaryModel(args, adapter_id, base_model, revision, path, json.loads(config))
+    if args.input:
+        return _summarize_file(args, model)
     dialogue = Path(args.file).read_text("utf-8") if args.file else sys.stdin.read()
     if not dialogue.strip():
-        raise SystemExit("no dialogue given (use --file or standard input)")
+        raise SystemExit("no dialogue given (use --file, --input or standard input)")
     with quiet_libraries(args.verbose):
-        output, truncated = _summarize(args, base_model, revision, path, dialogue.strip(), json.loads(config))
+        (output, truncated), = model.summarize([dialogue.strip()])
     if args.json:
-        print(json.dumps({"adapter_id": args.adapter, "summary": output.text, "new_tokens": output.new_tokens,
+        print(json.dumps({"adapter_id": adapter_id, "summary": output.text, "new_tokens": output.new_tokens,
                           "hit_limit": output.hit_limit, "prompt_truncated": truncated}))
     else:
         print(output.text)
     return 0
 
 
-def _summarize(args: argparse.Namespace, base_model: str, revision: str | None, path: str, dialogue: str, trained: dict):
-    from lorasum_assets.home import home_subdir
-    from lorasum_assets.ml.generate import generate_with_adapter
-    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_prompt, trained_prompt_format
-    from lorasum_assets.ml.specs import GenerationSpec
+def read_dialogue_lines(path: Path) -> tuple[list[tuple[int, str, str]], list[tuple[int, str]]]:
+    """(line, id, dialogue) of every usable line of a JSONL file, and (line, problem) of the others.
+    A line is a JSON object with a non-empty string ``dialogue`` and an optional ``id``."""
+    kept: list[tuple[int, str, str]] = []
+    rejected: list[tuple[int, str]] = []
+    for number, line in enumerate(path.read_text("utf-8").splitlines(), start=1):
+        if not line.strip():
+            rejected.append((number, "empty line"))
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rejected.append((number, f"not JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        if not isinstance(value, dict):
+            rejected.append((number, f"expected a JSON object with a 'dialogue' field, got {type(value).__name__}"))
+        elif not isinstance(value.get("dialogue"), str) or not value["dialogue"].strip():
+            rejected.append((number, "no 'dialogue' field with text" if "dialogue" not in value else "'dialogue' is empty or not text"))
+        else:
+            kept.append((number, str(value.get("id", f"line-{number}")), value["dialogue"].strip()))
+    return kept, rejected
 
-    quantization = trained.get("quantization", "none")
-    spec = ModelSpec(model=base_model, revision=revision, quantization=quantization, cache_dir=str(home_subdir("models")))
-    tokenizer = load_tokenizer(spec)
-    use_chat_template, boundary = trained_prompt_format(trained)
-    prompt, truncated = encode_prompt(tokenizer, dialogue, use_chat_template, args.max_prompt_tokens, boundary)
-    model = load_model(spec)
+
+def _summarize_file(args: argparse.Namespace, model: SummaryModel) -> int:
+    from tqdm import tqdm
+
+    source, target = Path(args.input), Path(args.output) if args.output else None
+    if target is None:
+        raise SystemExit("--input needs --output FILE for the summaries")
+    if not source.is_file():
+        raise SystemExit(f"no input file {source}")
+    items, rejected = read_dialogue_lines(source)
+    for number, problem in rejected:
+        print(f"lorasum summarize: {source} line {number}: {problem}", file=sys.stderr)
+    results = []
+    if items:
+        with quiet_libraries(args.verbose) as terminal:
+            bar = tqdm(total=len(items), desc="summaries", unit="dialogue", file=terminal, disable=args.json)
+            try:
+                results = model.summarize([d for _, _, d in items], on_batch=lambda done, _: bar.update(done - bar.n))
+            finally:
+                bar.close()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    with partial.open("w", encoding="utf-8") as handle:
+        for (number, item_id, _), (output, truncated) in zip(items, results, strict=True):
+            handle.write(json.dumps({"id": item_id, "line": number, "summary": output.text, "new_tokens": output.new_tokens,
+                                     "hit_limit": output.hit_limit, "prompt_truncated": truncated}, ensure_ascii=False) + "\n")
+    partial.replace(target)
+    lines = [n for n, _ in rejected]
+    message = f"{len(items)} summaries written to {target}; {len(rejected)} line(s) rejected" + (f" (lines {', '.join(map(str, lines))})" if lines else "")
+    if args.json:
+        print(json.dumps({"adapter_id": model.adapter_id, "written": len(items), "output": str(target),
+                          "rejected": [{"line": n, "error": e} for n, e in rejected]}))
+    else:
+        print(message, file=sys.stderr)
+    return 1 if rejected else 0
+
+
+class SummaryModel:
+    """The base model with one adapter applied, loaded on first use."""
+
+    def __init__(self, args: argparse.Namespace, adapter_id: str, base_model: str, revision: str | None, path: str, trained: dict):
+        self.args, self.adapter_id, self.path, self.trained = args, adapter_id, path, trained
+        self.base_model, self.revision = base_model, revision
+
+    def summarize(self, dialogues: list[str], on_batch=None) -> list[tuple]:
+        from lorasum_assets.home import home_subdir
+        from lorasum_assets.ml.generate import generate_with_adapter
+        from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
+        from lorasum_assets.ml.prompts import encode_prompt, trained_prompt_format
+        from lorasum_assets.ml.specs import GenerationSpec
+
+        quantization = self.trained.get("quantization", "none")
+        spec = ModelSpec(model=self.base_model, revision=self.revision, quantization=quantization, cache_dir=str(home_subdir("models")))
+        tokenizer = load_tokenizer(spec)
+        use_chat_template, boundary = trained_prompt_format(self.trained)
+        encoded = [encode_prompt(tokenizer, d, use_chat_template, self.args.max_prompt_tokens, boundary) for d in dialogues]
+        model = load_model(spec)
+        settings = GenerationSpec(max_new_tokens=self.args.max_new_tokens, batch_size=self.args.batch_size)
+        try:
+            outputs = generate_with_adapter(model, self.path, tokenizer, [p for p, _ in encoded], settings, on_batch)
+        except Exception as exc:  # a corrupted adapter file fails here
+            raise SystemExit(f"could not apply adapter {self.adapter_id!r} from {self.path}: {exc}") from exc
+        return [(output, truncated) for output, (_, truncated) in zip(outputs, encoded, strict=True)]
+
+
+def _alias_key(con, args: argparse.Namespace, adapter_id: str | None):
+    from lorasum_assets.store.promotions import AliasKey, adapter_dataset, holders
+
+    if adapter_id is not None:
+        row = con.execute("SELECT base_model FROM adapters WHERE adapter_id = ?", [adapter_id]).fetchone()
+        if row is None:
+            raise SystemExit(f"no adapter with id {adapter_id!r}; `lorasum adapters` lists them")
+        dataset = args.dataset or adapter_dataset(con, adapter_id)
+        if dataset is None:
+            raise SystemExit(f"adapter {adapter_id} was never evaluated, so it has no dataset to hold {args.alias!r} on; evaluate it first")
+        return AliasKey(args.alias, row[0], dataset)
+    held = [h for h in holders(con, args.alias, args.base_model) if args.dataset in (None, h[1])]
+    if not held:
+        raise SystemExit(f"no adapter holds {args.alias!r}" + (f" on {args.base_model}" if args.base_model else ""))
+    if len(held) > 1:
+        keys = "; ".join(f"--base-model {b} --dataset {d}" for b, d, _, _ in held)
+        raise SystemExit(f"{args.alias!r} is held on {len(held)} base models and datasets; name one: {keys}")
+    return AliasKey(args.alias, held[0][0], held[0][1])
+
+
+def _move(args: argparse.Namespace, adapter_id: str | None, rollback: bool) -> int:
+    from lorasum_assets.store.lake import open_history
+    from lorasum_assets.store.promotions import AliasError, current_adapter, move_alias
+
+    _connect(args).close()
+    con = open_history(read_only=False)
     try:
-        output = generate_with_adapter(model, path, tokenizer, [prompt], GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=1))[0]
-    except Exception as exc:  # a corrupted adapter file fails here
-        raise SystemExit(f"could not apply adapter {args.adapter!r} from {path}: {exc}") from exc
-    return output, truncated
+        key = _alias_key(con, args, adapter_id)
+        before = current_adapter(con, key)
+        try:
+            row = move_alias(con, key, adapter_id, args.reason, rollback=rollback)
+        except AliasError as exc:
+            raise SystemExit(str(exc)) from exc
+    finally:
+        con.close()
+    now = row["adapter_id"]
+    if args.json:
+        print(json.dumps({k: row[k] for k in ("promotion_id", "alias", "base_model", "dataset", "adapter_id", "previous_adapter_id",
+                                              "decision", "reason")}, default=str))
+    else:
+        print(f"{key.describe()}: {before or 'no adapter'} -> {now or 'no adapter (the base model alone)'} ({row['reason']})")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    return _move(args, args.adapter, rollback=False)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    return _move(args, None, rollback=True)
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from lorasum_assets.home import home_subdir
+    from lorasum_assets.ml.export import copy_adapter, merge_adapter, model_card
+    from lorasum_assets.ml.modeling import ModelSpec
+    from lorasum_assets.store.registry import adapter_facts, find_adapter
+
+    con = _connect(args)
+    facts, adapter = adapter_facts(con, args.adapter), find_adapter(con, args.adapter)
+    con.close()
+    if facts is None or adapter is None:
+        raise SystemExit(f"no adapter with id {args.adapter!r}; `lorasum adapters` lists them")
+    if not Path(adapter.path, "adapter_model.safetensors").exists():
+        raise SystemExit(f"adapter {args.adapter!r} is registered but its files are missing at {adapter.path}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise SystemExit(f"{out} exists and is not an empty folder; use --force to write into it")
+    facts["merged"] = args.merged
+    if args.merged:
+        spec = ModelSpec(model=adapter.base.model, revision=adapter.base.revision, quantization=adapter.base.quantization,
+                         device="cpu", cache_dir=str(home_subdir("models")))
+        with quiet_libraries(args.verbose):
+            merged = merge_adapter(spec, adapter.path, out)
+        facts.update(dequantized=merged.dequantized, dtype=merged.dtype)
+        message = f"merged {args.adapter} into {adapter.base.model} ({merged.dtype}) at {out}"
+        if merged.dequantized:
+            message += "; the 4-bit base was dequantized first, so the merged weights are not bit-identical to base + adapter"
+    else:
+        copy_adapter(adapter.path, out)
+        message = f"exported adapter {args.adapter} to {out}"
+    (out / "README.md").write_text(model_card(facts), encoding="utf-8")
+    if args.push_to_hub:
+        message += "; " + _push_to_hub(out, args.push_to_hub)
+    if args.json:
+        print(json.dumps({"adapter_id": args.adapter, "out": str(out), "merged": args.merged,
+                          "dequantized": facts.get("dequantized", False), "files": sorted(p.name for p in out.iterdir())}))
+    else:
+        print(message)
+    return 0
+
+
+def _push_to_hub(folder: Path, repo: str) -> str:
+    """Upload ``folder`` to the hub repository ``repo`` with ``HF_TOKEN``."""
+    from huggingface_hub import HfApi
+
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise SystemExit("--push-to-hub needs a Hugging Face token in HF_TOKEN")
+    api = HfApi(token=token)
+    api.create_repo(repo, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="lorasum export-model")
+    return f"pushed to https://huggingface.co/{repo} ({commit.oid[:12]})"
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
@@ -226,9 +421,11 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         _emit(args, ("rank", "adapter_id", args.metric, "ci_low", "ci_high", "run_id", "dataset_hash", "learning_rate", "lora_r"), rows)
         return 0
     rows = con.execute(
-        "SELECT adapter_id, created_at, profile, base_model, final_train_loss, final_val_loss, sha256 FROM adapters ORDER BY created_at DESC"
+        """SELECT a.adapter_id, a.created_at, a.profile, a.base_model, a.final_train_loss, a.final_val_loss,
+                  string_agg(p.alias || ' (' || p.dataset || ')', ', ') AS aliases, a.sha256
+           FROM adapters a LEFT JOIN production_adapters p USING (adapter_id) GROUP BY ALL ORDER BY a.created_at DESC"""
     ).fetchall()
-    _emit(args, ("adapter_id", "created_at", "profile", "base_model", "final_train_loss", "final_val_loss", "sha256"), rows)
+    _emit(args, ("adapter_id", "created_at", "profile", "base_model", "final_train_loss", "final_val_loss", "aliases", "sha256"), rows)
     return 0
 
 
@@ -352,11 +549,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the paired CIs")
     p.add_argument("--force", action="store_true", help="compare even when the scorer differs")
 
-    p = command("summarize", "summarize a dialogue (file or stdin) with a registered adapter", cmd_summarize)
-    p.add_argument("--adapter", required=True, help="adapter id (`lorasum adapters` lists them)")
-    p.add_argument("--file", help="dialogue file (default: standard input)")
+    p = command("summarize", "summarize a dialogue (file or stdin), or a JSONL file of them, with the production adapter", cmd_summarize)
+    p.add_argument("--adapter", help="adapter id (`lorasum adapters` lists them); default: the one holding --alias")
+    p.add_argument("--alias", default=PRODUCTION_ALIAS, help="alias whose adapter to use when --adapter is not given")
+    p.add_argument("--file", help="one dialogue as plain text (default: standard input)")
+    p.add_argument("--input", help="JSONL file, one {\"dialogue\": ..., \"id\": ...} per line; needs --output")
+    p.add_argument("--output", help="JSONL file for the summaries of --input, one per usable line")
+    p.add_argument("--batch-size", type=int, default=8, help="dialogues per generation batch (--input)")
     p.add_argument("--max-new-tokens", type=int, default=150, help="new tokens at most")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="the dialogue is cut so the prompt fits")
+
+    p = command("promote", "give an adapter an alias by hand (recorded in promotions)", cmd_promote)
+    p.add_argument("adapter", help="adapter id")
+    p.add_argument("--alias", default=PRODUCTION_ALIAS, help="the alias to move")
+    p.add_argument("--dataset", help="dataset key (default: the dataset of the adapter's newest evaluation)")
+    p.add_argument("--reason", help="why, for the record")
+
+    p = command("rollback", "give an alias back to the adapter that held it before (recorded in promotions)", cmd_rollback)
+    p.add_argument("--alias", default=PRODUCTION_ALIAS, help="the alias to move back")
+    p.add_argument("--base-model", help="which base model's alias, when several hold one")
+    p.add_argument("--dataset", help="which dataset's alias, when several hold one")
+    p.add_argument("--reason", help="why, for the record")
+
+    p = command("export-model", "export an adapter with a model card, or (--merged) a model plain transformers loads", cmd_export_model)
+    p.add_argument("adapter", help="adapter id")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--merged", action="store_true", help="merge the LoRA weights into the base (merge_and_unload) and save the whole model")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hugging Face repository (reads HF_TOKEN)")
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
 
     p = command("adapters", "registered adapters", cmd_adapters)
     p.add_argument("--best", action="store_true", help="rank adapters by an evaluation metric (view best_adapters)")
@@ -386,9 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def quiet_libraries(verbose: bool):
     """Without -v, the libraries' progress bars, warnings and notices (bitsandbytes prints one at
-    import) do not reach the terminal; errors still do, once the block has ended."""
+    import) do not reach the terminal; errors still do, once the block has ended. Yields a stream
+    to the terminal's stderr, for our own progress bars."""
     if verbose:
-        yield
+        yield sys.stderr
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -396,11 +617,13 @@ def quiet_libraries(verbose: bool):
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            yield
+            yield terminal
     finally:
+        terminal.close()
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)

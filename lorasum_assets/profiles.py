@@ -17,6 +17,7 @@ from lorasum_assets.ml.specs import (
     FilterSpec,
     GenerationSpec,
     ModelChoice,
+    PromotionSpec,
     ReportSpec,
     TokenizeSpec,
     TrainSpec,
@@ -38,6 +39,7 @@ class Profile:
     training: TrainSpec = field(default_factory=TrainSpec)
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
+    promotion: PromotionSpec = field(default_factory=PromotionSpec)
     scorer: BertScoreSpec = field(default_factory=BertScoreSpec)
 
 

@@ -4,6 +4,9 @@ The tiny model is built once per test run and shared through the session home's 
 """
 
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,30 @@ def history_of(home):
     from lorasum_assets.store.lake import history_location, open_history
 
     return open_history(location=history_location(f"sqlite:{home}/history/catalog.sqlite"))
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture()
+def postgres_server():
+    """A real PostgreSQL server (Debian's postgresql package), on a socket of its own."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+    bin_dir = found[-1].parent
+    root = Path(tempfile.mkdtemp(prefix="lorasum-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    data, port = root / "data", "55439"
+    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "lorasum"]),
+                   check=True, capture_output=True)
+    subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "start",
+                                 "-o", f"-k {root} -p {port} -c listen_addresses=''"]), check=True, capture_output=True)
+    try:
+        subprocess.run(_as_postgres([str(bin_dir / "createdb"), "-h", str(root), "-p", port, "-U", "lorasum", "lorasum"]), check=True)
+        yield f"postgres:dbname=lorasum host={root} port={port} user=lorasum"
+    finally:
+        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -152,7 +152,7 @@ def test_export_never_overwrites_without_force_and_names_an_unwritable_folder(se
     before = (target / "eval_runs.parquet").stat().st_mtime_ns
     assert main(["export", "--out", str(target)]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == f"lorasum export: 7 file(s) already in {target} (e.g. eval_runs.parquet); use --force to overwrite them"
+    assert err.strip() == f"lorasum export: 10 file(s) already in {target} (e.g. eval_runs.parquet); use --force to overwrite them"
     assert (target / "eval_runs.parquet").stat().st_mtime_ns == before
     assert run_json(capsys, "export", "--out", str(target), "--force")["rows"]
 

@@ -10,6 +10,7 @@ EXPECTED_DEPS = {
     "base_predictions": {"filtered_split"},
     "tuned_predictions": {"lora_adapter", "filtered_split"},
     "bertscore_report": {"base_predictions", "tuned_predictions", "filtered_split"},
+    "promoted_adapter": {"bertscore_report", "filtered_split"},
 }
 EXPECTED_GROUPS = {
     "raw_dialogsum": "data",
@@ -19,10 +20,11 @@ EXPECTED_GROUPS = {
     "base_predictions": "evaluation",
     "tuned_predictions": "evaluation",
     "bertscore_report": "evaluation",
+    "promoted_adapter": "evaluation",
 }
 
 
-def test_definitions_load_with_exactly_seven_assets_and_edges():
+def test_definitions_load_with_exactly_the_eight_assets_and_edges():
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert keys == set(EXPECTED_DEPS)
@@ -41,7 +43,7 @@ def test_groups_kinds_and_code_versions():
 
 
 def test_gpu_steps_share_a_pool_and_the_job_runs_in_process():
-    for key in ("lora_adapter", "base_predictions", "tuned_predictions"):
+    for key in ("lora_adapter", "base_predictions", "tuned_predictions", "promoted_adapter"):
         assert defs.resolve_assets_def(key).node_def.pool == "lorasum_gpu"
     job = defs.resolve_job_def("train_and_evaluate")
     assert job.executor_def.name == "in_process"
@@ -70,6 +72,7 @@ def test_every_setting_is_defined_once_and_settable_per_run():
         FilterSpec,
         GenerationSpec,
         ModelChoice,
+        PromotionSpec,
         ReportSpec,
         TokenizeSpec,
         TrainSpec,
@@ -89,6 +92,7 @@ def test_every_setting_is_defined_once_and_settable_per_run():
     expected = {
         "raw_dialogsum": DataSpec, "filtered_split": FilterSpec, "tokenized_dataset": TokenizeSpec, "lora_adapter": TrainSpec,
         "base_predictions": GenerationSpec, "tuned_predictions": GenerationSpec, "bertscore_report": ReportSpec,
+        "promoted_adapter": PromotionSpec,
     }
     for node, spec in expected.items():
         assert {f.name for f in fields(spec)} <= names(node), node

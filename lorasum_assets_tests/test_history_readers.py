@@ -10,9 +10,7 @@ import os
 import pty
 import re
 import select
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -205,33 +203,6 @@ def test_three_whole_graph_runs_at_once_while_history_is_polled_every_2s(fresh_h
 
 # ------------------------------------------------------------------------------------------------
 # Many machines: a PostgreSQL catalog, data files on a shared folder
-
-
-def _as_postgres(command: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
-
-@pytest.fixture()
-def postgres_server():
-    """A real PostgreSQL server (Debian's postgresql package), on a socket of its own."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not found:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    bin_dir = found[-1].parent
-    root = Path(tempfile.mkdtemp(prefix="lorasum-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    data, port = root / "data", "55439"
-    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "lorasum"]),
-                   check=True, capture_output=True)
-    subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "start",
-                                 "-o", f"-k {root} -p {port} -c listen_addresses=''"]), check=True, capture_output=True)
-    try:
-        subprocess.run(_as_postgres([str(bin_dir / "createdb"), "-h", str(root), "-p", port, "-U", "lorasum", "lorasum"]), check=True)
-        yield f"postgres:dbname=lorasum host={root} port={port} user=lorasum"
-    finally:
-        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_two_machines_run_the_whole_graph_at_once_into_one_postgres_history(postgres_server, tmp_path, session_home):

@@ -194,3 +194,51 @@ def test_a_long_wait_is_reported_once_naming_what_it_waits_for(monkeypatch):
     assert history.retry_busy(write, "the history catalog sqlite:/x", on_wait=reports.append) == "written"
     assert len(reports) == 1
     assert reports[0].startswith("waiting ") and "for the history catalog sqlite:/x: another writer holds the catalog" in reports[0]
+
+
+MAKE_V3_HISTORY = """
+import sys
+import lorasum_assets.store.lake as lake
+import lorasum_assets.store.schema as schema
+schema.SCHEMA_VERSION = lake.SCHEMA_VERSION = 3  # the lorasum before the promotion registry
+schema.LAKE_MIGRATIONS = {}
+sys.path.insert(0, sys.argv[1])
+from test_store import seed_run
+con = lake.open_history(read_only=False)
+seed_run(con, "v3-run", "2026-01-01", "ad-v3", 0.5, 0.6, {"a": (0.5, 0.6)})
+print(con.execute("SELECT max(version) FROM lorasum.schema_version").fetchone()[0])
+"""
+
+READ_SCOPE = """
+from lorasum_assets.store import open_history
+con = open_history()
+print(con.execute("SELECT run_id, dataset, generation_hash FROM eval_scope ORDER BY run_id").fetchall())
+"""
+
+
+def test_a_v3_history_gains_the_promotion_registry_and_keeps_its_rows(fresh_home):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "LORASUM_HOME": str(fresh_home)}
+    made = subprocess.run([sys.executable, "-c", MAKE_V3_HISTORY, str(Path(__file__).parent)], env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.strip() == "3"
+
+    con = open_history()  # a reader of the newer lorasum adds what v4 brings
+    assert con.execute("SELECT max(version) FROM lorasum.schema_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert con.execute("SELECT run_id, adapter_id FROM eval_runs").fetchall() == [("v3-run", "ad-v3")]
+    assert con.execute("SELECT count(*) FROM promotions").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM production_adapters").fetchone()[0] == 0
+    con.close()
+    writer = open_history(read_only=False)
+    seed_run(writer, "v4-run", "2026-01-02", "ad-v4", 0.5, 0.7, {"a": (0.5, 0.7)})
+    write_evaluation(writer, dict(run_id="v4-run", created_at="2026-01-02", base_model="m", dataset_hash="d1", split="test",
+                                  adapter_id="ad-v4", scorer_hash="s1"), [], [], scope={"dataset": "sample", "generation_hash": "g"})
+    writer.close()
+    # another process reads what this one wrote into the new tables
+    read = subprocess.run([sys.executable, "-c", READ_SCOPE], env=env, capture_output=True, text=True)
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.strip() == "[('v4-run', 'sample', 'g')]"

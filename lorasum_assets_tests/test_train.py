@@ -335,3 +335,34 @@ def test_cpu_training_uses_eager_attention_up_to_512_tokens_and_sdpa_above(tiny_
             use_attention(peft_model, kernel)
             losses[kernel] = float(token_loss_sum(peft_model, dict(batch))[0])
     assert abs(losses["eager"] - losses["sdpa"]) <= 1e-4 * abs(losses["eager"])
+
+
+def test_an_nf4_adapter_merges_into_the_dequantized_base(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorasum_assets.ml.export import merge_adapter
+
+    spec = ModelSpec(model=str(tiny_model_dir), quantization="nf4", device="cpu")
+    train = TrainSpec(epochs=1, batch_size=2, gradient_accumulation_steps=2, learning_rate=5e-3, warmup_ratio=0.0, lora_dropout=0.0)
+    peft_model = prepare_peft_model(load_model(spec), train)
+    train_lora(peft_model, examples(tiny_tokenizer, 8), examples(tiny_tokenizer, 2, "validation"), train, tiny_tokenizer.pad_token_id)
+    adapter = save_adapter(peft_model, tiny_tokenizer, tmp_path / "adapter")
+    merged = merge_adapter(spec, str(adapter), tmp_path / "merged")
+    assert merged.dequantized and merged.dtype == "float32"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert not any(type(m).__name__ == "Linear4bit" for m in plain.modules())
+    from peft import PeftModel
+
+    unmerged = PeftModel.from_pretrained(load_model(spec).dequantize(), str(adapter)).eval()
+    ids = torch.tensor([examples(tiny_tokenizer, 1)[0].input_ids[:32]])
+    with torch.no_grad():
+        merged_logits = plain(input_ids=ids).logits
+        unmerged_logits = unmerged(input_ids=ids).logits
+        four_bit = peft_model.eval()(input_ids=ids).logits
+    # merging is exact on the dequantized weights ...
+    assert torch.allclose(merged_logits, unmerged_logits, atol=1e-4), (merged_logits - unmerged_logits).abs().max()
+    # ... and close to, not the same as, the 4-bit kernels' arithmetic
+    agree = (four_bit.argmax(-1) == merged_logits.argmax(-1)).float().mean().item()
+    print(f"max |4-bit - merged| logit {(four_bit - merged_logits).abs().max():.4f}; top-1 agreement {agree:.3f}")
+    assert agree >= 0.9

@@ -22,7 +22,10 @@ pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-ASSETS = ["raw_dialogsum", "filtered_split", "tokenized_dataset", "lora_adapter", "base_predictions", "tuned_predictions", "bertscore_report"]
+ASSETS = [
+    "raw_dialogsum", "filtered_split", "tokenized_dataset", "lora_adapter", "base_predictions", "tuned_predictions", "bertscore_report",
+    "promoted_adapter",
+]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
@@ -139,6 +142,13 @@ def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
         page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "ui-report.png"), full_page=True)
         assert page.get_by_text("tuned − base (paired 95% CI)").count() >= 1, "the report table is not shown"
+
+        # The promotion decision and the production adapter, in promoted_adapter's metadata.
+        page.goto(f"{dagster_ui}/assets/promoted_adapter", wait_until="networkidle")
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(ARTIFACTS / "ui-promotion.png"), full_page=True)
+        assert page.get_by_text("production_adapter", exact=True).count() >= 1, "the production adapter is not shown"
+        assert page.get_by_text(re.compile(r"^promoted tiny-.*over the base model")).count() >= 1, "the decision's reason is not shown"
 
         # The training curve of lora_adapter.
         page.goto(f"{dagster_ui}/assets/lora_adapter", wait_until="networkidle")

@@ -3,6 +3,10 @@
 from lorasum_assets.assets.data import filtered_split, raw_dialogsum, tokenized_dataset
 from lorasum_assets.assets.evaluation import bertscore_report
 from lorasum_assets.assets.predictions import base_predictions, tuned_predictions
+from lorasum_assets.assets.promotion import promoted_adapter
 from lorasum_assets.assets.training import lora_adapter
 
-ALL_ASSETS = [raw_dialogsum, filtered_split, tokenized_dataset, lora_adapter, base_predictions, tuned_predictions, bertscore_report]
+ALL_ASSETS = [
+    raw_dialogsum, filtered_split, tokenized_dataset, lora_adapter, base_predictions, tuned_predictions, bertscore_report,
+    promoted_adapter,
+]

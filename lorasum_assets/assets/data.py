@@ -43,6 +43,11 @@ def read_dialogues(con, ref: TableRef, split: str | None = None) -> list[Dialogu
     return [Dialogue(s, i, d, list(r), t, int(x)) for s, i, d, r, t, x in con.execute(query, params).fetchall()]
 
 
+def dataset_of(ref: TableRef) -> str:
+    """The data source a filtered_split materialization came from (``sample``, ``hub:…``, ``local:…``)."""
+    return ref.details.get("source") or "unknown"
+
+
 def require(ref: TableRef | None, asset: str) -> TableRef:
     if ref is None:
         raise ValueError(f"{asset} has not been materialized yet; materialize it (or the whole graph) first")
@@ -148,7 +153,10 @@ def filtered_split(
     context.instance.add_run_tags(context.run_id, {"lorasum/dataset_hash": content_hash[:16]})
     context.log.info(f"filter {spec}: kept {dict(counts)} of {len(dialogues)} dialogues")
     return dg.Output(
-        TableRef("filtered_split", context.run_id, len(kept), content_hash, content_hash[:16], {"rows_per_split": dict(counts)}),
+        TableRef(
+            "filtered_split", context.run_id, len(kept), content_hash, content_hash[:16],
+            {"rows_per_split": dict(counts), "source": upstream.details.get("source")},
+        ),
         metadata={
             "dagster/row_count": len(kept),
             "filter": str(spec),

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from lorasum_assets import __version__
-from lorasum_assets.assets.data import read_dialogues, require
+from lorasum_assets.assets.data import dataset_of, read_dialogues, require
 from lorasum_assets.assets.plots import histogram, markdown_table
 from lorasum_assets.assets.plots import table as table_value
 from lorasum_assets.config import config_class, resolve
@@ -89,6 +89,7 @@ def bertscore_report(
     tuned_ref = require(tuned_predictions, "tuned_predictions")
     dialogues_ref = require(filtered_split, "filtered_split")
     split = base_ref.details["split"]
+    generation = tuned_ref.details.get("generation")
     if tuned_ref.details["split"] != split:
         raise ValueError(f"base predictions are of the {split!r} split but tuned predictions of {tuned_ref.details['split']!r}")
     with store.connect() as con:
@@ -149,6 +150,7 @@ def bertscore_report(
             ),
             metrics,
             examples,
+            scope=dict(dataset=dataset_of(dialogues_ref), generation_hash=version_of(generation) if generation else None),
         )
 
     table = report_tables(report)
@@ -177,5 +179,6 @@ def bertscore_report(
         for metric in ("bertscore_precision", "bertscore_recall", "bertscore_f1", *ROUGE_TYPES):
             metadata[f"{model_name}_{metric}"] = round(metric_value(report, model_name, metric)["value"], 4)
     version = version_of([(m["model"], m["metric"], m["reference_set"], m["value"]) for m in report.metrics], scoring.hash)
-    ref = TableRef("bertscore_report", run_id, len(report.metrics), version, version, {"adapter_id": adapter_id, "split": split})
+    details = {"adapter_id": adapter_id, "split": split, "generation": generation}
+    ref = TableRef("bertscore_report", run_id, len(report.metrics), version, version, details)
     return dg.Output(ref, metadata=metadata, data_version=dg.DataVersion(version))

@@ -1,11 +1,11 @@
 """base_predictions (no adapter in play) and tuned_predictions (base + adapter)."""
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import dagster as dg
 from pydantic import Field
 
-from lorasum_assets.assets.data import read_dialogues, require
+from lorasum_assets.assets.data import dataset_of, read_dialogues, require
 from lorasum_assets.assets.training import GPU_POOL
 from lorasum_assets.config import config_class, resolve
 from lorasum_assets.deployment import gpu_op_tags
@@ -13,14 +13,15 @@ from lorasum_assets.ml.adapter_files import sha256_file
 from lorasum_assets.ml.generate import generate, generate_with_adapter, has_active_adapter
 from lorasum_assets.ml.progress import Progress
 from lorasum_assets.ml.prompts import encode_prompt, trained_prompt_format
-from lorasum_assets.ml.specs import GenerationSpec, ModelChoice
+from lorasum_assets.ml.specs import PRODUCTION_ALIAS, GenerationSpec, ModelChoice
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.resources.lineage import lineage_run_ids
 from lorasum_assets.resources.recovery import RunPreflightResource
 from lorasum_assets.store.history import write_materialization
+from lorasum_assets.store.promotions import AliasKey
 from lorasum_assets.store.references import AdapterRef, TableRef, version_of
-from lorasum_assets.store.registry import choose_adapter
+from lorasum_assets.store.registry import choose_adapter, production_adapter
 from lorasum_assets.versions import code_version
 
 PREDICTION_COLUMNS = ("split", "id", "prediction", "new_tokens", "hit_limit", "latency_s", "adapter_id")
@@ -35,8 +36,8 @@ TunedGenerationConfig = config_class(
         str | None,
         Field(
             default=None,
-            description="Evaluate this registered adapter. Default: the adapter trained in this run, "
-            "else the newest adapter trained on this run's base model.",
+            description="Evaluate this registered adapter. Default: the adapter trained in this run, else the "
+            "production adapter of this base model and dataset, else the newest adapter trained on this base model.",
         ),
     ),
 )
@@ -81,7 +82,8 @@ def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_
         write_materialization(con, asset, context.run_id, {asset: (PREDICTION_COLUMNS, rows)}, content_hash, version)
     seconds = sum(g.latency_s for g in outputs)
     new_tokens = sum(g.new_tokens for g in outputs)
-    ref = TableRef(asset, context.run_id, len(rows), content_hash, version, {"split": spec.split, "adapter_id": adapter_id})
+    details = {"split": spec.split, "adapter_id": adapter_id, "generation": asdict(spec)}
+    ref = TableRef(asset, context.run_id, len(rows), content_hash, version, details)
     return dg.Output(
         ref,
         metadata={
@@ -155,7 +157,28 @@ def tuned_predictions(
     upstream = require(filtered_split, "filtered_split")
     in_lineage = lora_adapter if lora_adapter is not None and lora_adapter.run_id in lineage_run_ids(context.instance, context.run_id) else None
     with store.connect() as con:
-        adapter = choose_adapter(con, model.base_ref(), config.adapter_id, in_lineage)
+        production = production_adapter(con, AliasKey(PRODUCTION_ALIAS, model.choice().model, dataset_of(upstream)))
+        adapter = choose_adapter(con, model.base_ref(), config.adapter_id, in_lineage, production)
+    context.log.info(f"applying adapter {adapter.adapter_id} (trained in run {adapter.run_id}) to {adapter.base.describe()}")
+    context.instance.add_run_tags(context.run_id, {"lorasum/adapter_id": adapter.adapter_id})
+    generated = generate_for_adapter(context, model, store, adapter, upstream, spec, "tuned_predictions")
+    return _write(
+        context, store, "tuned_predictions", spec, generated.dialogues, generated.outputs, adapter.adapter_id,
+        (adapter.data_version, asdict(spec), upstream.data_version), generated.budget, generated.truncated,
+    )
+
+
+@dataclass(frozen=True)
+class AdapterGenerations:
+    dialogues: list
+    outputs: list
+    budget: int
+    truncated: int
+
+
+def generate_for_adapter(context, model, store, adapter: AdapterRef, upstream: TableRef, spec: GenerationSpec, label: str) -> AdapterGenerations:
+    """Summaries of ``upstream``'s ``spec.split`` dialogues from the base with ``adapter`` applied,
+    after checking that the adapter's files and prompt format are the ones it was registered with."""
     _, trained_with = trained_prompt_format(adapter.training)
     if trained_with != model.choice().prompt_boundary:
         raise ValueError(
@@ -164,14 +187,9 @@ def tuned_predictions(
         )
     if sha256_file(f"{adapter.path}/adapter_model.safetensors") != adapter.sha256:
         raise RuntimeError(f"adapter {adapter.adapter_id}'s weights at {adapter.path} changed since it was registered")
-    context.log.info(f"applying adapter {adapter.adapter_id} (trained in run {adapter.run_id}) to {adapter.base.describe()}")
-    context.instance.add_run_tags(context.run_id, {"lorasum/adapter_id": adapter.adapter_id})
     tokenizer = model.tokenizer(context.log.info)
     base = model.base_model(context.log.info)
     budget = prompt_budget(spec, base)
     dialogues, prompts, truncated = _prompts(store, tokenizer, upstream, spec, model.choice(), budget)
-    outputs = generate_with_adapter(base, adapter.path, tokenizer, prompts, spec, *_progress(context, "tuned_predictions", len(prompts)))
-    return _write(
-        context, store, "tuned_predictions", spec, dialogues, outputs, adapter.adapter_id,
-        (adapter.data_version, asdict(spec), upstream.data_version), budget, truncated,
-    )
+    outputs = generate_with_adapter(base, adapter.path, tokenizer, prompts, spec, *_progress(context, label, len(prompts)))
+    return AdapterGenerations(dialogues, outputs, budget, truncated)

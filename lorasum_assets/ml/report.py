@@ -5,16 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lorasum_assets.ml.metrics import (
-    BERTSCORE_KEYS,
-    ROUGE_TYPES,
-    bootstrap_ci,
-    paired_bootstrap_ci,
-    rouge_scores,
-)
+from lorasum_assets.ml.metrics import rouge_scores
+from lorasum_assets.ml.specs import EVAL_METRICS
+from lorasum_assets.ml.stats import bootstrap_ci, paired_bootstrap_ci
 
-METRICS = BERTSCORE_KEYS + ROUGE_TYPES
+METRICS = EVAL_METRICS
 MODELS = ("base", "tuned")
+BertScoreFn = Callable[[Sequence[str], Sequence[Sequence[str]]], tuple[list[float], list[float], list[float]]]
 
 
 @dataclass
@@ -24,8 +21,14 @@ class Report:
     empty_predictions: dict[str, int]
 
 
+def score_examples(bertscore: BertScoreFn, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, list[float]]:
+    """Every metric of every candidate against its references (the best reference per example)."""
+    p, r, f = bertscore(list(candidates), references)
+    return {"bertscore_precision": p, "bertscore_recall": r, "bertscore_f1": f, **rouge_scores(list(candidates), references)}
+
+
 def score_predictions(
-    bertscore: Callable[[Sequence[str], Sequence[Sequence[str]]], tuple[list[float], list[float], list[float]]],
+    bertscore: BertScoreFn,
     predictions: dict[str, Sequence[str]],
     references: Sequence[Sequence[str]],
     n_resamples: int = 1000,
@@ -39,11 +42,7 @@ def score_predictions(
     for ref_name, refs in reference_sets.items():
         if ref_name == "first" and not multi:
             continue
-        scores: dict[str, dict[str, list[float]]] = {}
-        for model in MODELS:
-            cands = list(predictions[model])
-            p, r, f = bertscore(cands, refs)
-            scores[model] = {"bertscore_precision": p, "bertscore_recall": r, "bertscore_f1": f, **rouge_scores(cands, refs)}
+        scores = {model: score_examples(bertscore, predictions[model], refs) for model in MODELS}
         if ref_name == "all":
             per_example = scores
         for metric in METRICS:

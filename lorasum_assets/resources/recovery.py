@@ -3,10 +3,12 @@
 
 import dagster as dg
 
+from lorasum_assets.ml.specs import PRODUCTION_ALIAS
 from lorasum_assets.recovery import release_dead_runs
 from lorasum_assets.resources.model import LoraModelResource
 from lorasum_assets.resources.store import LorasumStore
-from lorasum_assets.store.registry import choose_adapter
+from lorasum_assets.store.promotions import holders
+from lorasum_assets.store.registry import choose_adapter, find_adapter
 
 # Jobs whose runs train no adapter of their own; every other run materializes lora_adapter itself
 # unless its asset selection leaves it out.
@@ -51,7 +53,10 @@ class RunPreflightResource(dg.ConfigurableResource):
             if released and context.log is not None:
                 context.log.warning(f"freed the pool slots of {len(released)} dead run(s): {', '.join(r.run_id for r in released)}")
         if evaluates_an_existing_adapter(run):
+            base = self.model.base_ref()
             with self.store.connect() as con:
-                adapter = choose_adapter(con, self.model.base_ref(), _config_adapter_id(run), None)
+                held = holders(con, PRODUCTION_ALIAS, base.model)
+                production = find_adapter(con, held[0][2]) if held else None
+                adapter = choose_adapter(con, base, _config_adapter_id(run), None, production)
             if context.log is not None:
                 context.log.info(f"this run evaluates adapter {adapter.adapter_id}")

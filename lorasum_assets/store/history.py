@@ -230,8 +230,10 @@ def write_evaluation(
     run: dict[str, Any],
     metrics: Sequence[dict[str, Any]],
     examples: Sequence[dict[str, Any]],
+    scope: dict[str, Any] | None = None,
 ) -> None:
-    """One evaluation run's history rows, replacing any earlier attempt of the same run id."""
+    """One evaluation run's history rows, replacing any earlier attempt of the same run id.
+    ``scope`` (dataset, generation_hash) says which other evaluations its scores pair with."""
     run = dict(run)
     run["params"] = json.dumps(run.get("params", {}), sort_keys=True, default=str)
     run_id = run["run_id"]
@@ -240,6 +242,8 @@ def write_evaluation(
         _replace_rows(con, "eval_examples", {"run_id": run_id}, examples)
         _replace_rows(con, "eval_metrics", {"run_id": run_id}, metrics)
         _replace_rows(con, "eval_runs", {"run_id": run_id}, [run])
+        if scope is not None:
+            _replace_rows(con, "eval_scope", {"run_id": run_id}, [{"run_id": run_id, **scope}])
 
     in_transaction(con, body, "writing an evaluation")
 

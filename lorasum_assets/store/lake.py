@@ -24,7 +24,7 @@ import duckdb
 
 from lorasum_assets.home import HISTORY_DATA_ENV, HISTORY_ENV, history_setting, home_path, legacy_database_path
 from lorasum_assets.store.history import retry_busy
-from lorasum_assets.store.schema import ensure_lake_schema, import_legacy_file
+from lorasum_assets.store.schema import SCHEMA_VERSION, ensure_lake_schema, import_legacy_file
 
 ALIAS = "lorasum"
 CATALOG_EXTENSIONS = {"sqlite": "sqlite_scanner", "postgres": "postgres_scanner"}
@@ -256,4 +256,9 @@ def open_history(read_only: bool = True, location: HistoryLocation | None = None
     exists = location.kind != "sqlite" or location.sqlite_path.exists()
     if not read_only or (not exists and legacy_database_path().exists()):
         prepare(location)
-    return connect(location, read_only=read_only)
+    con = connect(location, read_only=read_only)
+    if read_only and con.execute(f"SELECT max(version) FROM {ALIAS}.schema_version").fetchone()[0] < SCHEMA_VERSION:
+        con.close()  # written by an older lorasum: its new tables and views are added first, once
+        prepare(location)
+        con = connect(location, read_only=True)
+    return con

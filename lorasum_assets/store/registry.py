@@ -35,15 +35,28 @@ def newest_adapter_for_base(con, base: BaseModelRef) -> AdapterRef | None:
     return _ref(row) if row else None
 
 
-def choose_adapter(con, base: BaseModelRef, adapter_id: str | None, from_lineage: AdapterRef | None) -> AdapterRef:
+def production_adapter(con, key) -> AdapterRef | None:
+    """The adapter holding ``key`` (an ``AliasKey``), if any."""
+    from lorasum_assets.store.promotions import current_adapter
+
+    adapter_id = current_adapter(con, key)
+    return find_adapter(con, adapter_id) if adapter_id else None
+
+
+def choose_adapter(
+    con, base: BaseModelRef, adapter_id: str | None, from_lineage: AdapterRef | None, production: AdapterRef | None = None
+) -> AdapterRef:
     """The adapter an evaluation applies: the one asked for by id, else the one trained in the
-    run's own lineage, else the newest one trained on this base model. It must fit ``base``."""
+    run's own lineage, else the production adapter, else the newest one trained on this base
+    model. It must fit ``base``."""
     if adapter_id:
         ref = find_adapter(con, adapter_id)
         if ref is None:
             raise AdapterChoiceError(f"no adapter with id {adapter_id!r} in the registry; `lorasum adapters` lists them")
     elif from_lineage is not None:
         ref = from_lineage
+    elif production is not None:
+        ref = production
     else:
         ref = newest_adapter_for_base(con, base)
         if ref is None:
@@ -54,3 +67,36 @@ def choose_adapter(con, base: BaseModelRef, adapter_id: str | None, from_lineage
         )
     check_adapter_base(ref.adapter_id, ref.base, base)
     return ref
+
+
+def adapter_facts(con, adapter_id: str) -> dict | None:
+    """What a model card says about an adapter: its training and its newest evaluation."""
+    row = con.execute(
+        """SELECT adapter_id, base_model, config, dataset_hash, final_train_loss, final_val_loss, sha256, path
+           FROM adapters WHERE adapter_id = ?""",
+        [adapter_id],
+    ).fetchone()
+    if row is None:
+        return None
+    facts = dict(zip(("adapter_id", "base_model", "training", "dataset_hash", "final_train_loss", "final_val_loss", "sha256", "path"), row))
+    facts["training"] = json.loads(facts["training"]) if isinstance(facts["training"], str) else dict(facts["training"] or {})
+    evaluation = con.execute(
+        """SELECT run_id, r.n_examples, r.split, s.dataset FROM eval_runs r LEFT JOIN eval_scope s USING (run_id)
+           WHERE r.adapter_id = ? ORDER BY r.created_at DESC LIMIT 1""",
+        [adapter_id],
+    ).fetchone()
+    facts["metrics"] = []
+    if evaluation:
+        facts.update(eval_run_id=evaluation[0], n_examples=evaluation[1], split=evaluation[2], dataset=evaluation[3])
+        for metric, base, tuned, low, high, delta, delta_low, delta_high in con.execute(
+            """SELECT metric,
+                      max(value) FILTER (WHERE model = 'base'), max(value) FILTER (WHERE model = 'tuned'),
+                      max(ci_low) FILTER (WHERE model = 'tuned'), max(ci_high) FILTER (WHERE model = 'tuned'),
+                      max(value) FILTER (WHERE model = 'delta'), max(ci_low) FILTER (WHERE model = 'delta'),
+                      max(ci_high) FILTER (WHERE model = 'delta')
+               FROM eval_metrics WHERE run_id = ? AND reference_set = 'all' GROUP BY metric ORDER BY metric""",
+            [evaluation[0]],
+        ).fetchall():
+            facts["metrics"].append(dict(metric=metric, base=base, tuned=tuned, tuned_low=low, tuned_high=high,
+                                         delta=delta, delta_low=delta_low, delta_high=delta_high))
+    return facts

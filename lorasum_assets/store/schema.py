@@ -4,7 +4,9 @@ Versions 1 and 2 were single DuckDB files; ``migrate_file`` still brings such a 
 so that ``import_legacy_file`` can copy it into the DuckLake history. Version 3 is v2's tables and
 views in DuckLake, without key constraints (DuckLake has none: every write deletes the rows it
 replaces first, in the same transaction). ``ensure_lake_schema`` creates it; later versions go in
-``LAKE_MIGRATIONS``.
+``LAKE_MIGRATIONS``. v4 adds the promotion registry: ``promotions`` (append-only, one row per
+decision), the view ``production_adapters``, ``champion_examples`` and ``eval_scope`` (what a
+decision pairs scores by).
 """
 
 from __future__ import annotations
@@ -15,12 +17,43 @@ from pathlib import Path
 
 LEGACY_VERSION = 2
 LAKE_BASE_VERSION = 3
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Statements that upgrade the DuckLake history from version k - 1 to k, keyed by k (> 3).
-LAKE_MIGRATIONS: dict[int, list[str]] = {}
+LAKE_MIGRATIONS: dict[int, list[str]] = {
+    # New tables only: a column added with ALTER TABLE to a table with inlined rows reads back as
+    # NULL in other processes (DuckLake 0.3, seen with the SQLite catalog).
+    4: [
+        # The data source an evaluation's examples came from, and a hash of its generation settings:
+        # a champion's scores pair with a challenger's only on the same examples, generated alike.
+        "CREATE TABLE IF NOT EXISTS eval_scope (run_id VARCHAR, dataset VARCHAR, generation_hash VARCHAR)",
+        # The production adapter scored by a promotion step on one evaluation run's examples.
+        """CREATE TABLE IF NOT EXISTS champion_examples (
+            run_id VARCHAR, adapter_id VARCHAR, id VARCHAR, prediction VARCHAR, new_tokens INTEGER, hit_limit BOOLEAN,
+            bertscore_precision DOUBLE, bertscore_recall DOUBLE, bertscore_f1 DOUBLE, rouge1 DOUBLE, rouge2 DOUBLE,
+            rougeL DOUBLE, rougeLsum DOUBLE, scorer_hash VARCHAR)""",
+        """CREATE TABLE IF NOT EXISTS promotions (
+            promotion_id BIGINT, decided_at TIMESTAMP, alias VARCHAR, base_model VARCHAR, dataset VARCHAR,
+            adapter_id VARCHAR, previous_adapter_id VARCHAR, moved BOOLEAN, decision VARCHAR, run_id VARCHAR,
+            metric VARCHAR, delta DOUBLE, ci_low DOUBLE, ci_high DOUBLE, margin DOUBLE, n_examples INTEGER,
+            compared_with VARCHAR, reason VARCHAR)""",
+        # One row, rewritten by every decision: two decisions committing at once then conflict,
+        # and the later one is retried against the alias the earlier one left.
+        "CREATE TABLE IF NOT EXISTS promotion_lock (holder VARCHAR, taken_at TIMESTAMP)",
+        "INSERT INTO promotion_lock SELECT NULL, now() WHERE NOT EXISTS (SELECT 1 FROM promotion_lock)",
+        """CREATE OR REPLACE VIEW production_adapters AS
+            SELECT alias, base_model, dataset, adapter_id, previous_adapter_id, decision, reason, run_id,
+                   promotion_id, decided_at
+            FROM (SELECT *, row_number() OVER (PARTITION BY alias, base_model, dataset ORDER BY promotion_id DESC) AS newest
+                  FROM promotions WHERE moved)
+            WHERE newest = 1 AND adapter_id IS NOT NULL""",
+    ]
+}
 
 # The append-only history: every row carries the run_id of the Dagster run that wrote it.
-HISTORY_TABLES = ("eval_runs", "eval_metrics", "eval_examples", "adapters", "training_steps", "training_epochs", "run_failures")
+HISTORY_TABLES = (
+    "eval_runs", "eval_scope", "eval_metrics", "eval_examples", "champion_examples", "adapters", "training_steps",
+    "training_epochs", "run_failures", "promotions",
+)
 
 # Tables the assets write, one set of rows per materialization (keyed by the Dagster run that
 # wrote it), with the asset they belong to. A view of the table's plain name shows the rows of
@@ -213,26 +246,37 @@ def lake_schema_statements() -> tuple[str, ...]:
 
 
 def ensure_lake_schema(con) -> int:
-    """Create the v3 schema in an empty history, then apply the migrations it lacks, each in one
-    transaction. Two processes doing this at once: one commits, the other retries and finds it done."""
+    """Create the v3 schema in an empty history, then apply the migrations it lacks.
+
+    Each migration statement commits on its own, and each is safe to run again: DuckLake 0.3 loses
+    the inlined-data tables of tables created in a transaction that also alters others. The
+    version is recorded with the last statement. Two processes doing this at once: one commits,
+    the other retries and finds it done.
+    """
     from lorasum_assets.store.history import in_transaction
 
-    def upgrade(con) -> None:
-        version = current_version(con)
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(f"history schema v{version} is newer than this lorasum (v{SCHEMA_VERSION}); upgrade lorasum")
-        if version == 0:
+    def create(con) -> None:
+        if current_version(con) == 0:
             for statement in lake_schema_statements():
                 con.execute(statement)
             con.execute("INSERT INTO schema_version VALUES (?, now())", [LAKE_BASE_VERSION])
-            version = LAKE_BASE_VERSION
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in LAKE_MIGRATIONS[target]:
-                con.execute(statement)
-            con.execute("INSERT INTO schema_version VALUES (?, now())", [target])
 
-    if current_version(con) != SCHEMA_VERSION:
-        in_transaction(con, upgrade, "creating the history's tables")
+    version = current_version(con)
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"history schema v{version} is newer than this lorasum (v{SCHEMA_VERSION}); upgrade lorasum")
+    if version == 0:
+        in_transaction(con, create, "creating the history's tables")
+    for target in range(current_version(con) + 1, SCHEMA_VERSION + 1):
+        *statements, last = LAKE_MIGRATIONS[target]
+        for statement in statements:
+            in_transaction(con, lambda con, statement=statement: con.execute(statement), f"upgrading the history to v{target}")
+
+        def finish(con, last=last, target=target) -> None:
+            if current_version(con) < target:
+                con.execute(last)
+                con.execute("INSERT INTO schema_version VALUES (?, now())", [target])
+
+        in_transaction(con, finish, f"upgrading the history to v{target}")
     return SCHEMA_VERSION
 
 

@@ -1,0 +1,122 @@
+"""promoted_adapter: the champion/challenger gate at the end of every training run.
+
+The challenger is the run's adapter; the champion is the adapter holding the alias (``production``)
+on the same base model and dataset, or the base model itself when none does yet. Both are paired
+per example on this run's examples with this run's scorer, and the challenger takes the alias only
+when the paired 95% CI on the metric lies wholly above the margin (``ml/promotion.py``).
+"""
+
+import dagster as dg
+
+from lorasum_assets.assets.data import require
+from lorasum_assets.assets.plots import markdown_table
+from lorasum_assets.assets.predictions import generate_for_adapter
+from lorasum_assets.assets.training import GPU_POOL
+from lorasum_assets.config import config_class, resolve
+from lorasum_assets.deployment import gpu_op_tags
+from lorasum_assets.ml.report import score_examples
+from lorasum_assets.ml.specs import GenerationSpec, PromotionSpec
+from lorasum_assets.profiles import get_profile
+from lorasum_assets.resources import BertScorerResource, LoraModelResource, LorasumStore, ProfileResource
+from lorasum_assets.store.promotions import (
+    AliasKey,
+    Challenge,
+    Evaluation,
+    ScoreChampion,
+    current_adapter,
+    decide_promotion,
+    find_evaluation,
+    write_champion_examples,
+)
+from lorasum_assets.store.references import TableRef, check_adapter_base
+from lorasum_assets.store.registry import find_adapter
+from lorasum_assets.versions import code_version
+
+_DEFAULT = get_profile()
+PromotionConfig = config_class(
+    "PromotionConfig", PromotionSpec, "When the run's adapter takes the alias from the adapter holding it."
+)
+
+
+def _champion_scorer(context, model, scorer, store, evaluation: Evaluation, dialogues: TableRef, generation: dict, metric: str) -> ScoreChampion:
+    """Generates the champion's summaries of this run's examples with this run's settings, scores
+    them with this run's scorer and keeps them in the history (``champion_examples``)."""
+
+    def score(adapter_id: str) -> dict[str, float]:
+        with store.connect() as con:
+            adapter = find_adapter(con, adapter_id)
+        if adapter is None:
+            raise RuntimeError(f"the champion {adapter_id} is not in the adapter registry")
+        check_adapter_base(adapter.adapter_id, adapter.base, model.base_ref())
+        scoring = scorer.scorer()
+        if scoring.hash != evaluation.scorer_hash:
+            raise RuntimeError(f"this run's scorer ({scoring.hash}) is not the one its report used ({evaluation.scorer_hash})")
+        generated = generate_for_adapter(context, model, store, adapter, dialogues, GenerationSpec(**generation), "champion")
+        scores = score_examples(scoring, [g.text for g in generated.outputs], [d.references for d in generated.dialogues])
+        rows = [
+            dict(run_id=evaluation.run_id, adapter_id=adapter_id, id=d.id, prediction=g.text, new_tokens=g.new_tokens,
+                 hit_limit=g.hit_limit, **{m: values[i] for m, values in scores.items()}, scorer_hash=scoring.hash)
+            for i, (d, g) in enumerate(zip(generated.dialogues, generated.outputs, strict=True))
+        ]
+        with store.connect() as con:
+            write_champion_examples(con, evaluation.run_id, adapter_id, rows)
+        return {row["id"]: row[metric] for row in rows}
+
+    return score
+
+
+@dg.asset(
+    group_name="evaluation",
+    kinds={"python", "duckdb"},
+    code_version=code_version(__name__, _DEFAULT.promotion),
+    pool=GPU_POOL,
+    op_tags=gpu_op_tags(),
+    description=(
+        "Champion/challenger gate: the run's adapter takes the production alias of its base model and dataset only when "
+        "its paired 95% CI over the holder (or, for the first one, over the base) lies above the margin."
+    ),
+)
+def promoted_adapter(
+    context: dg.AssetExecutionContext,
+    config: PromotionConfig,
+    profile: ProfileResource,
+    model: LoraModelResource,
+    scorer: BertScorerResource,
+    store: LorasumStore,
+    bertscore_report: TableRef | None,
+    filtered_split: TableRef | None,
+) -> dg.MaterializeResult:
+    rule: PromotionSpec = resolve(profile.get().promotion, config)
+    report = require(bertscore_report, "bertscore_report")
+    dialogues = require(filtered_split, "filtered_split")
+    with store.connect() as con:
+        evaluation = find_evaluation(con, report.run_id)
+    if evaluation is None:
+        raise ValueError(f"the history has no evaluation of run {report.run_id}; materialize bertscore_report first")
+    key = AliasKey(rule.alias, evaluation.base_model, evaluation.dataset or "unknown")
+    score = _champion_scorer(context, model, scorer, store, evaluation, dialogues, report.details.get("generation") or {}, rule.metric)
+    row = decide_promotion(store.connect, Challenge(context.run_id, evaluation, key, rule), score, context.log.info)
+    context.log.info(row["reason"])
+    with store.connect() as con:
+        holder = current_adapter(con, key)
+    context.instance.add_run_tags(context.run_id, {"lorasum/promoted": "true" if row["moved"] else "false"})
+    figures = "n/a" if row["delta"] is None else f"{row['delta']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
+    summary = markdown_table(
+        ["decision", "challenger", "compared with", f"{rule.metric} change (paired 95% CI)", "margin", f"{rule.alias} now"],
+        [(row["decision"], row["adapter_id"], row["compared_with"], figures, f"{rule.margin:g}", holder or "none")],
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "decision": row["decision"],
+            "promoted": bool(row["moved"]),
+            "reason": row["reason"],
+            "challenger": row["adapter_id"],
+            "compared_with": row["compared_with"] or "none",
+            f"{rule.alias}_adapter": holder or "none",
+            "previous_adapter": row["previous_adapter_id"] or "none",
+            "metric": rule.metric,
+            "margin": rule.margin,
+            "summary": dg.MetadataValue.md(summary),
+        },
+        data_version=dg.DataVersion(f"{row['promotion_id']}"),
+    )
