@@ -10,8 +10,8 @@ from lorasum_assets.assets.data import raw_dialogsum, tokenized_dataset
 from lorasum_assets.assets.evaluation import bertscore_report
 from lorasum_assets.resources import LorasumStore
 from lorasum_assets.resources.lineage import reference_in_lineage
+from lorasum_assets.store.queries import best_other_tuned, label_mask_counts, quarantine_reasons, report_values
 from lorasum_assets.store.references import TableRef
-from lorasum_assets.store.schema import rows_table
 
 
 def _reference(context: dg.AssetCheckExecutionContext, asset: dg.AssetsDefinition) -> TableRef | None:
@@ -33,11 +33,7 @@ def quarantine_share_within_limit(context: dg.AssetCheckExecutionContext, store:
         return _no_reference(dg.AssetCheckSeverity.ERROR)
     limit = ref.details["max_quarantine_share"]
     with store.connect() as con:
-        reasons = con.execute(
-            f"""SELECT split_part(reason, ':', 1) AS kind, count(*) FROM {rows_table('raw_dialogsum_quarantine')}
-                WHERE run_id = ? GROUP BY kind ORDER BY count(*) DESC""",
-            [ref.run_id],
-        ).fetchall()
+        reasons = quarantine_reasons(con, ref.run_id)
     quarantined = sum(n for _, n in reasons)
     kept = ref.rows
     share = quarantined / max(kept + quarantined, 1)
@@ -59,21 +55,8 @@ def labels_end_with_eos(context: dg.AssetCheckExecutionContext, store: LorasumSt
     if ref is None:
         return _no_reference(dg.AssetCheckSeverity.ERROR)
     with store.connect() as con:
-        bad, total = con.execute(
-            f"""SELECT count(*) FILTER (WHERE label_tokens < 2 OR labels[-1] = -100 OR labels[-1] != input_ids[-1]), count(*)
-                FROM {rows_table('tokenized_dataset')} WHERE run_id = ?""",
-            [ref.run_id],
-        ).fetchone()
+        bad, total = label_mask_counts(con, ref.run_id)
     return dg.AssetCheckResult(passed=bad == 0, severity=dg.AssetCheckSeverity.ERROR, metadata={"bad_rows": bad, "rows": total})
-
-
-def _report_values(con, run_id: str, metric: str) -> dict[str, tuple]:
-    rows = con.execute(
-        """SELECT model, value, ci_low, ci_high, dataset_hash, scorer_hash FROM eval_history
-           WHERE run_id = ? AND metric = ? AND reference_set = 'all'""",
-        [run_id, metric],
-    ).fetchall()
-    return {r[0]: r[1:] for r in rows}
 
 
 @dg.asset_check(asset=bertscore_report, description="Tuned BERTScore F1 is at least the base F1.")
@@ -82,7 +65,7 @@ def tuned_f1_not_below_base(context: dg.AssetCheckExecutionContext, store: Loras
     if ref is None:
         return _no_reference(dg.AssetCheckSeverity.WARN)
     with store.connect() as con:
-        values = _report_values(con, ref.run_id, "bertscore_f1")
+        values = report_values(con, ref.run_id, "bertscore_f1")
     passed = "tuned" in values and values["tuned"][0] >= values["base"][0]
     return dg.AssetCheckResult(
         passed=passed,
@@ -94,17 +77,11 @@ def tuned_f1_not_below_base(context: dg.AssetCheckExecutionContext, store: Loras
 def compare_with_previous_best(con, run_id: str, metric: str) -> tuple[bool, dict]:
     """Whether run ``run_id``'s tuned ``metric`` (its CI's upper end) reaches the best earlier run's
     value on the same dataset and scorer, and the figures that decided it."""
-    values = _report_values(con, run_id, metric)
+    values = report_values(con, run_id, metric)
     if "tuned" not in values:
         return False, {"reason": f"no {metric} in run {run_id}"}
     value, ci_low, ci_high, dataset_hash, scorer_hash = values["tuned"]
-    best = con.execute(
-        """SELECT run_id, adapter_id, value FROM eval_history
-           WHERE model = 'tuned' AND metric = ? AND reference_set = 'all' AND dataset_hash = ?
-             AND scorer_hash = ? AND run_id != ?
-           ORDER BY value DESC LIMIT 1""",
-        [metric, dataset_hash, scorer_hash, run_id],
-    ).fetchone()
+    best = best_other_tuned(con, metric, dataset_hash, scorer_hash, run_id)
     metadata = {"run_id": run_id, "metric": metric, "value": value, "ci_low": ci_low, "ci_high": ci_high, "scorer_hash": scorer_hash}
     if best is None:
         return True, {**metadata, "previous_best": "none (first run on this dataset and scorer)"}

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lorasum_assets.home import home_path
-from lorasum_assets.ml.specs import PRODUCTION_ALIAS
+from lorasum_assets.ml.specs import EVAL_METRICS, PRODUCTION_ALIAS
+from lorasum_assets.ml.stats import paired_bootstrap_ci, percent_difference
+from lorasum_assets.store import queries
 from lorasum_assets.store.history import DatabaseBusyError
 from lorasum_assets.store.lake import HistoryNotFoundError, HistorySettingError, history_location, open_history, write_init_file
 from lorasum_assets.store.schema import HISTORY_TABLES
@@ -54,7 +56,7 @@ def _emit(args: argparse.Namespace, header: Sequence[str], rows: Sequence[Sequen
 
 def _resolve_run(con, given: str) -> str:
     """A full run id from a unique prefix of one (the UI shows the first 8 characters)."""
-    matches = [r[0] for r in con.execute("SELECT run_id FROM eval_runs WHERE starts_with(run_id, ?) ORDER BY created_at", [given]).fetchall()]
+    matches = queries.evaluation_ids_starting(con, given)
     if given in matches:
         return given
     if not matches:
@@ -65,28 +67,19 @@ def _resolve_run(con, given: str) -> str:
 
 
 def _latest_run(con) -> str:
-    row = con.execute("SELECT run_id FROM eval_runs ORDER BY created_at DESC LIMIT 1").fetchone()
-    if row is None:
+    run_id = queries.latest_evaluation(con)
+    if run_id is None:
         raise SystemExit("no evaluation runs yet")
-    return row[0]
+    return run_id
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     con = _connect(args)
     run_id = _resolve_run(con, args.run) if args.run else _latest_run(con)
-    run = con.execute(
-        "SELECT profile, base_model, n_examples, split, adapter_id, scorer_hash FROM eval_runs WHERE run_id = ?", [run_id]
-    ).fetchone()
+    run = queries.evaluation_summary(con, run_id)
     if run is None:
         raise SystemExit(f"no evaluation run {run_id!r}")
-    rows = con.execute(
-        """SELECT metric,
-                  max(value) FILTER (WHERE model = 'base'), max(value) FILTER (WHERE model = 'tuned'),
-                  max(value) FILTER (WHERE model = 'delta'), max(ci_low) FILTER (WHERE model = 'delta'),
-                  max(ci_high) FILTER (WHERE model = 'delta')
-           FROM eval_metrics WHERE run_id = ? AND reference_set = 'all' GROUP BY metric ORDER BY metric""",
-        [run_id],
-    ).fetchall()
+    rows = queries.report_table(con, run_id)
     header = ("metric", "base", "tuned", "delta", "delta_ci_low", "delta_ci_high")
     if args.json:
         _emit(args, header, rows, {"run_id": run_id})
@@ -95,43 +88,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"scorer {run[5]}")
     table = []
     for metric, base, tuned, delta, low, high in rows:
-        pct = f"{100 * (tuned - base) / base:+.2f}%" if base else "n/a"
-        table.append((metric, base, tuned, f"{delta:+.4f} [{low:+.4f}, {high:+.4f}]", pct))
+        table.append((metric, base, tuned, f"{delta:+.4f} [{low:+.4f}, {high:+.4f}]", percent_difference(base, tuned)))
     _print_table(["metric", "base", "tuned", "tuned - base (95% CI)", "% diff"], table)
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     con = _connect(args)
-    query = """
-        SELECT created_at, run_id, profile, adapter_id,
-               max(value) FILTER (WHERE model = 'base') AS base,
-               max(value) FILTER (WHERE model = 'tuned') AS tuned,
-               max(ci_low) FILTER (WHERE model = 'tuned') AS tuned_ci_low,
-               max(ci_high) FILTER (WHERE model = 'tuned') AS tuned_ci_high,
-               max(value) FILTER (WHERE model = 'delta') AS delta
-        FROM eval_history WHERE metric = ? AND reference_set = 'all'"""
-    params: list = [args.metric]
-    if args.profile:
-        query += " AND profile = ?"
-        params.append(args.profile)
-    query += " GROUP BY ALL ORDER BY created_at DESC LIMIT ?"
-    params.append(args.last)
-    rows = con.execute(query, params).fetchall()
+    rows = queries.metric_history(con, args.metric, args.profile, args.last)
     header = ("created_at", "run_id", "profile", "adapter_id", "base", "tuned", "tuned_ci_low", "tuned_ci_high", "delta")
     _emit(args, header, rows, {"metric": args.metric})
     return 0
 
 
-EXAMPLE_METRICS = ("bertscore_precision", "bertscore_recall", "bertscore_f1", "rouge1", "rouge2", "rougeL", "rougeLsum")
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lorasum_assets.ml.stats import paired_bootstrap_ci
-
     con = _connect(args)
     run_a, run_b = _resolve_run(con, args.run_a), _resolve_run(con, args.run_b)
-    hashes = dict(con.execute("SELECT run_id, scorer_hash FROM eval_runs WHERE run_id IN (?, ?)", [run_a, run_b]).fetchall())
+    hashes = queries.scorer_hashes(con, [run_a, run_b])
     if hashes[run_a] != hashes[run_b] and not args.force:
         raise SystemExit(
             f"the runs were scored differently ({hashes[run_a]} vs {hashes[run_b]}); "
@@ -139,12 +112,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
     metrics = []
     for model in ("base", "tuned"):
-        for metric in EXAMPLE_METRICS:
-            pairs = con.execute(
-                f"""SELECT a.{metric}, b.{metric} FROM eval_examples a JOIN eval_examples b USING (id, model)
-                    WHERE a.run_id = ? AND b.run_id = ? AND a.model = ? ORDER BY id""",
-                [run_a, run_b, model],
-            ).fetchall()
+        for metric in EVAL_METRICS:
+            pairs = queries.paired_example_scores(con, run_a, run_b, model, metric)
             if not pairs:
                 continue
             a_values, b_values = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -152,13 +121,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             significant = "*" if change.low > 0 or change.high < 0 else ""
             metrics.append((model, metric, sum(a_values) / len(pairs), sum(b_values) / len(pairs), change.mean,
                             change.low, change.high, significant, len(pairs)))
-    examples = con.execute(
-        """SELECT a.id, a.bertscore_f1, b.bertscore_f1, b.bertscore_f1 - a.bertscore_f1 AS change, a.prediction, b.prediction
-           FROM eval_examples a JOIN eval_examples b USING (id, model)
-           WHERE a.run_id = ? AND b.run_id = ? AND a.model = 'tuned'
-           ORDER BY abs(change) DESC LIMIT ?""",
-        [run_a, run_b, args.examples],
-    ).fetchall()
+    examples = queries.most_changed_examples(con, run_a, run_b, args.examples)
     metric_header = ("model", "metric", "run_a", "run_b", "change", "ci_low", "ci_high", "significant", "examples")
     example_header = ("id", "f1_a", "f1_b", "change", "prediction_a", "prediction_b")
     if args.json:
@@ -192,7 +155,7 @@ def _production_adapter(con, alias: str) -> tuple[str, str]:
 def cmd_summarize(args: argparse.Namespace) -> int:
     con = _connect(args)
     adapter_id, held_as = (args.adapter, None) if args.adapter else _production_adapter(con, args.alias)
-    row = con.execute("SELECT base_model, base_revision, config, path FROM adapters WHERE adapter_id = ?", [adapter_id]).fetchone()
+    row = queries.adapter_location(con, adapter_id)
     con.close()
     if row is None:
         raise SystemExit(f"no adapter with id {adapter_id!r}; `lorasum adapters` lists them")
@@ -308,7 +271,7 @@ def _alias_key(con, args: argparse.Namespace, adapter_id: str | None):
     from lorasum_assets.store.promotions import AliasKey, adapter_dataset, holders
 
     if adapter_id is not None:
-        row = con.execute("SELECT base_model FROM adapters WHERE adapter_id = ?", [adapter_id]).fetchone()
+        row = queries.adapter_location(con, adapter_id)
         if row is None:
             raise SystemExit(f"no adapter with id {adapter_id!r}; `lorasum adapters` lists them")
         dataset = args.dataset or adapter_dataset(con, adapter_id)
@@ -412,19 +375,10 @@ def _push_to_hub(folder: Path, repo: str) -> str:
 def cmd_adapters(args: argparse.Namespace) -> int:
     con = _connect(args)
     if args.best:
-        rows = con.execute(
-            """SELECT b.rank, b.adapter_id, b.value, b.ci_low, b.ci_high, b.run_id, b.dataset_hash, a.config->>'learning_rate', a.config->>'lora_r'
-               FROM best_adapters b LEFT JOIN adapters a USING (adapter_id)
-               WHERE b.metric = ? AND b.reference_set = 'all' ORDER BY b.dataset_hash, b.scorer_hash, b.rank LIMIT ?""",
-            [args.metric, args.last],
-        ).fetchall()
+        rows = queries.ranked_adapters(con, args.metric, args.last)
         _emit(args, ("rank", "adapter_id", args.metric, "ci_low", "ci_high", "run_id", "dataset_hash", "learning_rate", "lora_r"), rows)
         return 0
-    rows = con.execute(
-        """SELECT a.adapter_id, a.created_at, a.profile, a.base_model, a.final_train_loss, a.final_val_loss,
-                  string_agg(p.alias || ' (' || p.dataset || ')', ', ') AS aliases, a.sha256
-           FROM adapters a LEFT JOIN production_adapters p USING (adapter_id) GROUP BY ALL ORDER BY a.created_at DESC"""
-    ).fetchall()
+    rows = queries.adapter_listing(con)
     _emit(args, ("adapter_id", "created_at", "profile", "base_model", "final_train_loss", "final_val_loss", "aliases", "sha256"), rows)
     return 0
 
@@ -449,11 +403,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SystemExit(f"lorasum export: cannot write to {out}: {exc.strerror or exc}") from exc
     written = {}
     for table in tqdm(HISTORY_TABLES, desc="export", disable=args.json or not sys.stderr.isatty(), file=sys.stderr):
-        target = out / f"{table}.{args.format}"
-        option = "(FORMAT parquet)" if args.format == "parquet" else "(FORMAT csv, HEADER)"
-        quoted = target.as_posix().replace("'", "''")
-        con.execute(f"COPY (SELECT * FROM {table}) TO '{quoted}' {option}")
-        written[table] = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        written[table] = queries.export_table(con, table, out / f"{table}.{args.format}", args.format)
     _emit(args, ("table", "rows", "file"), [(t, n, str(out / f"{t}.{args.format}")) for t, n in written.items()])
     return 0
 

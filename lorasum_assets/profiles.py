@@ -66,8 +66,8 @@ PROFILES: dict[str, Profile] = {
         model=ModelChoice(model=SMOLLM2_GGUF, online_equivalent="HuggingFaceTB/SmolLM2-135M-Instruct"),
         filter=FilterSpec(modulus=1),
         tokenize=TokenizeSpec(max_length=384),
-        # Micro-batches of 2 (x2 accumulation, the same 4 examples per step) pad 2% where
-        # batches of 4 pad 6%, at the same speed and 2/3 of the memory (benchmarks/speed.py).
+        # Micro-batches of 2 (x2 accumulation, the same 4 examples per step) pad less than batches
+        # of 4 at the same speed and less memory (benchmarks/speed.py; docs/performance.md).
         training=TrainSpec(
             learning_rate=1e-3, batch_size=2, gradient_accumulation_steps=2, epochs=2,
             gradient_checkpointing=False, checkpoint_steps=10,

@@ -23,9 +23,10 @@ import yaml
 from lorasum_assets.home import home_subdir
 from lorasum_assets.instance import init_instance
 from lorasum_assets.store.lake import open_history
+from lorasum_assets.store.queries import sweep_ranking
 from lorasum_assets.sweep import point_label, point_run_config
 
-PREPARE_SELECTION = "raw_dialogsum,filtered_split,tokenized_dataset,base_predictions"
+PREPARED_ASSETS = "raw_dialogsum,filtered_split,tokenized_dataset,base_predictions"
 SWEEP_TAG = "lorasum/sweep"
 POINT_TAG = "lorasum/sweep_point"
 
@@ -70,17 +71,7 @@ def _run_points(points: list[dict[str, Any]], sweep_id: str, parallel: int, fold
 def _ranking(sweep_id: str, metric: str) -> list[tuple]:
     con = open_history(read_only=True)
     try:
-        return con.execute(
-            """SELECT rank() OVER (ORDER BY m.value DESC) AS rank,
-                      json_extract_string(r.params, '$.tags."lorasum/sweep_point"') AS point,
-                      r.adapter_id, m.value, m.ci_low, m.ci_high, b.rank AS best_adapters_rank, r.run_id
-               FROM eval_runs r
-               JOIN eval_metrics m ON m.run_id = r.run_id AND m.model = 'tuned' AND m.metric = ? AND m.reference_set = 'all'
-               LEFT JOIN best_adapters b ON b.run_id = r.run_id AND b.metric = m.metric AND b.reference_set = 'all'
-               WHERE json_extract_string(r.params, '$.tags."lorasum/sweep"') = ?
-               ORDER BY rank""",
-            [metric, sweep_id],
-        ).fetchall()
+        return sweep_ranking(con, sweep_id, metric)
     finally:
         con.close()
 
@@ -93,7 +84,7 @@ def run_sweep(points: list[dict[str, Any]], parallel: int, metric: str, log: Cal
     sweep_id = f"sweep-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     log(f"{sweep_id}: {len(points)} point(s), {parallel} at a time")
     folder = home_subdir("sweeps", sweep_id)  # run configs and each point's log
-    prepare = subprocess.run([*_dagster("asset", "materialize"), "--select", PREPARE_SELECTION], capture_output=True, text=True)
+    prepare = subprocess.run([*_dagster("asset", "materialize"), "--select", PREPARED_ASSETS], capture_output=True, text=True)
     if prepare.returncode != 0:
         raise SystemExit(f"lorasum sweep: preparing the data and base predictions failed:\n{prepare.stdout[-3000:]}{prepare.stderr[-3000:]}")
     codes = _run_points(points, sweep_id, parallel, folder, log)

@@ -35,4 +35,6 @@ def test_first_run_passes(fresh_home):
     con = open_history(read_only=False)
     seed_run(con, "r1", "2026-01-01", "ad1", 0.5, 0.7, {"a": (0.5, 0.7)})
     con.close()
-    assert run_check("r1") == (True, run_check("r1")[1]) and "none" in run_check("r1")[1]["previous_best"]
+    passed, metadata = run_check("r1")
+    assert passed and metadata["previous_best"] == "none (first run on this dataset and scorer)"
+    assert metadata["run_id"] == "r1" and metadata["value"] == 0.7

@@ -10,8 +10,8 @@ from lorasum_assets.ml.metrics import (
     package_minilm_path,
     rouge_scores,
 )
-from lorasum_assets.ml.stats import bootstrap_ci, paired_bootstrap_ci
 from lorasum_assets.ml.report import metric_value, score_predictions
+from lorasum_assets.ml.stats import bootstrap_ci, paired_bootstrap_ci
 
 CANDS = ["#Person1# books a table for two.", "They plan a trip to the lake.", ""]
 REFS = [
@@ -90,7 +90,7 @@ def test_model_text_is_shown_as_text_not_markup():
 
 
 def test_an_undefined_percentage_reads_n_a():
-    from lorasum_assets.assets.evaluation import percent_difference
+    from lorasum_assets.ml.stats import percent_difference
 
     assert percent_difference(0.0, 0.25) == "n/a"  # ROUGE-2 of a base that shares no bigram
     assert percent_difference(float("nan"), 0.25) == "n/a"

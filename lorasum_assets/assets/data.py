@@ -15,8 +15,8 @@ from lorasum_assets.ml.specs import DataSpec, FilterSpec, SettingError, Tokenize
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.store.history import write_materialization
+from lorasum_assets.store.queries import dialogue_rows, tokenized_rows
 from lorasum_assets.store.references import TableRef
-from lorasum_assets.store.schema import rows_table
 from lorasum_assets.versions import code_version
 
 DIALOGUE_COLUMNS = ("split", "id", "dialogue", "references", "topic", "source_index")
@@ -34,13 +34,7 @@ def _dialogue_rows(dialogues: list[Dialogue]) -> list[tuple]:
 
 def read_dialogues(con, ref: TableRef, split: str | None = None) -> list[Dialogue]:
     """The dialogues one materialization (``ref``) of raw_dialogsum or filtered_split wrote."""
-    query = f'SELECT split, id, dialogue, "references", topic, source_index FROM {rows_table(ref.asset)} WHERE run_id = ?'
-    params: list = [ref.run_id]
-    if split is not None:
-        query += " AND split = ?"
-        params.append(split)
-    query += " ORDER BY split, source_index"
-    return [Dialogue(s, i, d, list(r), t, int(x)) for s, i, d, r, t, x in con.execute(query, params).fetchall()]
+    return [Dialogue(s, i, d, list(r), t, int(x)) for s, i, d, r, t, x in dialogue_rows(con, ref.asset, ref.run_id, split)]
 
 
 def dataset_of(ref: TableRef) -> str:
@@ -171,11 +165,7 @@ def filtered_split(
 
 def read_examples(con, ref: TableRef, split: str) -> list[tuple[str, list[int], list[int]]]:
     """(id, input_ids, labels) of one split of one tokenized_dataset materialization."""
-    rows = con.execute(
-        f"SELECT id, input_ids, labels FROM {rows_table('tokenized_dataset')} WHERE run_id = ? AND split = ? ORDER BY id",
-        [ref.run_id, split],
-    ).fetchall()
-    return [(i, list(ids), list(labels)) for i, ids, labels in rows]
+    return [(i, list(ids), list(labels)) for i, ids, labels in tokenized_rows(con, ref.run_id, split)]
 
 
 @dg.asset(

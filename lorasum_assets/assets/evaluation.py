@@ -1,6 +1,5 @@
 """bertscore_report: BERTScore and ROUGE for base vs tuned, appended to the evaluation history."""
 
-import math
 import time
 from datetime import UTC, datetime
 
@@ -11,35 +10,21 @@ from lorasum_assets.assets.data import dataset_of, read_dialogues, require
 from lorasum_assets.assets.plots import histogram, markdown_table
 from lorasum_assets.assets.plots import table as table_value
 from lorasum_assets.config import config_class, resolve
-from lorasum_assets.ml.metrics import ROUGE_TYPES
 from lorasum_assets.ml.report import METRICS, metric_value, score_predictions
 from lorasum_assets.ml.specs import ReportSpec
+from lorasum_assets.ml.stats import percent_difference
 from lorasum_assets.profiles import get_profile
 from lorasum_assets.resources import BertScorerResource, LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.store.history import write_evaluation
+from lorasum_assets.store.queries import adapter_sha256, evaluated_set_hash, prediction_rows
 from lorasum_assets.store.references import TableRef, version_of
-from lorasum_assets.store.schema import rows_table
 from lorasum_assets.versions import code_version
 
 _DEFAULT = get_profile()
 ReportConfig = config_class("ReportConfig", ReportSpec, "Bootstrap settings of the confidence intervals.")
 
 
-def _predictions(con, ref: TableRef) -> dict[str, tuple]:
-    rows = con.execute(
-        f"SELECT id, prediction, new_tokens, hit_limit, adapter_id FROM {rows_table(ref.asset)} WHERE run_id = ?", [ref.run_id]
-    ).fetchall()
-    return {r[0]: r[1:] for r in rows}
-
-
 REPORT_HEADER = ("metric", "base (95% CI)", "tuned (95% CI)", "tuned − base (paired 95% CI)", "significant", "% difference")
-
-
-def percent_difference(base: float, tuned: float) -> str:
-    """tuned vs base in percent; n/a when base is 0 or undefined (ROUGE-2 of a base that shares no bigram)."""
-    if not base or not math.isfinite(base) or not math.isfinite(tuned):
-        return "n/a"
-    return f"{100.0 * (tuned - base) / base:+.2f}%"
 
 
 def report_rows(report) -> list[tuple]:
@@ -94,18 +79,15 @@ def bertscore_report(
         raise ValueError(f"base predictions are of the {split!r} split but tuned predictions of {tuned_ref.details['split']!r}")
     with store.connect() as con:
         dialogues = read_dialogues(con, dialogues_ref, split)
-        base = _predictions(con, base_ref)
-        tuned = _predictions(con, tuned_ref)
-        dataset_hash = con.execute(
-            f"SELECT sha256(string_agg(id || dialogue, '' ORDER BY id)) FROM {rows_table('filtered_split')} WHERE run_id = ? AND split = ?",
-            [dialogues_ref.run_id, split],
-        ).fetchone()[0]
+        base = prediction_rows(con, base_ref.asset, base_ref.run_id)
+        tuned = prediction_rows(con, tuned_ref.asset, tuned_ref.run_id)
+        dataset_hash = evaluated_set_hash(con, dialogues_ref.run_id, split)
     missing = [d.id for d in dialogues if d.id not in base or d.id not in tuned]
     if missing:
         raise ValueError(f"{len(missing)} {split} dialogues lack a base or tuned prediction, e.g. {missing[:5]}")
     adapter_id = tuned_ref.details["adapter_id"]
     with store.connect() as con:
-        adapter_sha = con.execute("SELECT sha256 FROM adapters WHERE adapter_id = ?", [adapter_id]).fetchone()
+        adapter_sha = adapter_sha256(con, adapter_id)
     context.log.info(f"scoring {len(dialogues)} base and {len(dialogues)} tuned summaries with {scorer.spec().model} BERTScore and ROUGE")
     started = time.perf_counter()
     scoring = scorer.scorer()
@@ -145,7 +127,7 @@ def bertscore_report(
                 split=split,
                 n_examples=len(dialogues),
                 adapter_id=adapter_id,
-                adapter_sha256=adapter_sha[0] if adapter_sha else None,
+                adapter_sha256=adapter_sha,
                 scorer_hash=scoring.hash,
             ),
             metrics,
@@ -176,7 +158,7 @@ def bertscore_report(
         "f1_delta_histogram": histogram(deltas, "Per-example BERTScore F1, tuned − base", "F1 delta", bins=20),
     }
     for model_name in ("base", "tuned"):
-        for metric in ("bertscore_precision", "bertscore_recall", "bertscore_f1", *ROUGE_TYPES):
+        for metric in METRICS:
             metadata[f"{model_name}_{metric}"] = round(metric_value(report, model_name, metric)["value"], 4)
     version = version_of([(m["model"], m["metric"], m["reference_set"], m["value"]) for m in report.metrics], scoring.hash)
     details = {"adapter_id": adapter_id, "split": split, "generation": generation}

@@ -48,19 +48,18 @@ def prepare_peft_model(model, spec: TrainSpec):
     return peft_model
 
 
-# Widest micro-batch (tokens per row) that trains faster with eager attention than with SDPA on CPU.
-# SmolLM2-135M, bf16 autocast, 32 examples of exactly this width (benchmarks/cost_growth.py's
-# long examples): 512 tokens eager 26.0 s, SDPA 29.0 s; 768 tokens eager 62.7 s, SDPA 45.8 s;
-# 1024 tokens eager 161.8 s, SDPA 63.3 s (eager's full attention matrices grow with width squared).
+# Widest micro-batch (tokens per row) that trains faster with eager attention than with SDPA on CPU:
+# eager's full attention matrices grow with the width squared. Measured per width by
+# benchmarks/cost_growth.py; the figures are in docs/performance.md ("How cost grows").
 CPU_EAGER_MAX_WIDTH = 512
 
 
 def training_attention(model, attention: str = "auto", width: int | None = None) -> str:
     """The attention kernel to train a micro-batch of ``width`` tokens per row with.
 
-    ``auto`` on CPU: eager up to ``CPU_EAGER_MAX_WIDTH`` tokens (SDPA trained at 0.82-0.87x of eager
-    on SmolLM2-135M's ~250-token DialogSum batches, benchmarks/speed.py), SDPA above it. On GPUs
-    the model keeps its own choice (SDPA/flash kernels win there).
+    ``auto`` on CPU: eager up to ``CPU_EAGER_MAX_WIDTH`` tokens (slower with SDPA on DialogSum-sized
+    batches, see docs/performance.md), SDPA above it. On GPUs the model keeps its own choice
+    (SDPA/flash kernels win there).
     """
     if attention in ("sdpa", "eager"):
         return attention

@@ -66,12 +66,6 @@ def with_overrides(spec: Any, overrides: dict[str, Any]) -> Any:
     return replace(spec, **changes)
 
 
-def spec_fingerprint(*specs: Any) -> str:
-    """A short hash of settings: part of the data versions, so a changed knob shows as a change."""
-    payload = json.dumps([{type(s).__name__: asdict(s)} for s in specs], sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
 @dataclass(frozen=True)
 class DataSpec:
     source: str = setting("sample", "Where DialogSum comes from.", choices=("sample", "hub", "local"))

@@ -3,6 +3,7 @@ CLI's comparisons import this without the scorers' libraries."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,3 +33,10 @@ def paired_bootstrap_ci(tuned: Sequence[float], base: Sequence[float], n_resampl
     if t.shape != b.shape:
         raise ValueError("paired bootstrap needs the same examples for both models")
     return bootstrap_ci(t - b, n_resamples, seed)
+
+
+def percent_difference(base: float | None, tuned: float | None) -> str:
+    """tuned vs base in percent; n/a when base is 0 or undefined (ROUGE-2 of a base that shares no bigram)."""
+    if not base or tuned is None or not math.isfinite(base) or not math.isfinite(tuned):
+        return "n/a"
+    return f"{100.0 * (tuned - base) / base:+.2f}%"
