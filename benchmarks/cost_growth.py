@@ -67,7 +67,7 @@ def run_train(args, count: int, max_length: int, joined: bool) -> dict:
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_example
     from lorasum_assets.ml.train import train_lora
-    from lorasum_assets.profiles import PROFILES
+    from lorasum_assets.settings.profiles import PROFILES
 
     pool, _ = _dialogues(args)
     spec = ModelSpec(model=args.model, cache_dir=args.cache, device=args.device)
@@ -102,7 +102,7 @@ def run_generate(args, count: int) -> dict:
     from lorasum_assets.ml.generate import generate
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_prompt
-    from lorasum_assets.profiles import PROFILES
+    from lorasum_assets.settings.profiles import PROFILES
 
     _, test = _dialogues(args)
     spec = ModelSpec(model=args.model, cache_dir=args.cache, device=args.device)

@@ -36,8 +36,8 @@ def main() -> int:
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_prompt
     from lorasum_assets.ml.report import METRICS, metric_value, score_predictions
-    from lorasum_assets.ml.specs import SMOLLM2_GGUF, BertScoreSpec, GenerationSpec, TrainSpec
     from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.settings.specs import SMOLLM2_GGUF, BertScoreSpec, GenerationSpec, TrainSpec
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "dialogsum"))

@@ -49,9 +49,9 @@ def main() -> int:
     from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_prompt
-    from lorasum_assets.ml.specs import BertScoreSpec, GenerationSpec, TrainSpec
     from lorasum_assets.ml.stats import paired_bootstrap_ci
     from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.settings.specs import BertScoreSpec, GenerationSpec, TrainSpec
 
     dev, test_all = dialogsum_splits(args.data)
     stride = max(1, len(test_all) // args.test)

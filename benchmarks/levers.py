@@ -46,8 +46,8 @@ def _train(args_dict: dict, lever: dict) -> dict:
 
     from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import ModelSpec, load_model
-    from lorasum_assets.ml.specs import TrainSpec
     from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.settings.specs import TrainSpec
 
     args = argparse.Namespace(**args_dict)
     if lever.get("compile_layers"):
@@ -94,7 +94,7 @@ def main() -> int:
 
     from lorasum_assets.ml.generate import generate
     from lorasum_assets.ml.modeling import ModelSpec, load_model
-    from lorasum_assets.ml.specs import GenerationSpec
+    from lorasum_assets.settings.specs import GenerationSpec
 
     args.quantization, args.device = "none", "cpu"
     tokenizer, train, prompts, _ = _examples(args)

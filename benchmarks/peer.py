@@ -53,7 +53,7 @@ def model_spec(args):
 
 
 def train_spec(args, lora_dropout_mask: str = "auto"):
-    from lorasum_assets.ml.specs import TrainSpec
+    from lorasum_assets.settings.specs import TrainSpec
 
     return TrainSpec(learning_rate=2e-4, batch_size=2, gradient_accumulation_steps=2, epochs=2, warmup_ratio=0.0,
                      gradient_checkpointing=False, lora_dropout=args.lora_dropout, lora_dropout_mask=lora_dropout_mask,
@@ -143,7 +143,7 @@ def prompts(args, tokenizer):
 def run_generate_ours(args, precision: str = "auto", static_compiled: bool = False) -> dict:
     from lorasum_assets.ml.generate import generate
     from lorasum_assets.ml.modeling import load_model, load_tokenizer
-    from lorasum_assets.ml.specs import GenerationSpec
+    from lorasum_assets.settings.specs import GenerationSpec
 
     spec = model_spec(args)
     tokenizer, model = load_tokenizer(spec), load_model(spec)

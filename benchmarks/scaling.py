@@ -60,7 +60,7 @@ def main() -> int:
     from speed import _examples
 
     from lorasum_assets.ml.modeling import ModelSpec
-    from lorasum_assets.ml.specs import TrainSpec
+    from lorasum_assets.settings.specs import TrainSpec
     from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
 
     out_dir = ROOT / "benchmarks" / "results"

@@ -77,8 +77,8 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
     from lorasum_assets.ml.batching import collate_right
     from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import ModelSpec, load_model
-    from lorasum_assets.ml.specs import TrainSpec
     from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.settings.specs import TrainSpec
 
     args = argparse.Namespace(**args_dict)
     torch.set_num_threads(args.threads)
@@ -244,7 +244,7 @@ def main() -> int:
     from lorasum_assets.ml.generate import generate
     from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path
     from lorasum_assets.ml.modeling import ModelSpec, load_model
-    from lorasum_assets.ml.specs import BertScoreSpec, GenerationSpec
+    from lorasum_assets.settings.specs import BertScoreSpec, GenerationSpec
 
     spec = ModelSpec(model=args.model, cache_dir=args.cache, device=args.device, quantization=args.quantization)
     model = load_model(spec)

@@ -2,19 +2,13 @@
 
 import dagster as dg
 
-from lorasum_assets.assets import ALL_ASSETS
-from lorasum_assets.automation import (
-    build_retrain_schedule,
-    evaluate,
-    record_run_failures,
-    release_dead_run_slots,
-    retrain_on_data_change,
-    sweep_point,
-    train_and_evaluate,
-)
-from lorasum_assets.checks import ALL_CHECKS
-from lorasum_assets.deployment import build_executor
-from lorasum_assets.resources.factory import build_resources
+from lorasum_assets.defs.assets import ALL_ASSETS
+from lorasum_assets.defs.checks import ALL_CHECKS
+from lorasum_assets.defs.jobs import evaluate, sweep_point, train_and_evaluate
+from lorasum_assets.defs.resources.factory import build_resources
+from lorasum_assets.defs.schedules import build_retrain_schedule
+from lorasum_assets.defs.sensors import record_run_failures, release_dead_run_slots, retrain_on_data_change
+from lorasum_assets.runtime.deployment import build_executor
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,

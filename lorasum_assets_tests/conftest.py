@@ -75,7 +75,7 @@ def smollm2_available() -> bool:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(session_home):
     from lorasum_assets.ml.modeling import ModelSpec, load_tokenizer
-    from lorasum_assets.ml.specs import SMOLLM2_GGUF
+    from lorasum_assets.settings.specs import SMOLLM2_GGUF
 
     return load_tokenizer(ModelSpec(model=SMOLLM2_GGUF, cache_dir=str(session_home / "models")))
 

@@ -2,13 +2,8 @@
 import dagster as dg
 import pytest
 
-from lorasum_assets.automation import (
-    DEFAULT_RETRAIN_CRON,
-    InvalidCronError,
-    build_retrain_schedule,
-    record_run_failures,
-    retrain_on_data_change,
-)
+from lorasum_assets.defs.schedules import DEFAULT_RETRAIN_CRON, InvalidCronError, build_retrain_schedule
+from lorasum_assets.defs.sensors import record_run_failures, retrain_on_data_change
 from lorasum_assets_tests.conftest import history_of
 
 

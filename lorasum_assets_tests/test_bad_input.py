@@ -10,10 +10,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from lorasum_assets.assets import ALL_ASSETS
-from lorasum_assets.checks import ALL_CHECKS
-from lorasum_assets.profiles import get_profile
-from lorasum_assets.resources.factory import build_resources
+from lorasum_assets.defs.assets import ALL_ASSETS
+from lorasum_assets.defs.checks import ALL_CHECKS
+from lorasum_assets.defs.resources.factory import build_resources
+from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets_tests.conftest import history_of
 
 from .test_reliability import error_text, good
@@ -75,7 +75,7 @@ SETTINGS = [
     ("grad norm 0", "lora_adapter", config("lora_adapter", max_grad_norm=0.0), None, "TrainSpec.max_grad_norm = 0.0; must be > 0.0"),
     ("checkpoint every 0 steps", "lora_adapter", config("lora_adapter", checkpoint_steps=0), None, "TrainSpec.checkpoint_steps = 0; must be >= 1"),
     ("log every 0 steps", "lora_adapter", config("lora_adapter", logging_steps=0), None, "TrainSpec.logging_steps = 0; must be >= 1"),
-    ("unknown launcher", "lora_adapter", config("lora_adapter", launcher="slurm"), None, "launcher must be one of ('in_process', 'accelerate')"),
+    ("unknown launcher", "lora_adapter", config("lora_adapter", launcher="slurm"), None, "LauncherSpec.launcher = 'slurm'; allowed: in_process, accelerate"),
     ("2 processes in process", "lora_adapter", config("lora_adapter", num_processes=2), None, "num_processes > 1 needs launcher='accelerate'"),
     ("max_new_tokens 0", "base_predictions", config("base_predictions", max_new_tokens=0), None, "GenerationSpec.max_new_tokens = 0; must be >= 1"),
     ("generation batch 0", "base_predictions", config("base_predictions", batch_size=0), None, "GenerationSpec.batch_size = 0; must be >= 1"),

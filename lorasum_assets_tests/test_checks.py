@@ -1,4 +1,4 @@
-from lorasum_assets.checks import compare_with_previous_best
+from lorasum_assets.defs.checks import compare_with_previous_best
 from lorasum_assets.store import open_history
 
 from .test_store import seed_run

@@ -9,8 +9,8 @@ import time
 import duckdb
 import pytest
 
-from lorasum_assets.cli import main
 from lorasum_assets.store import open_history
+from lorasum_assets.tools.cli import main
 
 from .test_store import seed_run
 
@@ -173,7 +173,7 @@ def test_errors_are_json_under_json(seeded, capsys):
 def test_a_closed_pipe_is_quiet(seeded):
     env = {**__import__("os").environ, "LORASUM_HOME": str(seeded)}
     # the reader goes away before the command prints (its imports alone take longer), as `| head` does
-    process = subprocess.Popen([sys.executable, "-m", "lorasum_assets.cli", "history", "--json"], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "lorasum_assets.tools.cli", "history", "--json"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     process.stdout.close()
     stderr = process.stderr.read()
@@ -202,7 +202,7 @@ def test_run_ids_are_accepted_by_unique_prefix(seeded, capsys):
 
 
 def test_every_option_has_help_and_shows_its_default(capsys):
-    from lorasum_assets.cli import build_parser
+    from lorasum_assets.tools.cli import build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
@@ -237,7 +237,7 @@ def test_a_bad_sweep_grid_names_the_file_and_the_field(tmp_path, capsys):
 
 
 def test_lorasum_sql_runs_a_query_on_the_history_and_never_writes_it(seeded):
-    sql = [sys.executable, "-m", "lorasum_assets.cli", "sql", "--json", "-c"]
+    sql = [sys.executable, "-m", "lorasum_assets.tools.cli", "sql", "--json", "-c"]
     done = subprocess.run([*sql, "SELECT count(*) AS runs FROM eval_runs"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [{"runs": 3}]

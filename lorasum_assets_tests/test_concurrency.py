@@ -18,7 +18,7 @@ from lorasum_assets_tests.conftest import history_of
 
 REPO = Path(__file__).resolve().parents[1]
 MATERIALIZE = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "lorasum_assets.definitions"]
-LORASUM = [sys.executable, "-m", "lorasum_assets.cli"]
+LORASUM = [sys.executable, "-m", "lorasum_assets.tools.cli"]
 TINY_STEPS = 11 * 2  # ceil(44 train examples / batch 4) optimizer steps per epoch x 2 epochs
 
 

@@ -53,7 +53,7 @@ def test_gpu_steps_share_a_pool_and_the_job_runs_in_process():
 
 
 def test_resources_follow_the_profile_and_each_run_can_pick_another():
-    from lorasum_assets.resources import BertScorerResource, LoraModelResource, ProfileResource
+    from lorasum_assets.defs.resources import BertScorerResource, LoraModelResource, ProfileResource
 
     llama = ProfileResource(name="llama-3.2-3b-qlora")
     choice = LoraModelResource(profile=llama).choice()
@@ -69,7 +69,7 @@ def test_every_setting_is_defined_once_and_settable_per_run():
     """The Launchpad's config schema holds every field of every spec, derived, not listed by hand."""
     from dataclasses import fields
 
-    from lorasum_assets.ml.specs import (
+    from lorasum_assets.settings.specs import (
         BertScoreSpec,
         DataSpec,
         FilterSpec,

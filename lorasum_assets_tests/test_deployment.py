@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorasum_assets.deployment import CPU_POD_CONFIG, K8S_CONFIG_TAG
+from lorasum_assets.runtime.deployment import CPU_POD_CONFIG, K8S_CONFIG_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_ASSETS = {"lora_adapter", "base_predictions", "tuned_predictions", "promoted_adapter"}
@@ -143,7 +143,7 @@ def test_an_unknown_deployment_is_named_in_the_error(definitions_per_env):
 def test_helm_values_name_what_the_code_reads():
     import yaml
 
-    from lorasum_assets.deployment import DEPLOYMENTS, SECRETS_NAME
+    from lorasum_assets.runtime.deployment import DEPLOYMENTS, SECRETS_NAME
 
     values = yaml.safe_load((REPO / "deploy" / "k8s" / "values.yaml").read_text())
     [location] = values["dagster-user-deployments"]["deployments"]

@@ -10,8 +10,8 @@ from lorasum_assets.ml.generate import generate, generate_with_adapter, has_acti
 from lorasum_assets.ml.model_setup import prepare_peft_model
 from lorasum_assets.ml.modeling import ModelSpec, load_model
 from lorasum_assets.ml.prompts import encode_prompt
-from lorasum_assets.ml.specs import GenerationSpec, TrainSpec
 from lorasum_assets.ml.train import train_lora
+from lorasum_assets.settings.specs import GenerationSpec, TrainSpec
 
 from .test_train import examples
 
@@ -48,7 +48,7 @@ def test_the_notebooks_contamination_is_real_and_detected(tiny_model_dir, tiny_t
     """Without unload(), PeftModel.from_pretrained leaves LoRA layers in the base: we refuse it."""
     from peft import PeftModel
 
-    from lorasum_assets.resources import LoraModelResource, ProfileResource
+    from lorasum_assets.defs.resources import LoraModelResource, ProfileResource
 
     resource = LoraModelResource(profile=ProfileResource(name="tiny"), model=str(tiny_model_dir), device="cpu")
     base = resource.base_model()

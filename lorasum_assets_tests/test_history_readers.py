@@ -249,8 +249,8 @@ def test_two_machines_run_the_whole_graph_at_once_into_one_postgres_history(post
 def test_a_new_postgres_history_without_a_data_path_says_what_to_set(postgres_server, fresh_home, monkeypatch, capsys):
     monkeypatch.setenv("LORASUM_HISTORY", postgres_server)
     monkeypatch.delenv("LORASUM_HISTORY_DATA", raising=False)
-    from lorasum_assets.cli import main
     from lorasum_assets.store.lake import HistorySettingError
+    from lorasum_assets.tools.cli import main
 
     with pytest.raises(HistorySettingError, match="is new: set LORASUM_HISTORY_DATA"):
         open_history(read_only=False)

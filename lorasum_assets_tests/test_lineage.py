@@ -10,10 +10,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from lorasum_assets.assets import ALL_ASSETS
-from lorasum_assets.checks import ALL_CHECKS
-from lorasum_assets.profiles import get_profile
-from lorasum_assets.resources.factory import build_resources
+from lorasum_assets.defs.assets import ALL_ASSETS
+from lorasum_assets.defs.checks import ALL_CHECKS
+from lorasum_assets.defs.resources.factory import build_resources
+from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets_tests.conftest import history_of
 
 from .test_reliability import error_text
@@ -135,10 +135,10 @@ def test_runs_carry_tags_for_profile_base_model_adapter_and_dataset(fresh_home):
     assert len(tags["lorasum/dataset_hash"]) == 16
 
 
-@pytest.mark.parametrize("module", ["lorasum_assets.assets.training", "lorasum_assets.assets.predictions"])
+@pytest.mark.parametrize("module", ["lorasum_assets.defs.assets.training", "lorasum_assets.defs.assets.predictions"])
 def test_code_versions_come_from_the_source(module):
-    from lorasum_assets.versions import module_closure
+    from lorasum_assets.settings.versions import module_closure
 
     closure = module_closure(module)
-    assert "lorasum_assets.ml.specs" in closure and module in closure
-    assert "lorasum_assets.profiles" not in closure  # settings enter as values, not as profiles.py's source
+    assert "lorasum_assets.settings.specs" in closure and module in closure
+    assert "lorasum_assets.settings.profiles" not in closure  # settings enter as values, not as profiles.py's source

@@ -78,7 +78,7 @@ def test_report_scores_multi_reference_and_first_reference(minilm):
 
 
 def test_model_text_is_shown_as_text_not_markup():
-    from lorasum_assets.assets.plots import escape_markdown, markdown_table
+    from lorasum_assets.defs.assets.plots import escape_markdown, markdown_table
 
     prediction = "~struck~ *bold* <b>x</b> [link](http://x) | #tag `code`\nnext"
     table = markdown_table(["id", "tuned"], [("a", prediction)])

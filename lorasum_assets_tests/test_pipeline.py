@@ -5,10 +5,10 @@ import json
 import dagster as dg
 import pytest
 
-from lorasum_assets.assets import ALL_ASSETS
-from lorasum_assets.checks import ALL_CHECKS
-from lorasum_assets.profiles import get_profile
-from lorasum_assets.resources.factory import build_resources
+from lorasum_assets.defs.assets import ALL_ASSETS
+from lorasum_assets.defs.checks import ALL_CHECKS
+from lorasum_assets.defs.resources.factory import build_resources
+from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets_tests.conftest import history_of
 
 
@@ -147,7 +147,7 @@ def test_wrong_columns_fail_with_expected_and_found(fresh_home, tmp_path):
 
 
 def test_summarize_with_a_trained_adapter_and_a_corrupted_one(fresh_home, tmp_path, capsys):
-    from lorasum_assets.cli import main
+    from lorasum_assets.tools.cli import main
 
     assert dg.materialize(
         [*ALL_ASSETS, *ALL_CHECKS], resources=build_resources(get_profile("tiny")), instance=dg.DagsterInstance.ephemeral(),
@@ -167,7 +167,7 @@ def test_summarize_with_a_trained_adapter_and_a_corrupted_one(fresh_home, tmp_pa
     import sys
 
     # as a user runs it: the summary on stdout, and nothing else on the terminal
-    quiet = subprocess.run([sys.executable, "-m", "lorasum_assets.cli", "summarize", "--adapter", adapter_id, "--file", str(dialogue),
+    quiet = subprocess.run([sys.executable, "-m", "lorasum_assets.tools.cli", "summarize", "--adapter", adapter_id, "--file", str(dialogue),
                             "--max-new-tokens", "8"], env={**os.environ, "LORASUM_HOME": str(fresh_home)}, capture_output=True, text=True)
     assert quiet.returncode == 0 and quiet.stdout.strip() and quiet.stderr == ""
 

@@ -1,7 +1,7 @@
 import pytest
 
-from lorasum_assets.ml.specs import NOTEBOOK_TARGET_MODULES, TrainSpec
-from lorasum_assets.profiles import DEFAULT_PROFILE, PROFILES, UnknownProfileError, get_profile, with_overrides
+from lorasum_assets.settings.profiles import DEFAULT_PROFILE, PROFILES, UnknownProfileError, get_profile, with_overrides
+from lorasum_assets.settings.specs import NOTEBOOK_TARGET_MODULES, TrainSpec
 
 
 def test_default_profile_is_the_embedded_smollm2(monkeypatch):

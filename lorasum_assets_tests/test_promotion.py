@@ -9,11 +9,11 @@ import textwrap
 import dagster as dg
 import pytest
 
-from lorasum_assets.assets import ALL_ASSETS
-from lorasum_assets.checks import ALL_CHECKS
-from lorasum_assets.cli import main
-from lorasum_assets.profiles import get_profile
-from lorasum_assets.resources.factory import build_resources
+from lorasum_assets.defs.assets import ALL_ASSETS
+from lorasum_assets.defs.checks import ALL_CHECKS
+from lorasum_assets.defs.resources.factory import build_resources
+from lorasum_assets.settings.profiles import get_profile
+from lorasum_assets.tools.cli import main
 from lorasum_assets_tests.conftest import history_of
 
 RETRAIN = ["lora_adapter", "tuned_predictions", "bertscore_report", "promoted_adapter"]
@@ -152,7 +152,7 @@ def test_summarize_a_jsonl_file_keeps_every_good_line_and_names_the_bad_ones(thr
     source, target = tmp_path / "dialogues.jsonl", tmp_path / "summaries.jsonl"
     source.write_text("\n".join(lines) + "\n")
     done = subprocess.run(
-        [sys.executable, "-m", "lorasum_assets.cli", "summarize", "--input", str(source), "--output", str(target), "--max-new-tokens", "6"],
+        [sys.executable, "-m", "lorasum_assets.tools.cli", "summarize", "--input", str(source), "--output", str(target), "--max-new-tokens", "6"],
         env={**os.environ, "LORASUM_HOME": str(home)}, capture_output=True, text=True, timeout=600,
     )
     print(done.stderr)
@@ -198,7 +198,7 @@ def test_export_model_merged_loads_without_peft_and_summarizes_as_base_plus_adap
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_prompt
     from lorasum_assets.ml.readers import read_sample
-    from lorasum_assets.ml.specs import TINY_MODEL, GenerationSpec
+    from lorasum_assets.settings.specs import TINY_MODEL, GenerationSpec
     from lorasum_assets.store.registry import find_adapter
 
     con = history_of(home)
@@ -229,7 +229,7 @@ DECIDE_AT_ONCE = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
     from contextlib import contextmanager
-    from lorasum_assets.ml.specs import PromotionSpec
+    from lorasum_assets.settings.specs import PromotionSpec
     from lorasum_assets.store.lake import connect, history_location, prepare
     from lorasum_assets.store.promotions import AliasKey, Challenge, decide_promotion, find_evaluation
 
@@ -332,7 +332,7 @@ def test_two_runs_deciding_at_once_leave_one_holder_and_never_judge_against_a_st
     # a retried promotion step of the same run returns its decision, and appends none
     from contextlib import contextmanager
 
-    from lorasum_assets.ml.specs import PromotionSpec
+    from lorasum_assets.settings.specs import PromotionSpec
     from lorasum_assets.store.lake import connect, history_location
     from lorasum_assets.store.promotions import AliasKey, Challenge, decide_promotion, find_evaluation
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from lorasum_assets.assets import ALL_ASSETS
-from lorasum_assets.checks import ALL_CHECKS
-from lorasum_assets.profiles import get_profile
-from lorasum_assets.resources.factory import build_resources
+from lorasum_assets.defs.assets import ALL_ASSETS
+from lorasum_assets.defs.checks import ALL_CHECKS
+from lorasum_assets.defs.resources.factory import build_resources
+from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets.store import open_history
 from lorasum_assets.store.lake import history_location
 from lorasum_assets_tests.conftest import history_of
@@ -179,7 +179,7 @@ WRITER = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, sys.argv[4])
-    from lorasum_assets.resources.store import LorasumStore
+    from lorasum_assets.defs.resources.store import LorasumStore
     from lorasum_assets_tests.test_store import seed_run
     store = LorasumStore(history="sqlite:" + sys.argv[1])
     worker, runs = sys.argv[2], int(sys.argv[3])
@@ -275,9 +275,9 @@ def test_hf_token_never_reaches_logs_metadata_or_duckdb(fresh_home, monkeypatch)
 
 
 def test_remote_code_is_off_unless_a_profile_turns_it_on():
+    from lorasum_assets.defs.resources import LoraModelResource, ProfileResource
     from lorasum_assets.ml.modeling import ModelSpec
-    from lorasum_assets.profiles import PROFILES
-    from lorasum_assets.resources import LoraModelResource, ProfileResource
+    from lorasum_assets.settings.profiles import PROFILES
 
     assert ModelSpec(model="x").trust_remote_code is False
     assert LoraModelResource(profile=ProfileResource(name="tiny"), model="x").choice().trust_remote_code is False
@@ -300,8 +300,8 @@ def test_weights_load_with_safetensors_and_torch_load_is_weights_only(tiny_model
 
 
 def test_paths_cannot_climb_out_of_the_home(fresh_home):
-    from lorasum_assets.home import UnsafePathError, home_subdir
     from lorasum_assets.ml.modeling import ModelSpec, resolve_model_path
+    from lorasum_assets.runtime.home import UnsafePathError, home_subdir
 
     assert home_subdir("adapters") == fresh_home / "adapters"
     for bad in (("..", "elsewhere"), ("adapters", "..", "..", "x"), ("/etc",)):
@@ -361,7 +361,7 @@ def test_cuda_out_of_memory_in_generation_names_the_knobs(tiny_model, tiny_token
     import torch
 
     from lorasum_assets.ml.generate import generate
-    from lorasum_assets.ml.specs import GenerationSpec
+    from lorasum_assets.settings.specs import GenerationSpec
 
     def out_of_memory(**kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

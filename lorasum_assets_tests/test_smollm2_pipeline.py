@@ -3,10 +3,10 @@
 import dagster as dg
 import pytest
 
-from lorasum_assets.assets import ALL_ASSETS
-from lorasum_assets.checks import ALL_CHECKS
-from lorasum_assets.profiles import get_profile
-from lorasum_assets.resources.factory import build_resources
+from lorasum_assets.defs.assets import ALL_ASSETS
+from lorasum_assets.defs.checks import ALL_CHECKS
+from lorasum_assets.defs.resources.factory import build_resources
+from lorasum_assets.settings.profiles import get_profile
 
 from .conftest import history_of, smollm2_available
 

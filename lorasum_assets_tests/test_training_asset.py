@@ -86,11 +86,11 @@ def test_an_adapter_whose_lora_b_is_still_zero_is_never_registered(fresh_home, m
     """Training that leaves every LoRA B matrix at zero would register an adapter equal to the base."""
     import dagster as dg
 
-    import lorasum_assets.assets.training as training_asset
-    from lorasum_assets.assets import ALL_ASSETS
+    import lorasum_assets.defs.assets.training as training_asset
+    from lorasum_assets.defs.assets import ALL_ASSETS
+    from lorasum_assets.defs.resources.factory import build_resources
     from lorasum_assets.ml.progress import StepLog, TrainResult
-    from lorasum_assets.profiles import get_profile
-    from lorasum_assets.resources.factory import build_resources
+    from lorasum_assets.settings.profiles import get_profile
 
     def no_learning(peft_model, train_examples, val_examples, spec, **kwargs):
         log = StepLog(step=1, epoch=1.0, loss=1.0, learning_rate=spec.learning_rate, grad_norm=0.0, label_tokens=1, seconds=0.0)
@@ -112,8 +112,8 @@ def test_lora_b_all_zero_tells_an_untrained_adapter_from_a_trained_one(tiny_mode
     from lorasum_assets.ml.batching import TrainExample
     from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.prompts import encode_example
-    from lorasum_assets.ml.specs import TrainSpec
     from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.settings.specs import TrainSpec
 
     spec = TrainSpec(epochs=1, batch_size=1, gradient_accumulation_steps=1, max_steps=1, warmup_ratio=0.0, gradient_checkpointing=False)
     peft_model = prepare_peft_model(tiny_model, spec)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from lorasum_assets.ml.prompts import IGNORE_INDEX
-from lorasum_assets.ml.specs import TrainSpec
+from lorasum_assets.settings.specs import TrainSpec
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from lorasum_assets.ml.readers import (
     RawRecord,
     unicode_problem,
 )
-from lorasum_assets.ml.specs import FilterSpec
+from lorasum_assets.settings.specs import FilterSpec
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,8 @@ def _base_id(ids: list[str]) -> str:
 
 
 def normalise(by_split: dict[str, list[RawRecord]], source: str) -> LoadedDataset:
+    """One row per dialogue with its references, every row that cannot be one quarantined with
+    its reason: rows in = rows kept + rows quarantined, per split."""
     dialogues: list[Dialogue] = []
     quarantined: list[QuarantinedRow] = []
     rows_in: dict[str, int] = {}
@@ -130,63 +132,10 @@ def normalise(by_split: dict[str, list[RawRecord]], source: str) -> LoadedDatase
                 quarantined.append(QuarantinedRow(split, record.row_number, None, record.read_error, _raw_text(record), record.file))
         if not readable:
             continue
-        columns = set().union(*(r.values.keys() for r in readable))
-        layout = _layout(columns, split)
-        id_field = "id" if layout == "hub" else "fname"
-
-        # Group rows of one dialogue: the hub repeats each test dialogue once per reference.
-        groups: dict[str, list[RawRecord]] = {}
-        order: list[tuple[str | None, RawRecord]] = []
-        for record in readable:
-            key = _fold_key(record) if layout == "hub" and split == "test" else None
-            if key:
-                if key not in groups:
-                    groups[key] = []
-                    order.append((key, record))
-                groups[key].append(record)
-            else:
-                order.append((None, record))
-
+        layout = _layout(set().union(*(r.values.keys() for r in readable)), split)
         seen_ids: set[str] = set()
-        for source_index, (key, first) in enumerate(order):
-            members = groups[key] if key else [first]
-            reason = None
-            values = first.values
-            raw_ids = []
-            for member in members:
-                value, problem = _string_field(member.values, id_field)
-                reason = reason or problem
-                if value is not None:
-                    raw_ids.append(value.strip())
-            dialogue, problem = _string_field(values, "dialogue")
-            reason = reason or problem
-            references: list[str] = []
-            if layout == "authors-test":
-                ref_fields = sorted((c for c in values if re.fullmatch(r"summary\d+", c)), key=lambda c: int(c[7:]))
-            else:
-                ref_fields = ["summary"]
-            for member in members:
-                for name in ref_fields:
-                    value, problem = _string_field(member.values, name)
-                    reason = reason or problem
-                    if value is not None and value.strip():
-                        references.append(value.strip())
-            topic, problem = _string_field(values, "topic" if "topic" in values else "topic1")
-            reason = reason or problem
-            row_id = _base_id(raw_ids) if raw_ids else None
-            if reason is None:
-                if not row_id:
-                    reason = f"missing_id: {id_field} is empty"
-                elif dialogue is None or dialogue == "":
-                    reason = "empty_dialogue"
-                elif not dialogue.strip():
-                    reason = "whitespace_dialogue"
-                elif not references and split in ("train", "validation"):
-                    reason = "missing_summary"
-                elif not references:
-                    reason = "missing_reference"
-                elif row_id in seen_ids:
-                    reason = f"duplicate_id: {row_id} appears earlier in {split}"
+        for source_index, members in enumerate(_dialogue_groups(readable, layout, split)):
+            row_id, dialogue, references, topic, reason = _read_group(members, layout, split, seen_ids)
             if reason is not None:
                 for member in members:
                     quarantined.append(QuarantinedRow(split, member.row_number, row_id, reason, _raw_text(member), member.file))
@@ -194,6 +143,65 @@ def normalise(by_split: dict[str, list[RawRecord]], source: str) -> LoadedDatase
             seen_ids.add(row_id)
             dialogues.append(Dialogue(split, row_id, dialogue.strip(), references, topic, source_index))
     return LoadedDataset(source=source, dialogues=dialogues, quarantined=quarantined, rows_in=rows_in)
+
+
+def _dialogue_groups(readable: list[RawRecord], layout: str, split: str) -> list[list[RawRecord]]:
+    """The rows of each dialogue, in first-seen order: the hub repeats each test dialogue once per reference."""
+    groups: dict[str, list[RawRecord]] = {}
+    order: list[list[RawRecord]] = []
+    for record in readable:
+        key = _fold_key(record) if layout == "hub" and split == "test" else None
+        if key:
+            if key not in groups:
+                groups[key] = []
+                order.append(groups[key])
+            groups[key].append(record)
+        else:
+            order.append([record])
+    return order
+
+
+def _read_group(members: list[RawRecord], layout: str, split: str, seen_ids: set[str]):
+    """(id, dialogue, references, topic, reason) of one dialogue's rows; reason is None when it is usable."""
+    id_field = "id" if layout == "hub" else "fname"
+    values = members[0].values
+    reason = None
+    raw_ids = []
+    for member in members:
+        value, problem = _string_field(member.values, id_field)
+        reason = reason or problem
+        if value is not None:
+            raw_ids.append(value.strip())
+    dialogue, problem = _string_field(values, "dialogue")
+    reason = reason or problem
+    if layout == "authors-test":
+        ref_fields = sorted((c for c in values if re.fullmatch(r"summary\d+", c)), key=lambda c: int(c[7:]))
+    else:
+        ref_fields = ["summary"]
+    references: list[str] = []
+    for member in members:
+        for name in ref_fields:
+            value, problem = _string_field(member.values, name)
+            reason = reason or problem
+            if value is not None and value.strip():
+                references.append(value.strip())
+    topic, problem = _string_field(values, "topic" if "topic" in values else "topic1")
+    reason = reason or problem
+    row_id = _base_id(raw_ids) if raw_ids else None
+    if reason is None:
+        if not row_id:
+            reason = f"missing_id: {id_field} is empty"
+        elif dialogue is None or dialogue == "":
+            reason = "empty_dialogue"
+        elif not dialogue.strip():
+            reason = "whitespace_dialogue"
+        elif not references and split in ("train", "validation"):
+            reason = "missing_summary"
+        elif not references:
+            reason = "missing_reference"
+        elif row_id in seen_ids:
+            reason = f"duplicate_id: {row_id} appears earlier in {split}"
+    return row_id, dialogue, references, topic, reason
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def copy_adapter(adapter_path: str, out: Path) -> None:
 
 
 def model_card(facts: dict[str, Any]) -> str:
-    """A Hugging Face model card (README.md) for an exported adapter or merged model."""
+    """A Hugging Face model card (README.md) for an exported adapter or merged model (long because
+    it is the card's text, line by line)."""
     merged = facts["merged"]
     lines = [
         "---",

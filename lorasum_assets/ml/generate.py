@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lorasum_assets.ml.precision import generation_dtype, weights_in
 from lorasum_assets.ml.progress import DecodingHeartbeat
-from lorasum_assets.ml.specs import GenerationSpec
+from lorasum_assets.settings.specs import GenerationSpec
 
 
 @dataclass(frozen=True)

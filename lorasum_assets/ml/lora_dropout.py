@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from lorasum_assets.ml.specs import LORA_DROPOUT_MASKS
+from lorasum_assets.settings.specs import LORA_DROPOUT_MASKS
 
 MASK_BITS = 15
 _MASK_VALUES = 1 << MASK_BITS

@@ -14,7 +14,7 @@ import bert_score
 from bert_score.utils import get_hash
 from rouge_score import rouge_scorer
 
-from lorasum_assets.ml.specs import BERTSCORE_METRICS, ROUGE_METRICS, BertScoreSpec
+from lorasum_assets.settings.specs import BERTSCORE_METRICS, ROUGE_METRICS, BertScoreSpec
 
 ROUGE_TYPES = ROUGE_METRICS
 BERTSCORE_KEYS = BERTSCORE_METRICS

@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from lorasum_assets.ml.lora_dropout import lora_dropout_mask_for, use_packed_bits_dropout
-from lorasum_assets.ml.specs import TrainSpec
+from lorasum_assets.settings.specs import TrainSpec
 
 
 def is_quantized(model) -> bool:

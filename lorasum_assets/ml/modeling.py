@@ -15,8 +15,8 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from lorasum_assets.ml.specs import DTYPES, QUANTIZATIONS, TINY_MODEL
 from lorasum_assets.ml.tiny_model import build_tiny_model
+from lorasum_assets.settings.specs import DTYPES, QUANTIZATIONS, TINY_MODEL
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from lorasum_assets.ml.specs import HUB_DATASET_ID
+from lorasum_assets.settings.specs import HUB_DATASET_ID
 
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"train": "train", "dev": "validation", "validation": "validation", "val": "validation", "test": "test"}

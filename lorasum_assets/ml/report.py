@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lorasum_assets.ml.metrics import rouge_scores
-from lorasum_assets.ml.specs import EVAL_METRICS
 from lorasum_assets.ml.stats import bootstrap_ci, paired_bootstrap_ci
+from lorasum_assets.settings.specs import EVAL_METRICS
 
 METRICS = EVAL_METRICS
 MODELS = ("base", "tuned")

@@ -30,7 +30,7 @@ from lorasum_assets.ml.model_setup import training_attention, use_attention
 from lorasum_assets.ml.modeling import count_parameters
 from lorasum_assets.ml.precision import frozen_weights_in, training_autocast_dtype
 from lorasum_assets.ml.progress import StepLog, TrainResult
-from lorasum_assets.ml.specs import TrainSpec
+from lorasum_assets.settings.specs import TrainSpec
 
 
 def build_optimizer(peft_model, spec: TrainSpec, total_steps: int):
@@ -72,108 +72,138 @@ def train_lora(
     """
     if not train_examples:
         raise ValueError("no training examples")
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    is_main = rank == 0
+    loop = _TrainingLoop(peft_model, list(train_examples), list(val_examples), spec, pad_id, checkpoint_dir, accelerator)
+    return loop.run(on_step=on_step, on_epoch=on_epoch)
 
-    torch.manual_seed(spec.seed)
-    result = TrainResult()
-    result.trainable_params, result.total_params = count_parameters(peft_model)
-    per_epoch = steps_per_epoch(len(train_examples), spec)
-    total_steps = planned_steps(len(train_examples), spec)
-    result.total_steps = total_steps
-    optimizer, scheduler, trainable = build_optimizer(peft_model, spec, total_steps)
-    autocast_dtype = training_autocast_dtype(peft_model, spec.mixed_precision)
-    on_cuda = next(peft_model.parameters()).device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 and on_cuda else None
-    loss_module = LabelLossModule(peft_model, autocast_dtype, spec.completion_only_logits)
-    runner = accelerator.prepare_model(loss_module) if world > 1 else loss_module
 
-    step = 0
-    if checkpoint_dir is not None:
-        complete = complete_checkpoints(checkpoint_dir)
+class _TrainingLoop:
+    """The stages of one training, in the order ``run`` calls them: set up the optimizer, precision
+    and loss; resume from a checkpoint; then per optimizer step, accumulate a window of
+    micro-batches, step the optimizer, and log, validate and checkpoint."""
+
+    def __init__(self, peft_model, train_examples, val_examples, spec: TrainSpec, pad_id: int, checkpoint_dir, accelerator):
+        self.model, self.spec, self.pad_id = peft_model, spec, pad_id
+        self.train_examples, self.val_examples = train_examples, val_examples
+        self.checkpoint_dir, self.accelerator = checkpoint_dir, accelerator
+        self.rank, self.world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+        self.lengths = [len(e.input_ids) for e in train_examples]
+        self.result = TrainResult()
+        self.step = 0
+        self._setup()
+
+    def _setup(self) -> None:
+        spec, model = self.spec, self.model
+        torch.manual_seed(spec.seed)
+        self.result.trainable_params, self.result.total_params = count_parameters(model)
+        self.per_epoch = steps_per_epoch(len(self.train_examples), spec)
+        self.total_steps = self.result.total_steps = planned_steps(len(self.train_examples), spec)
+        self.optimizer, self.scheduler, self.trainable = build_optimizer(model, spec, self.total_steps)
+        self.autocast_dtype = training_autocast_dtype(model, spec.mixed_precision)
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 and on_cuda else None
+        loss_module = LabelLossModule(model, self.autocast_dtype, spec.completion_only_logits)
+        self.runner = self.accelerator.prepare_model(loss_module) if self.world > 1 else loss_module
+
+    def _resume(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        complete = complete_checkpoints(self.checkpoint_dir)
         if complete:
-            step = load_checkpoint(complete[-1], peft_model, optimizer, scheduler, scaler, result)
-            result.resumed_from_step = step
+            self.step = load_checkpoint(complete[-1], self.model, self.optimizer, self.scheduler, self.scaler, self.result)
+            self.result.resumed_from_step = self.step
 
-    lengths = [len(e.input_ids) for e in train_examples]
-    started = time.perf_counter()
-    peft_model.train()
-    with explain_out_of_memory(spec, max(lengths)), frozen_weights_in(peft_model, autocast_dtype):
-        while step < total_steps:
-            epoch = step // per_epoch
-            batches = plan_batches(lengths, spec.batch_size, spec.seed, epoch, spec.group_by_length)
-            first_micro = (step % per_epoch) * spec.gradient_accumulation_steps
-            for window_start in range(first_micro, len(batches), spec.gradient_accumulation_steps):
-                window = batches[window_start : window_start + spec.gradient_accumulation_steps]
-                label_tokens = sum(label_token_count(train_examples[i].labels) for b in window for i in b)
-                step_started = time.perf_counter()
-                window_loss = 0.0
-                share = window_share(len(window), rank, world)
-                for pass_index, micro_index in enumerate(share):
-                    real = micro_index is not None
-                    examples = [train_examples[i] for i in window[micro_index if real else 0]]
-                    batch = collate_packed(examples, pad_id) if spec.packing else collate_right(examples, pad_id)
-                    use_attention(peft_model, training_attention(peft_model, spec.attention, batch["input_ids"].shape[1]))
-                    if real:
-                        result.real_tokens += sum(len(e.input_ids) for e in examples)
-                        result.padded_tokens += batch["input_ids"].numel()
-                    torch.manual_seed(micro_batch_seed(spec.seed, step, micro_index if real else -1))
-                    last_pass = pass_index == len(share) - 1
-                    sync = runner.no_sync() if world > 1 and not last_pass else contextlib.nullcontext()
-                    with sync:
-                        loss_sum = runner(batch)
-                        # DDP averages gradients over processes; scaling by the world size makes that a sum.
-                        loss = loss_sum * (world / max(label_tokens, 1)) if real else loss_sum * 0.0
-                        if scaler is not None:
-                            scaler.scale(loss).backward()
-                        else:
-                            loss.backward()
-                    if real:
-                        window_loss += float(loss.detach()) / world
-                (window_loss,) = reduce_sum(accelerator, [window_loss])
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm))
-                learning_rate = scheduler.get_last_lr()[0]
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                log = StepLog(
-                    step=step,
-                    epoch=round(step / per_epoch, 4),
-                    loss=window_loss,
-                    learning_rate=learning_rate,
-                    grad_norm=grad_norm,
-                    label_tokens=label_tokens,
-                    seconds=time.perf_counter() - step_started,
-                )
-                result.steps.append(log)
-                if is_main and on_step is not None and (step % spec.logging_steps == 0 or step == total_steps):
-                    on_step(log)
-                epoch_done = step % per_epoch == 0 or step == total_steps
-                if epoch_done:
-                    val_loss = evaluate_loss(
-                        peft_model, val_examples, pad_id, mixed_precision=spec.mixed_precision, accelerator=accelerator
+    def run(self, on_step, on_epoch) -> TrainResult:
+        self._resume()
+        spec = self.spec
+        started = time.perf_counter()
+        self.model.train()
+        with explain_out_of_memory(spec, max(self.lengths)), frozen_weights_in(self.model, self.autocast_dtype):
+            while self.step < self.total_steps:
+                epoch = self.step // self.per_epoch
+                batches = plan_batches(self.lengths, spec.batch_size, spec.seed, epoch, spec.group_by_length)
+                first_micro = (self.step % self.per_epoch) * spec.gradient_accumulation_steps
+                for window_start in range(first_micro, len(batches), spec.gradient_accumulation_steps):
+                    window = batches[window_start : window_start + spec.gradient_accumulation_steps]
+                    step_started = time.perf_counter()
+                    window_loss, label_tokens = self._accumulate(window)
+                    grad_norm, learning_rate = self._optimizer_step()
+                    log = StepLog(
+                        step=self.step, epoch=round(self.step / self.per_epoch, 4), loss=window_loss, learning_rate=learning_rate,
+                        grad_norm=grad_norm, label_tokens=label_tokens, seconds=time.perf_counter() - step_started,
                     )
-                    result.val_losses.append(val_loss)
-                    if is_main and on_epoch is not None:
-                        on_epoch(math.ceil(step / per_epoch), val_loss)
-                if checkpoint_dir is not None and (step % spec.checkpoint_steps == 0 or epoch_done) and step < total_steps:
-                    if is_main:
-                        save_checkpoint(checkpoint_dir, step, peft_model, optimizer, scheduler, scaler, result)
-                    if world > 1:
-                        accelerator.wait_for_everyone()
-                if step >= total_steps or epoch_done:
-                    break
-    peft_model.eval()
-    result.real_tokens, result.padded_tokens = (int(v) for v in reduce_sum(accelerator, [result.real_tokens, result.padded_tokens]))
-    result.seconds = time.perf_counter() - started
-    return result
+                    if self._after_step(log, on_step, on_epoch):
+                        break
+        self.model.eval()
+        result = self.result
+        result.real_tokens, result.padded_tokens = (int(v) for v in reduce_sum(self.accelerator, [result.real_tokens, result.padded_tokens]))
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _accumulate(self, window: list[list[int]]) -> tuple[float, int]:
+        """Forward and backward over one accumulation window, this process's share of it; the
+        window's loss (mean over its label tokens, summed over processes) and label tokens."""
+        spec, world = self.spec, self.world
+        label_tokens = sum(label_token_count(self.train_examples[i].labels) for b in window for i in b)
+        window_loss = 0.0
+        share = window_share(len(window), self.rank, world)
+        for pass_index, micro_index in enumerate(share):
+            real = micro_index is not None
+            examples = [self.train_examples[i] for i in window[micro_index if real else 0]]
+            batch = collate_packed(examples, self.pad_id) if spec.packing else collate_right(examples, self.pad_id)
+            use_attention(self.model, training_attention(self.model, spec.attention, batch["input_ids"].shape[1]))
+            if real:
+                self.result.real_tokens += sum(len(e.input_ids) for e in examples)
+                self.result.padded_tokens += batch["input_ids"].numel()
+            torch.manual_seed(micro_batch_seed(spec.seed, self.step, micro_index if real else -1))
+            last_pass = pass_index == len(share) - 1
+            sync = self.runner.no_sync() if world > 1 and not last_pass else contextlib.nullcontext()
+            with sync:
+                loss_sum = self.runner(batch)
+                # DDP averages gradients over processes; scaling by the world size makes that a sum.
+                loss = loss_sum * (world / max(label_tokens, 1)) if real else loss_sum * 0.0
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            if real:
+                window_loss += float(loss.detach()) / world
+        (window_loss,) = reduce_sum(self.accelerator, [window_loss])
+        return window_loss, label_tokens
+
+    def _optimizer_step(self) -> tuple[float, float]:
+        """Clip, step and schedule; returns the gradient norm and the learning rate it stepped with."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.spec.max_grad_norm))
+        learning_rate = self.scheduler.get_last_lr()[0]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return grad_norm, learning_rate
+
+    def _after_step(self, log: StepLog, on_step, on_epoch) -> bool:
+        """Log the step, validate at the end of an epoch, checkpoint; True when the epoch is over."""
+        spec, step, is_main = self.spec, self.step, self.rank == 0
+        self.result.steps.append(log)
+        if is_main and on_step is not None and (step % spec.logging_steps == 0 or step == self.total_steps):
+            on_step(log)
+        epoch_done = step % self.per_epoch == 0 or step == self.total_steps
+        if epoch_done:
+            val_loss = evaluate_loss(self.model, self.val_examples, self.pad_id, mixed_precision=spec.mixed_precision, accelerator=self.accelerator)
+            self.result.val_losses.append(val_loss)
+            if is_main and on_epoch is not None:
+                on_epoch(math.ceil(step / self.per_epoch), val_loss)
+        if self.checkpoint_dir is not None and (step % spec.checkpoint_steps == 0 or epoch_done) and step < self.total_steps:
+            if is_main:
+                save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler, self.scaler, self.result)
+            if self.world > 1:
+                self.accelerator.wait_for_everyone()
+        return step >= self.total_steps or epoch_done
 
 
 @contextlib.contextmanager

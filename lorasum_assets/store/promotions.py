@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lorasum_assets.ml.promotion import judge
-from lorasum_assets.ml.specs import EVAL_METRICS, PromotionSpec
+from lorasum_assets.settings.specs import EVAL_METRICS, PromotionSpec
 from lorasum_assets.store.history import in_transaction, insert_rows
 from lorasum_assets.store.references import AdapterMismatchError
 

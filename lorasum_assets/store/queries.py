@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorasum_assets.ml.specs import EVAL_METRICS
+from lorasum_assets.settings.specs import EVAL_METRICS
 from lorasum_assets.store.schema import rows_table
 
 

@@ -20,8 +20,9 @@ from lorasum_assets.ml.adapter_files import save_adapter, sha256_file
 from lorasum_assets.ml.batching import TrainExample
 from lorasum_assets.ml.model_setup import prepare_peft_model
 from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-from lorasum_assets.ml.specs import TrainSpec
 from lorasum_assets.ml.train import train_lora
+from lorasum_assets.settings.env import HF_TOKEN_ENV, get_env
+from lorasum_assets.settings.specs import TrainSpec
 
 JOB_VERSION = 1
 
@@ -82,7 +83,7 @@ def read_job(path: Path) -> dict:
     spec_fields = dict(job["spec"])
     spec_fields["target_modules"] = tuple(spec_fields["target_modules"])
     job["spec"] = TrainSpec(**spec_fields)
-    job["model"] = ModelSpec(**job["model"], token=os.environ.get("HF_TOKEN") or None)
+    job["model"] = ModelSpec(**job["model"], token=get_env(HF_TOKEN_ENV))
     job["train"] = [TrainExample(ids, labels) for ids, labels in job["train"]]
     job["validation"] = [TrainExample(ids, labels) for ids, labels in job["validation"]]
     return job
@@ -133,42 +134,7 @@ def run(job_path: Path, summary_path: Path | None = None) -> None:
         if pipes is None:
             return
         adapter_dir = save_adapter(peft_model, tokenizer, Path(job["adapter_dir"]))
-        weights_sha = sha256_file(adapter_dir / "adapter_model.safetensors")
-        if result.resumed_from_step:
-            pipes.log.info(f"resumed from checkpoint at step {result.resumed_from_step} of {result.total_steps}")
-        pipes.report_custom_message(
-            {
-                "kind": "result",
-                "trainable_params": result.trainable_params,
-                "total_params": result.total_params,
-                "final_val_loss": result.final_val_loss,
-                "resumed_from_step": result.resumed_from_step,
-                "steps": [asdict(s) for s in result.steps],
-                "val_losses": result.val_losses,
-            }
-        )
-        metadata = {
-            "launcher": "accelerate",
-            "world_size": accelerator.num_processes,
-            "distributed_type": str(accelerator.distributed_type.value),
-            "backend": str(accelerator.state.backend or "none"),
-            "optimizer_steps": result.total_steps,
-            "final_train_loss": result.final_train_loss,
-            "val_losses": [v for v in result.val_losses if v is not None],
-            "padding_efficiency": round(result.real_tokens / max(result.padded_tokens, 1), 4),
-            "train_seconds": round(result.seconds, 2),
-            "real_tokens_per_second": round(result.real_tokens / max(result.seconds, 1e-9), 2),
-            "sha256": weights_sha,
-        }
-        pipes.report_asset_materialization(metadata=metadata, data_version=weights_sha[:16])
-        if summary_path is not None:
-            summary = {
-                **metadata,
-                "losses": [s.loss for s in result.steps],
-                "real_tokens": result.real_tokens,
-                "resumed_from_step": result.resumed_from_step,
-            }
-            Path(summary_path).write_text(json.dumps(summary, indent=2))
+        _report(pipes, accelerator, result, sha256_file(adapter_dir / "adapter_model.safetensors"), summary_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +146,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     run(args.job, args.summary_json)
     return 0
+
+
+def _report(pipes, accelerator, result, weights_sha: str, summary_path: Path | None) -> None:
+    """The result (steps, losses, parameter counts) as a Pipes message, and the run's figures as
+    materialization metadata; ``summary_path`` gets them as JSON too (benchmarks read it)."""
+    if result.resumed_from_step:
+        pipes.log.info(f"resumed from checkpoint at step {result.resumed_from_step} of {result.total_steps}")
+    pipes.report_custom_message(
+        {
+            "kind": "result",
+            "trainable_params": result.trainable_params,
+            "total_params": result.total_params,
+            "final_val_loss": result.final_val_loss,
+            "resumed_from_step": result.resumed_from_step,
+            "steps": [asdict(s) for s in result.steps],
+            "val_losses": result.val_losses,
+        }
+    )
+    metadata = {
+        "launcher": "accelerate",
+        "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type.value),
+        "backend": str(accelerator.state.backend or "none"),
+        "optimizer_steps": result.total_steps,
+        "final_train_loss": result.final_train_loss,
+        "val_losses": [v for v in result.val_losses if v is not None],
+        "padding_efficiency": round(result.real_tokens / max(result.padded_tokens, 1), 4),
+        "train_seconds": round(result.seconds, 2),
+        "real_tokens_per_second": round(result.real_tokens / max(result.seconds, 1e-9), 2),
+        "sha256": weights_sha,
+    }
+    pipes.report_asset_materialization(metadata=metadata, data_version=weights_sha[:16])
+    if summary_path is not None:
+        summary = {**metadata, "losses": [s.loss for s in result.steps], "real_tokens": result.real_tokens,
+                   "resumed_from_step": result.resumed_from_step}
+        Path(summary_path).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

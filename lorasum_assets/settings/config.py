@@ -1,4 +1,4 @@
-"""Dagster run config and resource fields, derived from the specs in ``ml/specs.py``.
+"""Dagster run config and resource fields, derived from the specs in ``settings/specs.py``.
 
 Every field of a spec becomes an optional field of the same name (unset: the run's profile
 decides), with the spec's help text as its description. Nothing here lists a field by hand.
@@ -15,7 +15,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field, create_model
 
-from lorasum_assets.ml.specs import check_limits, with_overrides
+from lorasum_assets.settings.specs import check_limits, with_overrides
 
 PROFILE_DEFAULT_NOTE = "Unset: the run's profile decides."
 
@@ -31,8 +31,9 @@ def _config_type(annotation: Any) -> Any:
     return annotation
 
 
-def spec_fields(spec_cls: type, exclude: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
-    """Pydantic field definitions for every field of ``spec_cls``, each optional."""
+def spec_fields(spec_cls: type, exclude: Iterable[str] = (), note: str = PROFILE_DEFAULT_NOTE) -> dict[str, tuple[Any, Any]]:
+    """Pydantic field definitions for every field of ``spec_cls``, each optional; ``note`` says
+    what an unset field means."""
     hints = typing.get_type_hints(spec_cls)
     skipped = set(exclude)
     out: dict[str, tuple[Any, Any]] = {}
@@ -44,7 +45,7 @@ def spec_fields(spec_cls: type, exclude: Iterable[str] = ()) -> dict[str, tuple[
         shown = list(default) if isinstance(default, tuple) else default
         out[f.name] = (
             _config_type(hints[f.name]) | None,
-            Field(default=None, description=f"{help_text} {PROFILE_DEFAULT_NOTE} (built-in default: {shown!r})"),
+            Field(default=None, description=f"{help_text} {note} (built-in default: {shown!r})"),
         )
     return out
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import dagster as dg
+
+from lorasum_assets.settings.env import DAGSTER_HOME_ENV, get_env
 
 
 class InstanceSetupError(RuntimeError):
@@ -23,7 +24,7 @@ def init_instance(config: str | None = None) -> Path:
     schemas at once and can leave the home unusable. ``config`` (a dagster.yaml) is installed
     first when the home has none.
     """
-    raw = os.environ.get("DAGSTER_HOME")
+    raw = get_env(DAGSTER_HOME_ENV)
     if not raw:
         raise InstanceSetupError("DAGSTER_HOME is not set; point it at the folder that keeps Dagster's runs")
     home = Path(raw).expanduser().resolve()

@@ -6,10 +6,10 @@ never the newest rows of a table that concurrent runs write too.
 
 import dagster as dg
 
-from lorasum_assets.assets.data import raw_dialogsum, tokenized_dataset
-from lorasum_assets.assets.evaluation import bertscore_report
-from lorasum_assets.resources import LorasumStore
-from lorasum_assets.resources.lineage import reference_in_lineage
+from lorasum_assets.defs.assets.data import raw_dialogsum, tokenized_dataset
+from lorasum_assets.defs.assets.evaluation import bertscore_report
+from lorasum_assets.defs.resources import LorasumStore
+from lorasum_assets.defs.resources.lineage import reference_in_lineage
 from lorasum_assets.store.queries import best_other_tuned, label_mask_counts, quarantine_reasons, report_values
 from lorasum_assets.store.references import TableRef
 

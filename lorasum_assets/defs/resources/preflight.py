@@ -3,10 +3,10 @@
 
 import dagster as dg
 
-from lorasum_assets.ml.specs import PRODUCTION_ALIAS
-from lorasum_assets.recovery import release_dead_runs
-from lorasum_assets.resources.model import LoraModelResource
-from lorasum_assets.resources.store import LorasumStore
+from lorasum_assets.defs.resources.model import LoraModelResource
+from lorasum_assets.defs.resources.store import LorasumStore
+from lorasum_assets.runtime.dead_runs import release_dead_runs
+from lorasum_assets.settings.specs import PRODUCTION_ALIAS
 from lorasum_assets.store.promotions import holders
 from lorasum_assets.store.registry import choose_adapter, find_adapter
 
@@ -34,7 +34,7 @@ def evaluates_an_existing_adapter(run: dg.DagsterRun) -> bool:
 class RunPreflightResource(dg.ConfigurableResource):
     """Required by the steps in the ``lorasum_gpu`` pool, so it is set up when the run starts:
 
-    - frees the pool slots of runs whose process died (``lorasum_assets/recovery.py``), before
+    - frees the pool slots of runs whose process died (``lorasum_assets/runtime/dead_runs.py``), before
       this run waits for one;
     - in a run that evaluates an existing adapter, checks that the adapter exists and fits the
       run's base model, before any generation starts.

@@ -6,10 +6,10 @@ from typing import Any
 import dagster as dg
 from pydantic import PrivateAttr
 
-from lorasum_assets.config import config_class, resolve
+from lorasum_assets.defs.resources.profile import ProfileResource
 from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path
-from lorasum_assets.ml.specs import BertScoreSpec
-from lorasum_assets.resources.profile import ProfileResource
+from lorasum_assets.settings.config import config_class, resolve
+from lorasum_assets.settings.specs import BertScoreSpec
 
 
 class _ScorerResourceBase(dg.ConfigurableResource):

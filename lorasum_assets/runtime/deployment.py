@@ -16,21 +16,17 @@ credentials), never from run config.
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
-from lorasum_assets.home import HISTORY_ENV
+from lorasum_assets.settings.env import DEPLOYMENT_ENV, HISTORY_ENV, TRAINING_GPUS_ENV, get_env
 
-DEPLOYMENT_ENV = "LORASUM_DEPLOYMENT"
 DEPLOYMENTS = ("local", "k8s-run", "k8s-steps")
-TRAINING_GPUS_ENV = "LORASUM_TRAINING_GPUS"
 SECRETS_NAME = "lorasum-secrets"
 K8S_CONFIG_TAG = "dagster-k8s/config"
 
 
 def deployment() -> str:
-    name = os.environ.get(DEPLOYMENT_ENV, "local")
+    name = get_env(DEPLOYMENT_ENV, "local")
     if name not in DEPLOYMENTS:
         raise ValueError(f"{DEPLOYMENT_ENV}={name!r}; valid: {', '.join(DEPLOYMENTS)}")
     return name
@@ -39,7 +35,7 @@ def deployment() -> str:
 def training_gpus() -> int:
     """GPUs for the training pod: launch ``lora_adapter`` with launcher=accelerate and num_processes
     equal to this to use them all."""
-    raw = os.environ.get(TRAINING_GPUS_ENV, "1")
+    raw = get_env(TRAINING_GPUS_ENV, "1")
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{TRAINING_GPUS_ENV} must be a positive whole number, got {raw!r}")
     return int(raw)
@@ -77,7 +73,7 @@ def run_tags() -> dict:
 
 def build_executor() -> dg.ExecutorDefinition:
     if deployment() == "k8s-steps":
-        if not (os.environ.get(HISTORY_ENV) or "").startswith("postgres:"):
+        if not (get_env(HISTORY_ENV) or "").startswith("postgres:"):
             raise ValueError(
                 "LORASUM_DEPLOYMENT=k8s-steps runs each step in its own pod, and they need one history they all "
                 f"reach: set {HISTORY_ENV}=postgres:<conninfo> (a DuckLake on PostgreSQL), or use k8s-run"

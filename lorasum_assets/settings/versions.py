@@ -18,10 +18,10 @@ from typing import Any
 
 PACKAGE = "lorasum_assets"
 # Settings enter through the profile sections passed to ``code_version``, not through profiles.py's source.
-NOT_CODE = {f"{PACKAGE}.profiles", f"{PACKAGE}.definitions"}
+NOT_CODE = {f"{PACKAGE}.settings.profiles", f"{PACKAGE}.definitions"}
 
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the package
 
 
 def _source_path(module: str) -> Path | None:

@@ -8,16 +8,17 @@ when the paired 95% CI on the metric lies wholly above the margin (``ml/promotio
 
 import dagster as dg
 
-from lorasum_assets.assets.data import require
-from lorasum_assets.assets.plots import markdown_table
-from lorasum_assets.assets.predictions import generate_for_adapter
-from lorasum_assets.assets.training import GPU_POOL
-from lorasum_assets.config import config_class, resolve
-from lorasum_assets.deployment import gpu_op_tags
+from lorasum_assets.defs.assets.data import require
+from lorasum_assets.defs.assets.plots import markdown_table
+from lorasum_assets.defs.assets.predictions import generate_for_adapter
+from lorasum_assets.defs.assets.training import GPU_POOL
+from lorasum_assets.defs.resources import BertScorerResource, LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.ml.report import score_examples
-from lorasum_assets.ml.specs import GenerationSpec, PromotionSpec
-from lorasum_assets.profiles import get_profile
-from lorasum_assets.resources import BertScorerResource, LoraModelResource, LorasumStore, ProfileResource
+from lorasum_assets.runtime.deployment import gpu_op_tags
+from lorasum_assets.settings.config import config_class, resolve
+from lorasum_assets.settings.profiles import get_profile
+from lorasum_assets.settings.specs import GenerationSpec, PromotionSpec
+from lorasum_assets.settings.versions import code_version
 from lorasum_assets.store.promotions import (
     AliasKey,
     Challenge,
@@ -30,7 +31,6 @@ from lorasum_assets.store.promotions import (
 )
 from lorasum_assets.store.references import TableRef, check_adapter_base
 from lorasum_assets.store.registry import find_adapter
-from lorasum_assets.versions import code_version
 
 _DEFAULT = get_profile()
 PromotionConfig = config_class(

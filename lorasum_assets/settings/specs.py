@@ -1,7 +1,7 @@
 """Every setting of the pipeline, defined once. No torch and no dagster here.
 
 Profiles fill these dataclasses; the Dagster run config classes and resources are derived from
-them (``lorasum_assets/config.py``), so a field added here appears in the Launchpad by itself.
+them (``lorasum_assets/settings/config.py``), so a field added here appears in the Launchpad by itself.
 Each field carries its help text and, where it has one, its allowed range in ``metadata``:
 ``help``, ``ge``/``gt``/``le`` (numbers) and ``choices``.
 """
@@ -154,6 +154,23 @@ class TrainSpec:
         """Identifies a training run for resume: same config, data and base model → same key."""
         payload = json.dumps({"spec": asdict(self), "data": data_hash, "model": model_id}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+LAUNCHERS = ("in_process", "accelerate")
+
+
+@dataclass(frozen=True)
+class LauncherSpec:
+    launcher: str = setting(
+        "in_process", "in_process: train in the run's process. accelerate: `accelerate launch` processes via Dagster Pipes.",
+        choices=LAUNCHERS,
+    )
+    num_processes: int = setting(1, "Data-parallel processes (launcher=accelerate): GPUs, or CPU processes on gloo.", ge=1)
+    threads_per_process: int | None = setting(None, "CPU threads per process; default: cores / processes.", ge=1)
+
+    def __post_init__(self) -> None:
+        if self.launcher == "in_process" and self.num_processes != 1:
+            raise SettingError(f"LauncherSpec.num_processes = {self.num_processes}; num_processes > 1 needs launcher='accelerate'")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-HOME_ENV = "LORASUM_HOME"
+from lorasum_assets.settings.env import HISTORY_DATA_ENV, HISTORY_ENV, HOME_ENV, get_env
+
 DEFAULT_HOME = ".lorasum"
 
 
@@ -15,7 +16,7 @@ class UnsafePathError(ValueError):
 
 def home_path() -> Path:
     """The home's path, without creating it (for commands that only read)."""
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().resolve()
+    return Path(get_env(HOME_ENV, DEFAULT_HOME)).expanduser().resolve()
 
 
 def lorasum_home() -> Path:
@@ -24,8 +25,6 @@ def lorasum_home() -> Path:
     return home
 
 
-HISTORY_ENV = "LORASUM_HISTORY"
-HISTORY_DATA_ENV = "LORASUM_HISTORY_DATA"
 LEGACY_DATABASE = "lorasum.duckdb"
 
 
@@ -33,7 +32,7 @@ def history_setting() -> tuple[str | None, str | None]:
     """``LORASUM_HISTORY`` (the DuckLake catalog: ``sqlite:PATH`` or ``postgres:CONNINFO``; unset:
     a SQLite catalog in the home) and ``LORASUM_HISTORY_DATA`` (where a new history puts its data
     files; an existing one keeps the path it was created with)."""
-    return os.environ.get(HISTORY_ENV) or None, os.environ.get(HISTORY_DATA_ENV) or None
+    return get_env(HISTORY_ENV), get_env(HISTORY_DATA_ENV)
 
 
 def legacy_database_path() -> Path:

@@ -5,24 +5,24 @@ from dataclasses import asdict, dataclass
 import dagster as dg
 from pydantic import Field
 
-from lorasum_assets.assets.data import dataset_of, read_dialogues, require
-from lorasum_assets.assets.training import GPU_POOL
-from lorasum_assets.config import config_class, resolve
-from lorasum_assets.deployment import gpu_op_tags
+from lorasum_assets.defs.assets.data import dataset_of, read_dialogues, require
+from lorasum_assets.defs.assets.training import GPU_POOL
+from lorasum_assets.defs.resources import LoraModelResource, LorasumStore, ProfileResource
+from lorasum_assets.defs.resources.lineage import lineage_run_ids
+from lorasum_assets.defs.resources.preflight import RunPreflightResource
 from lorasum_assets.ml.adapter_files import sha256_file
 from lorasum_assets.ml.generate import generate, generate_with_adapter, has_active_adapter
 from lorasum_assets.ml.progress import Progress
 from lorasum_assets.ml.prompts import encode_prompt, trained_prompt_format
-from lorasum_assets.ml.specs import PRODUCTION_ALIAS, GenerationSpec, ModelChoice
-from lorasum_assets.profiles import get_profile
-from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
-from lorasum_assets.resources.lineage import lineage_run_ids
-from lorasum_assets.resources.recovery import RunPreflightResource
+from lorasum_assets.runtime.deployment import gpu_op_tags
+from lorasum_assets.settings.config import config_class, resolve
+from lorasum_assets.settings.profiles import get_profile
+from lorasum_assets.settings.specs import PRODUCTION_ALIAS, GenerationSpec, ModelChoice
+from lorasum_assets.settings.versions import code_version
 from lorasum_assets.store.history import write_materialization
 from lorasum_assets.store.promotions import AliasKey
 from lorasum_assets.store.references import AdapterRef, TableRef, version_of
 from lorasum_assets.store.registry import choose_adapter, production_adapter
-from lorasum_assets.versions import code_version
 
 PREDICTION_COLUMNS = ("split", "id", "prediction", "new_tokens", "hit_limit", "latency_s", "adapter_id")
 _DEFAULT = get_profile()

@@ -6,10 +6,10 @@ single fields.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-from lorasum_assets.ml.specs import (
+from lorasum_assets.settings.env import PROFILE_ENV, get_env
+from lorasum_assets.settings.specs import (
     SMOLLM2_GGUF,
     TINY_MODEL,
     BertScoreSpec,
@@ -24,7 +24,6 @@ from lorasum_assets.ml.specs import (
     with_overrides,
 )
 
-PROFILE_ENV = "LORASUM_PROFILE"
 DEFAULT_PROFILE = "smollm2-135m"
 
 
@@ -96,7 +95,7 @@ class UnknownProfileError(KeyError):
 
 def profile_name() -> str:
     """The profile named by ``LORASUM_PROFILE``, else the default: each run's default profile."""
-    return os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    return get_env(PROFILE_ENV, DEFAULT_PROFILE)
 
 
 def get_profile(name: str | None = None) -> Profile:

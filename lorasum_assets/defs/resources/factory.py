@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
-from lorasum_assets.profiles import Profile, get_profile, profile_name
-from lorasum_assets.resources.lineage import LineageIOManager
-from lorasum_assets.resources.model import LoraModelResource
-from lorasum_assets.resources.profile import ProfileResource
-from lorasum_assets.resources.recovery import RunPreflightResource
-from lorasum_assets.resources.scorer import BertScorerResource
-from lorasum_assets.resources.store import LorasumStore
+from lorasum_assets.defs.resources.lineage import LineageIOManager
+from lorasum_assets.defs.resources.model import LoraModelResource
+from lorasum_assets.defs.resources.preflight import RunPreflightResource
+from lorasum_assets.defs.resources.profile import ProfileResource
+from lorasum_assets.defs.resources.scorer import BertScorerResource
+from lorasum_assets.defs.resources.store import LorasumStore
+from lorasum_assets.settings.env import HF_TOKEN_ENV, get_env
+from lorasum_assets.settings.profiles import Profile, get_profile, profile_name
 
 
 def build_store() -> LorasumStore:
@@ -28,7 +27,7 @@ def build_resources(profile: Profile | str | None = None) -> dict:
     get_profile(name)  # an unknown name fails here, when the code location loads
     chosen = ProfileResource.configure_at_launch(name=name)
     # Passed as an EnvVar, so the token is resolved at run time and never shown in the UI.
-    token = dg.EnvVar("HF_TOKEN") if os.environ.get("HF_TOKEN") else None
+    token = dg.EnvVar(HF_TOKEN_ENV) if get_env(HF_TOKEN_ENV) else None
     model = LoraModelResource.configure_at_launch(profile=chosen, hf_token=token)
     store = build_store()
     return {

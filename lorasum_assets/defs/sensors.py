@@ -1,72 +1,16 @@
-"""Jobs, the retraining schedule, and the sensors: data change, run failures, dead runs."""
+"""The sensors: data change, run failures, dead runs."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import dagster as dg
 
-from lorasum_assets.deployment import run_tags
-from lorasum_assets.recovery import release_dead_runs
+from lorasum_assets.defs.jobs import train_and_evaluate
+from lorasum_assets.runtime.dead_runs import release_dead_runs
+from lorasum_assets.settings.env import WATCH_PATH_ENV, get_env
 from lorasum_assets.store.history import record_run_failure
-
-RETRAIN_CRON_ENV = "LORASUM_RETRAIN_CRON"
-DEFAULT_RETRAIN_CRON = "0 3 * * 1"  # weekly, Monday 03:00
-WATCH_PATH_ENV = "LORASUM_WATCH_PATH"
-
-train_and_evaluate = dg.define_asset_job(
-    "train_and_evaluate",
-    selection=dg.AssetSelection.all(),
-    description="The whole graph: data, training, predictions, the report and the promotion gate.",
-    tags=run_tags(),
-)
-
-evaluate = dg.define_asset_job(
-    "evaluate",
-    selection=dg.AssetSelection.assets("base_predictions", "tuned_predictions", "bertscore_report"),
-    description=(
-        "Re-score an existing adapter: set ops.tuned_predictions.config.adapter_id (default: the production adapter of "
-        "the run's base model and dataset, else the newest adapter trained on it). The adapter is checked when the run "
-        "starts, before any generation. Promotes nothing."
-    ),
-    tags=run_tags(),
-)
-
-sweep_point = dg.define_asset_job(
-    "sweep_point",
-    selection=dg.AssetSelection.assets("lora_adapter", "tuned_predictions", "bertscore_report", "promoted_adapter"),
-    description=(
-        "One point of a sweep (`lorasum sweep GRID.yaml`): trains with its run config, scores its own adapter and "
-        "puts it through the promotion gate; "
-        "the data and the base predictions come from their latest materializations."
-    ),
-    tags=run_tags(),
-)
-
-
-class InvalidCronError(ValueError):
-    pass
-
-
-def retrain_cron() -> str:
-    from dagster._utils.schedules import is_valid_cron_string
-
-    cron = os.environ.get(RETRAIN_CRON_ENV) or DEFAULT_RETRAIN_CRON
-    if not is_valid_cron_string(cron):
-        raise InvalidCronError(f"{RETRAIN_CRON_ENV}={cron!r} is not a valid cron expression (e.g. {DEFAULT_RETRAIN_CRON!r})")
-    return cron
-
-
-def build_retrain_schedule() -> dg.ScheduleDefinition:
-    return dg.ScheduleDefinition(
-        name="weekly_retrain",
-        job=train_and_evaluate,
-        cron_schedule=retrain_cron(),
-        default_status=dg.DefaultScheduleStatus.STOPPED,
-        description=f"Retrains and re-evaluates on a cron ({RETRAIN_CRON_ENV}, weekly by default). Off until turned on.",
-    )
 
 
 def fingerprint(path: Path) -> str:
@@ -86,7 +30,7 @@ def fingerprint(path: Path) -> str:
     description=f"Retrains when the data under {WATCH_PATH_ENV} changes; fires once per change.",
 )
 def retrain_on_data_change(context: dg.SensorEvaluationContext):
-    watched = os.environ.get(WATCH_PATH_ENV)
+    watched = get_env(WATCH_PATH_ENV)
     if not watched:
         return dg.SkipReason(f"set {WATCH_PATH_ENV} to a data file or folder to watch")
     path = Path(watched)
@@ -112,7 +56,7 @@ def retrain_on_data_change(context: dg.SensorEvaluationContext):
     description="Writes every failed run into the history database (table run_failures).",
 )
 def record_run_failures(context: dg.RunFailureSensorContext) -> None:
-    from lorasum_assets.resources.factory import build_store
+    from lorasum_assets.defs.resources.factory import build_store
 
     run = context.dagster_run
     message = context.failure_event.message or ""

@@ -4,7 +4,7 @@
 import dagster as dg
 from pydantic import Field
 
-from lorasum_assets.profiles import PROFILES, Profile, get_profile
+from lorasum_assets.settings.profiles import PROFILES, Profile, get_profile
 
 
 class ProfileResource(dg.ConfigurableResource):

@@ -8,12 +8,12 @@ from typing import Any
 import dagster as dg
 from pydantic import PrivateAttr
 
-from lorasum_assets.config import config_class, resolve
-from lorasum_assets.home import home_subdir
+from lorasum_assets.defs.resources.profile import ProfileResource
 from lorasum_assets.ml.generate import has_active_adapter
 from lorasum_assets.ml.modeling import GGUF_PREFIX, ModelSpec, load_model, load_tokenizer, model_fingerprint
-from lorasum_assets.ml.specs import ModelChoice
-from lorasum_assets.resources.profile import ProfileResource
+from lorasum_assets.runtime.home import home_subdir
+from lorasum_assets.settings.config import config_class, resolve
+from lorasum_assets.settings.specs import ModelChoice
 from lorasum_assets.store.references import BaseModelRef
 
 

@@ -5,29 +5,29 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
-from pydantic import Field
 from torch.utils.tensorboard import SummaryWriter
 
-from lorasum_assets.assets.data import read_examples, require
-from lorasum_assets.assets.plots import line_plot
-from lorasum_assets.assets.plots import table as table_value
-from lorasum_assets.config import config_class, resolve
-from lorasum_assets.deployment import gpu_op_tags, training_gpus
-from lorasum_assets.home import home_subdir, lorasum_home
+from lorasum_assets.defs.assets.data import read_examples, require
+from lorasum_assets.defs.assets.plots import line_plot
+from lorasum_assets.defs.assets.plots import table as table_value
+from lorasum_assets.defs.resources import LoraModelResource, LorasumStore, ProfileResource
+from lorasum_assets.defs.resources.preflight import RunPreflightResource
 from lorasum_assets.ml.adapter_files import lora_b_all_zero, save_adapter, sha256_file
 from lorasum_assets.ml.batching import TrainExample, planned_steps
 from lorasum_assets.ml.model_setup import prepare_peft_model
 from lorasum_assets.ml.progress import Progress, StepLog
-from lorasum_assets.ml.specs import TrainSpec
 from lorasum_assets.ml.train import train_lora
-from lorasum_assets.profiles import get_profile
-from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
-from lorasum_assets.resources.recovery import RunPreflightResource
+from lorasum_assets.runtime.deployment import gpu_op_tags, training_gpus
+from lorasum_assets.runtime.home import home_subdir, lorasum_home
+from lorasum_assets.settings.config import config_class, resolve, spec_fields
+from lorasum_assets.settings.profiles import get_profile
+from lorasum_assets.settings.specs import LauncherSpec, TrainSpec
+from lorasum_assets.settings.versions import code_version
 from lorasum_assets.store.history import record_training_log, register_adapter
 from lorasum_assets.store.references import AdapterRef, TableRef, version_of
-from lorasum_assets.versions import code_version
 from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
 
 GPU_POOL = "lorasum_gpu"
@@ -38,15 +38,7 @@ TrainingConfig = config_class(
     "TrainingConfig",
     TrainSpec,
     "Every training knob; unset fields take the run's profile's value (the notebook's recipe for llama-3.2-3b-qlora).",
-    launcher=(
-        str,
-        Field(
-            default="in_process",
-            description="in_process: train in the run's process. accelerate: `accelerate launch` processes via Dagster Pipes.",
-        ),
-    ),
-    num_processes=(int, Field(default=1, ge=1, description="Data-parallel processes (launcher=accelerate): GPUs, or CPU processes on gloo.")),
-    threads_per_process=(int | None, Field(default=None, ge=1, description="CPU threads per process; default: cores / processes.")),
+    **spec_fields(LauncherSpec, note="Unset: the built-in default."),
 )
 
 
@@ -58,7 +50,19 @@ def _read_examples(con, ref: TableRef, split: str) -> tuple[list[TrainExample], 
     return [TrainExample(ids, labels) for _, ids, labels in rows], digest.hexdigest()
 
 
-LAUNCHERS = ("in_process", "accelerate")
+@dataclass(frozen=True)
+class TrainingJob:
+    """One training's inputs, the same whichever launcher runs it."""
+
+    spec: TrainSpec
+    train_key: str
+    data_hash: str
+    train_examples: list[TrainExample]
+    val_examples: list[TrainExample]
+    checkpoint_dir: Path
+    target: Path
+    adapter_id: str
+    created_at: datetime
 
 
 @dataclass
@@ -106,16 +110,16 @@ class TrainingCurves:
         self.writer.close()
 
 
-def _train_in_process(context, spec, model, store, train_key, train_examples, val_examples, checkpoint_dir, target):
+def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcome:
     run_id = context.run_id
-    total = planned_steps(len(train_examples), spec)
+    total = planned_steps(len(job.train_examples), job.spec)
     progress: Progress | None = None
     curves = TrainingCurves(run_id)
     last_step = 0
 
     # Step and epoch logs reach the history from a thread of their own: a busy store delays the
     # write, never the next training step.
-    history_log = store.training_log_writer(train_key, run_id, on_error=context.log.warning)
+    history_log = store.training_log_writer(job.train_key, run_id, on_error=context.log.warning)
 
     def on_step(log) -> None:
         nonlocal progress, last_step
@@ -132,17 +136,17 @@ def _train_in_process(context, spec, model, store, train_key, train_examples, va
         curves.validation(last_step, val_loss)
         history_log.put(("epoch", (epoch, val_loss)))
 
-    context.log.info(f"training {total} optimizer steps on {len(train_examples)} examples; curves in {curves.folder}")
+    context.log.info(f"training {total} optimizer steps on {len(job.train_examples)} examples; curves in {curves.folder}")
     tokenizer = model.tokenizer(context.log.info)
-    peft_model = prepare_peft_model(model.fresh_model(context.log.info), spec)
+    peft_model = prepare_peft_model(model.fresh_model(context.log.info), job.spec)
     try:
         result = train_lora(
             peft_model,
-            train_examples,
-            val_examples,
-            spec,
+            job.train_examples,
+            job.val_examples,
+            job.spec,
             pad_id=tokenizer.pad_token_id,
-            checkpoint_dir=checkpoint_dir,
+            checkpoint_dir=job.checkpoint_dir,
             on_step=on_step,
             on_epoch=on_epoch,
         )
@@ -151,7 +155,7 @@ def _train_in_process(context, spec, model, store, train_key, train_examples, va
     curves.close()
     if result.resumed_from_step:
         context.log.info(f"resumed from checkpoint at step {result.resumed_from_step} of {result.total_steps}")
-    save_adapter(peft_model, tokenizer, target)
+    save_adapter(peft_model, tokenizer, job.target)
     return TrainingOutcome(
         steps=result.steps,
         val_losses=result.val_losses,
@@ -165,20 +169,18 @@ def _train_in_process(context, spec, model, store, train_key, train_examples, va
     )
 
 
-def _train_with_accelerate(
-    context, config, spec, model, store, pipes_client, train_key, train_examples, val_examples, checkpoint_dir, target
-):
+def _train_with_accelerate(context, job: TrainingJob, launcher: LauncherSpec, model, pipes_client) -> TrainingOutcome:
     """Training in ``accelerate launch`` processes, reporting back through Dagster Pipes."""
     job_path = write_job(
-        home_subdir("jobs") / f"{context.run_id}-{train_key}.json",
+        home_subdir("jobs") / f"{context.run_id}-{job.train_key}.json",
         model=model.spec(),
-        spec=spec,
-        train_examples=train_examples,
-        val_examples=val_examples,
-        checkpoint_dir=checkpoint_dir,
-        adapter_dir=target,
+        spec=job.spec,
+        train_examples=job.train_examples,
+        val_examples=job.val_examples,
+        checkpoint_dir=job.checkpoint_dir,
+        adapter_dir=job.target,
     )
-    command = accelerate_launch_command(job_path, config.num_processes, config.threads_per_process)
+    command = accelerate_launch_command(job_path, launcher.num_processes, launcher.threads_per_process)
     context.log.info(f"launching: {' '.join(command)}")
     env = {"HF_TOKEN": model.hf_token} if model.hf_token else {}
     try:
@@ -187,12 +189,12 @@ def _train_with_accelerate(
         job_path.unlink(missing_ok=True)
     streamed = invocation.get_materialize_result()
     results = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("kind") == "result"]
-    if len(results) != 1 or not (target / "adapter_model.safetensors").exists():
+    if len(results) != 1 or not (job.target / "adapter_model.safetensors").exists():
         raise RuntimeError(f"the training process ended without reporting its result and adapter ({len(results)} result messages)")
     reported = results[0]
     steps = [StepLog(**row) for row in reported["steps"]]
     metadata = {key: value.value for key, value in (streamed.metadata or {}).items()}
-    return TrainingOutcome(
+    outcome = TrainingOutcome(
         steps=steps,
         val_losses=reported["val_losses"],
         total_steps=metadata["optimizer_steps"],
@@ -206,6 +208,11 @@ def _train_with_accelerate(
         },
         reported_sha256=metadata.get("sha256") or "missing",
     )
+    curves = TrainingCurves(context.run_id)  # the worker processes report their steps at the end
+    for log in outcome.steps:
+        curves.step(log)
+    curves.close()
+    return outcome
 
 
 def _record_training_log(store: LorasumStore, train_key: str, run_id: str, outcome: "TrainingOutcome") -> None:
@@ -239,95 +246,106 @@ def lora_adapter(
     tokenized_dataset: TableRef | None,
 ) -> dg.Output[AdapterRef]:
     spec: TrainSpec = resolve(profile.get().training, config)
-    if config.launcher not in LAUNCHERS:
-        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {config.launcher!r}")
-    if config.launcher == "in_process" and config.num_processes != 1:
-        raise ValueError("num_processes > 1 needs launcher='accelerate'")
-    upstream = require(tokenized_dataset, "tokenized_dataset")
+    launcher: LauncherSpec = resolve(LauncherSpec(), config)
+    job = _plan(context, spec, model, store, require(tokenized_dataset, "tokenized_dataset"), profile.name)
+    if launcher.launcher == "accelerate":
+        outcome = _train_with_accelerate(context, job, launcher, model, pipes_subprocess_client)
+    else:
+        outcome = _train_in_process(context, job, model, store)
+    if outcome.total_steps < 1 or not outcome.steps:
+        raise RuntimeError(f"training took no optimizer step ({len(job.train_examples)} train examples); no adapter is registered")
+    _record_training_log(store, job.train_key, context.run_id, outcome)
+    weights_sha = _checked_weights(job, outcome)
+    training_config = _register(context, store, job, outcome, model, profile.name, weights_sha)
+    shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
+    context.instance.add_run_tags(context.run_id, {"lorasum/adapter_id": job.adapter_id})
+    base = model.base_ref()
+    version = version_of(weights_sha, base, training_config, tokenized_dataset.data_version)
+    ref = AdapterRef(job.adapter_id, str(job.target), weights_sha, base, training_config, context.run_id, version)
+    return dg.Output(ref, metadata=_adapter_metadata(context, job, outcome, base, weights_sha), data_version=dg.DataVersion(version))
+
+
+def _plan(context, spec: TrainSpec, model, store, upstream: TableRef, profile_name: str) -> TrainingJob:
+    """The examples, their hash, the resume key (config + data + base) and where the adapter goes."""
     with store.connect() as con:
         train_examples, train_hash = _read_examples(con, upstream, "train")
         val_examples, val_hash = _read_examples(con, upstream, "validation")
     data_hash = hashlib.sha256((train_hash + val_hash).encode()).hexdigest()
     base = model.base_ref()
     train_key = spec.fingerprint(data_hash, f"{base.model}@{base.revision}:{base.quantization}:{base.fingerprint}")
-    checkpoint_dir = home_subdir("checkpoints", train_key)
-    run_id = context.run_id
     created_at = datetime.now(UTC)
-    adapter_id = f"{profile.name}-{created_at:%Y%m%d-%H%M%S}-{run_id[:8]}"
-    target = lorasum_home() / "adapters" / adapter_id
+    adapter_id = f"{profile_name}-{created_at:%Y%m%d-%H%M%S}-{context.run_id[:8]}"
+    return TrainingJob(
+        spec=spec, train_key=train_key, data_hash=data_hash, train_examples=train_examples, val_examples=val_examples,
+        checkpoint_dir=home_subdir("checkpoints", train_key), target=lorasum_home() / "adapters" / adapter_id,
+        adapter_id=adapter_id, created_at=created_at,
+    )
 
-    if config.launcher == "accelerate":
-        outcome = _train_with_accelerate(
-            context, config, spec, model, store, pipes_subprocess_client, train_key, train_examples, val_examples, checkpoint_dir, target
-        )
-    else:
-        outcome = _train_in_process(context, spec, model, store, train_key, train_examples, val_examples, checkpoint_dir, target)
-    if config.launcher == "accelerate":  # the worker processes report their steps at the end
-        curves = TrainingCurves(run_id)
-        for log in outcome.steps:
-            curves.step(log)
-        curves.close()
-    if outcome.total_steps < 1 or not outcome.steps:
-        raise RuntimeError(f"training took no optimizer step ({len(train_examples)} train examples); no adapter is registered")
-    _record_training_log(store, train_key, run_id, outcome)
 
-    if lora_b_all_zero(target / "adapter_model.safetensors"):
-        shutil.rmtree(target, ignore_errors=True)
+def _checked_weights(job: TrainingJob, outcome: TrainingOutcome) -> str:
+    """The adapter's sha256, once it is known to differ from the base and to be what training reported."""
+    weights = job.target / "adapter_model.safetensors"
+    if lora_b_all_zero(weights):
+        shutil.rmtree(job.target, ignore_errors=True)
         raise RuntimeError(
-            f"after {outcome.total_steps} optimizer steps every LoRA B matrix is still zero (learning rate {spec.learning_rate}): "
+            f"after {outcome.total_steps} optimizer steps every LoRA B matrix is still zero (learning rate {job.spec.learning_rate}): "
             "the adapter would equal the base model, so it is not registered"
         )
-    weights_sha = sha256_file(target / "adapter_model.safetensors")
+    weights_sha = sha256_file(weights)
     if outcome.reported_sha256 is not None and outcome.reported_sha256 != weights_sha:
         raise RuntimeError("the adapter on disk is not the one the training process reported")
-    trainable_pct = 100.0 * outcome.trainable_params / max(outcome.total_params, 1)
+    return weights_sha
+
+
+def _register(context, store, job: TrainingJob, outcome: TrainingOutcome, model, profile_name: str, weights_sha: str) -> dict:
+    """The adapter's row in the registry; returns the training config recorded with it."""
+    base = model.base_ref()
     choice = model.choice()
     prompt_format = {"use_chat_template": choice.use_chat_template, "prompt_boundary": choice.prompt_boundary}
-    training_config = {**asdict(spec), **prompt_format, **outcome.launcher_metadata}
+    training_config = {**asdict(job.spec), **prompt_format, **outcome.launcher_metadata}
     with store.connect() as con:
         register_adapter(
             con,
             {
-                "adapter_id": adapter_id,
-                "run_id": run_id,
-                "train_key": train_key,
+                "adapter_id": job.adapter_id,
+                "run_id": context.run_id,
+                "train_key": job.train_key,
                 "base_model": base.model,
                 "base_revision": base.revision,
                 "base_quantization": base.quantization,
                 "base_fingerprint": base.fingerprint,
-                "profile": profile.name,
+                "profile": profile_name,
                 "config": {**training_config, "quantization": base.quantization},
                 "trainable_params": outcome.trainable_params,
                 "total_params": outcome.total_params,
-                "trainable_percent": trainable_pct,
+                "trainable_percent": 100.0 * outcome.trainable_params / max(outcome.total_params, 1),
                 "final_train_loss": outcome.final_train_loss,
                 "final_val_loss": outcome.final_val_loss,
-                "dataset_hash": data_hash,
+                "dataset_hash": job.data_hash,
                 "sha256": weights_sha,
-                "path": str(target),
+                "path": str(job.target),
                 "optimizer_steps": outcome.total_steps,
-                "created_at": created_at.replace(tzinfo=None),
+                "created_at": job.created_at.replace(tzinfo=None),
             },
         )
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    context.instance.add_run_tags(run_id, {"lorasum/adapter_id": adapter_id})
+    return training_config
 
+
+def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base, weights_sha: str) -> dict:
     steps = [log.step for log in outcome.steps]
     losses = [log.loss for log in outcome.steps]
-    version = version_of(weights_sha, base, training_config, upstream.data_version)
-    ref = AdapterRef(adapter_id, str(target), weights_sha, base, training_config, run_id, version)
     metadata = {
-        "adapter_id": adapter_id,
-        "path": dg.MetadataValue.path(str(target)),
+        "adapter_id": job.adapter_id,
+        "path": dg.MetadataValue.path(str(job.target)),
         "sha256": weights_sha,
-        "train_key": train_key,
+        "train_key": job.train_key,
         "base_model": base.model,
         "base_fingerprint": base.fingerprint,
         "quantization": base.quantization,
         **outcome.launcher_metadata,
         "trainable_params": outcome.trainable_params,
         "total_params": outcome.total_params,
-        "trainable_percent": round(trainable_pct, 4),
+        "trainable_percent": round(100.0 * outcome.trainable_params / max(outcome.total_params, 1), 4),
         "optimizer_steps": outcome.total_steps,
         "resumed_from_step": outcome.resumed_from_step,
         "first_train_loss": losses[0] if losses else None,
@@ -335,7 +353,7 @@ def lora_adapter(
         "val_losses": [v for v in outcome.val_losses if v is not None],
         "padding_efficiency": outcome.padding_efficiency,
         "train_seconds": round(outcome.seconds, 2),
-        "config": dg.MetadataValue.json(asdict(spec)),
+        "config": dg.MetadataValue.json(asdict(job.spec)),
     }
     if steps:
         metadata["loss_curve"] = line_plot({"train loss": (steps, losses)}, "Training loss", "optimizer step", "loss")
@@ -343,5 +361,5 @@ def lora_adapter(
             ("step", "loss", "learning_rate", "grad_norm"),
             [(log.step, round(log.loss, 5), log.learning_rate, round(log.grad_norm, 5)) for log in outcome.steps],
         )
-        metadata["tensorboard"] = dg.MetadataValue.path(str(home_subdir("tensorboard", run_id)))
-    return dg.Output(ref, metadata=metadata, data_version=dg.DataVersion(version))
+        metadata["tensorboard"] = dg.MetadataValue.path(str(home_subdir("tensorboard", context.run_id)))
+    return metadata

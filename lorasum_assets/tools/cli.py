@@ -15,9 +15,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorasum_assets.home import home_path
-from lorasum_assets.ml.specs import EVAL_METRICS, PRODUCTION_ALIAS
 from lorasum_assets.ml.stats import paired_bootstrap_ci, percent_difference
+from lorasum_assets.runtime.home import home_path
+from lorasum_assets.settings.env import DAGSTER_HOME_ENV, HF_TOKEN_ENV, get_env
+from lorasum_assets.settings.specs import EVAL_METRICS, PRODUCTION_ALIAS
 from lorasum_assets.store import queries
 from lorasum_assets.store.history import DatabaseBusyError
 from lorasum_assets.store.lake import HistoryNotFoundError, HistorySettingError, history_location, open_history, write_init_file
@@ -138,7 +139,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _production_adapter(con, alias: str) -> tuple[str, str]:
     """The adapter holding ``alias``: on the profile's base model when several bases have one."""
-    from lorasum_assets.profiles import UnknownProfileError, get_profile
+    from lorasum_assets.settings.profiles import UnknownProfileError, get_profile
     from lorasum_assets.store.promotions import holders
 
     held = holders(con, alias)
@@ -247,11 +248,11 @@ class SummaryModel:
         self.base_model, self.revision = base_model, revision
 
     def summarize(self, dialogues: list[str], on_batch=None) -> list[tuple]:
-        from lorasum_assets.home import home_subdir
         from lorasum_assets.ml.generate import generate_with_adapter
         from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
         from lorasum_assets.ml.prompts import encode_prompt, trained_prompt_format
-        from lorasum_assets.ml.specs import GenerationSpec
+        from lorasum_assets.runtime.home import home_subdir
+        from lorasum_assets.settings.specs import GenerationSpec
 
         quantization = self.trained.get("quantization", "none")
         spec = ModelSpec(model=self.base_model, revision=self.revision, quantization=quantization, cache_dir=str(home_subdir("models")))
@@ -320,9 +321,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_export_model(args: argparse.Namespace) -> int:
-    from lorasum_assets.home import home_subdir
     from lorasum_assets.ml.export import copy_adapter, merge_adapter, model_card
     from lorasum_assets.ml.modeling import ModelSpec
+    from lorasum_assets.runtime.home import home_subdir
     from lorasum_assets.store.registry import adapter_facts, find_adapter
 
     con = _connect(args)
@@ -363,7 +364,7 @@ def _push_to_hub(folder: Path, repo: str) -> str:
     """Upload ``folder`` to the hub repository ``repo`` with ``HF_TOKEN``."""
     from huggingface_hub import HfApi
 
-    token = os.environ.get("HF_TOKEN")
+    token = get_env(HF_TOKEN_ENV)
     if not token:
         raise SystemExit("--push-to-hub needs a Hugging Face token in HF_TOKEN")
     api = HfApi(token=token)
@@ -433,8 +434,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lorasum_assets.sweep import SweepGridError, load_grid
-    from lorasum_assets.sweep_runner import run_sweep
+    from lorasum_assets.tools.sweep import SweepGridError, load_grid, run_sweep
 
     try:
         points = load_grid(args.grid)
@@ -448,9 +448,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from lorasum_assets.recovery import release_dead_runs
+    from lorasum_assets.runtime.dead_runs import release_dead_runs
 
-    if not os.environ.get("DAGSTER_HOME"):
+    if not get_env(DAGSTER_HOME_ENV):
         raise SystemExit("lorasum recover: set DAGSTER_HOME to the Dagster instance whose runs to check")
     with dg.DagsterInstance.get() as instance:
         released = release_dead_runs(instance)
@@ -459,7 +459,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_init_instance(args: argparse.Namespace) -> int:
-    from lorasum_assets.instance import InstanceSetupError, init_instance
+    from lorasum_assets.runtime.instance import InstanceSetupError, init_instance
 
     try:
         home = init_instance(args.config)
@@ -470,6 +470,7 @@ def cmd_init_instance(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and option, declared in one place (long because it is a list, not logic)."""
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="lorasum", description="Query the lorasum evaluation history (a DuckLake: LORASUM_HISTORY, default under LORASUM_HOME).", formatter_class=formatter

@@ -6,18 +6,18 @@ from collections import Counter
 
 import dagster as dg
 
-from lorasum_assets.assets.plots import histogram, markdown_table
-from lorasum_assets.config import config_class, resolve
+from lorasum_assets.defs.assets.plots import histogram, markdown_table
+from lorasum_assets.defs.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.ml.data import Dialogue, filter_split, normalise
 from lorasum_assets.ml.prompts import IGNORE_INDEX, SummaryTooLongError, encode_example, required_max_length
 from lorasum_assets.ml.readers import read_hub, read_local, read_sample
-from lorasum_assets.ml.specs import DataSpec, FilterSpec, SettingError, TokenizeSpec
-from lorasum_assets.profiles import get_profile
-from lorasum_assets.resources import LoraModelResource, LorasumStore, ProfileResource
+from lorasum_assets.settings.config import config_class, resolve
+from lorasum_assets.settings.profiles import get_profile
+from lorasum_assets.settings.specs import DataSpec, FilterSpec, SettingError, TokenizeSpec
+from lorasum_assets.settings.versions import code_version
 from lorasum_assets.store.history import write_materialization
 from lorasum_assets.store.queries import dialogue_rows, tokenized_rows
 from lorasum_assets.store.references import TableRef
-from lorasum_assets.versions import code_version
 
 DIALOGUE_COLUMNS = ("split", "id", "dialogue", "references", "topic", "source_index")
 TOKENIZED_COLUMNS = ("split", "id", "input_ids", "attention_mask", "labels", "n_tokens", "prompt_tokens", "label_tokens", "truncated")
@@ -168,6 +168,32 @@ def read_examples(con, ref: TableRef, split: str) -> list[tuple[str, list[int], 
     return [(i, list(ids), list(labels)) for i, ids, labels in tokenized_rows(con, ref.run_id, split)]
 
 
+def _encode_splits(tokenizer, by_split: dict, spec: TokenizeSpec, use_chat_template: bool, boundary: str) -> tuple[list, list]:
+    """Token rows of the train and validation dialogues, and the ones rejected with a reason. A
+    max_length too short for the prompt frame and the longest summary fails before any row."""
+    rows, rejected = [], []
+    summaries = {f"{d.split}/{d.id}": d.references[0] for dialogues in by_split.values() for d in dialogues}
+    required, longest_id, longest, frame = required_max_length(tokenizer, summaries, use_chat_template, boundary)
+    if spec.max_length < required:
+        raise SettingError(
+            f"TokenizeSpec.max_length = {spec.max_length}; must be >= {required} to fit the prompt frame ({frame} tokens), "
+            f"the longest summary ({longest_id}: {longest} tokens with EOS) and a dialogue token"
+        )
+    for split, dialogues in by_split.items():
+        for d in dialogues:
+            try:
+                example = encode_example(tokenizer, d.dialogue, d.references[0], spec.max_length, use_chat_template, boundary)
+            except SummaryTooLongError as exc:
+                rejected.append((split, d.id, f"summary_exceeds_max_length: {exc}"))
+                continue
+            label_tokens = sum(1 for x in example.labels if x != IGNORE_INDEX)
+            rows.append(
+                (split, d.id, example.input_ids, [1] * len(example.input_ids), example.labels,
+                 len(example.input_ids), example.prompt_tokens, label_tokens, example.truncated)
+            )
+    return rows, rejected
+
+
 @dg.asset(
     group_name="data",
     kinds={"python", "duckdb"},
@@ -187,28 +213,9 @@ def tokenized_dataset(
     choice = model.choice()
     use_chat_template, boundary = choice.use_chat_template, choice.prompt_boundary
     tokenizer = model.tokenizer(context.log.info)
-    rows, rejected = [], []
     with store.connect() as con:
         by_split = {split: read_dialogues(con, upstream, split) for split in ("train", "validation")}
-    summaries = {f"{d.split}/{d.id}": d.references[0] for rows in by_split.values() for d in rows}
-    required, longest_id, longest, frame = required_max_length(tokenizer, summaries, use_chat_template, boundary)
-    if spec.max_length < required:
-        raise SettingError(
-            f"TokenizeSpec.max_length = {spec.max_length}; must be >= {required} to fit the prompt frame ({frame} tokens), "
-            f"the longest summary ({longest_id}: {longest} tokens with EOS) and a dialogue token"
-        )
-    for split, dialogues in by_split.items():
-        for d in dialogues:
-            try:
-                example = encode_example(tokenizer, d.dialogue, d.references[0], spec.max_length, use_chat_template, boundary)
-            except SummaryTooLongError as exc:
-                rejected.append((split, d.id, f"summary_exceeds_max_length: {exc}"))
-                continue
-            label_tokens = sum(1 for x in example.labels if x != IGNORE_INDEX)
-            rows.append(
-                (split, d.id, example.input_ids, [1] * len(example.input_ids), example.labels,
-                 len(example.input_ids), example.prompt_tokens, label_tokens, example.truncated)
-            )
+    rows, rejected = _encode_splits(tokenizer, by_split, spec, use_chat_template, boundary)
     if not any(r[0] == "train" for r in rows):
         raise ValueError(
             f"tokenized_dataset would have no train rows ({len(rejected)} rejected with max_length {spec.max_length}); "
