@@ -241,7 +241,9 @@ DECIDE_AT_ONCE = textwrap.dedent(
     @contextmanager
     def connect_after_both_have_read():
         calls.append(1)
-        if len(calls) == 2:  # both have read the holder (none) before either records a decision
+        # calls: 1 finds the evaluation, 2 reads the scores and the holder (none yet), 3 records:
+        # neither records before both have read
+        if len(calls) == 3:
             (barrier / run_id).touch()
             while len(list(barrier.glob("run-*"))) < 2:
                 time.sleep(0.01)
