@@ -36,14 +36,23 @@ def test_history(seeded, capsys):
     assert out["rows"][1]["tuned"] == pytest.approx(0.70)
     assert out["rows"][1]["tuned_ci_low"] == pytest.approx(0.69)
     assert main(["history"]) == 0
-    assert "run-1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.startswith("bertscore_f1 (best over each dialogue's references") and "run-1" in printed
+
+
+def test_an_unknown_metric_lists_the_valid_ones_and_exits_non_zero(seeded, capsys):
+    for argv in (["history", "--metric", "nope"], ["adapters", "--best", "--metric", "nope"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        assert "invalid choice: 'nope' (choose from 'bertscore_precision', 'bertscore_recall', 'bertscore_f1', 'rouge1', 'rouge2', 'rougeL', 'rougeLsum')" in capsys.readouterr().err
 
 
 def test_history_filters_are_parameters_not_sql(seeded, capsys):
     out = run_json(capsys, "history", "--profile", "tiny' OR '1'='1")
     assert out["rows"] == []
-    out = run_json(capsys, "history", "--metric", "bertscore_f1'; DROP TABLE eval_runs; --")
-    assert out["rows"] == []
+    with pytest.raises(SystemExit):  # not a metric: refused before any SQL
+        main(["history", "--metric", "bertscore_f1'; DROP TABLE eval_runs; --"])
     assert len(run_json(capsys, "history")["rows"]) == 3  # nothing was dropped
 
 

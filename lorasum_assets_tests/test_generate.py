@@ -184,3 +184,18 @@ def test_bf16_generation_runs_in_bf16_and_gives_the_model_back_in_fp32(tiny_mode
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     assert precision.generation_dtype(model, "auto") is None
     assert precision.generation_dtype(model, "bf16") == torch.bfloat16
+
+
+def test_progress_gives_no_rate_before_the_second_step_and_reports_a_stall_as_one():
+    from lorasum_assets.ml.progress import Progress
+
+    now = [0.0]
+    progress = Progress(100, "steps", clock=lambda: now[0])
+    lines = []
+    for step, at in [(1, 0.5), (2, 1.5), (3, 2.5), (4, 3.5), (5, 153.5), (6, 154.5)]:
+        now[0] = at
+        lines.append(progress.line(step))
+    assert lines[0] == "1/100 steps, rate from the next update on"
+    assert lines[1] == "2/100 steps, 1.00 steps/s, ~98 s left"
+    assert lines[4] == "5/100 steps, 1.00 steps/s, ~95 s left (after a stall of 150 s)"
+    assert lines[5] == "6/100 steps, 1.00 steps/s, ~94 s left"

@@ -40,18 +40,34 @@ class TrainResult:
 
 
 class Progress:
-    """Log lines for long work: done/total, rate and time left."""
+    """Log lines for long work: done/total, the rate over the last ``window`` updates and the time
+    left. There is no rate before the second update; an update that took far longer than the others
+    (over ``stall_s`` and 5x their median) is reported as a stall and kept out of the rate.
 
-    def __init__(self, total: int, unit: str, start_at: int = 0) -> None:
-        self.total, self.unit, self.start_at = total, unit, start_at
-        self.started = time.perf_counter()
+    ``start_at`` marks the moment work began (generation); without it the first update is the
+    first mark (training, where the first step's time includes warming up)."""
+
+    def __init__(self, total: int, unit: str, start_at: int | None = None, window: int = 10, stall_s: float = 30.0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total, self.unit, self.window, self.stall_s, self.clock = total, unit, window, stall_s, clock
+        self.marks: list[tuple[float, int]] = [] if start_at is None else [(clock(), start_at)]
 
     def line(self, done: int) -> str:
-        elapsed = time.perf_counter() - self.started
-        rate = (done - self.start_at) / elapsed if elapsed > 0 else 0.0
+        now = self.clock()
+        self.marks = [*self.marks[-self.window:], (now, done)]
+        head = f"{done}/{self.total} {self.unit}"
+        if len(self.marks) < 2:
+            return f"{head}, rate from the next update on"
+        intervals = [(t1 - t0, d1 - d0) for (t0, d0), (t1, d1) in zip(self.marks, self.marks[1:])]
+        seconds = sorted(s for s, _ in intervals)
+        median = seconds[len(seconds) // 2]
+        steady = [(s, n) for s, n in intervals if not (s > self.stall_s and s > 5 * median)] or intervals[-1:]
+        rate = sum(n for _, n in steady) / max(sum(s for s, _ in steady), 1e-9)
         left = (self.total - done) / rate if rate > 0 else float("nan")
         eta = f"~{left:.0f} s left" if left == left else "time left unknown"
-        return f"{done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, {eta}"
+        stall = intervals[-1][0]
+        note = f" (after a stall of {stall:.0f} s)" if stall > self.stall_s and stall > 5 * median else ""
+        return f"{head}, {rate:.2f} {self.unit}/s, {eta}{note}"
 
 
 class DecodingHeartbeat:

@@ -98,6 +98,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     con = _connect(args)
     rows = queries.metric_history(con, args.metric, args.profile, args.last)
     header = ("created_at", "run_id", "profile", "adapter_id", "base", "tuned", "tuned_ci_low", "tuned_ci_high", "delta")
+    if not args.json:
+        print(f"{args.metric} (best over each dialogue's references; tuned CI: bootstrap 95%; delta = tuned - base)")
     _emit(args, header, rows, {"metric": args.metric})
     return 0
 
@@ -490,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("history", "the last N evaluation runs for one metric, with CIs", cmd_history)
     p.add_argument("-n", "--last", type=int, default=10, help="how many runs")
-    p.add_argument("--metric", default="bertscore_f1", help="bertscore_precision/recall/f1, rouge1/2/L/Lsum")
+    p.add_argument("--metric", default="bertscore_f1", choices=EVAL_METRICS, help="the metric the base and tuned columns show")
     p.add_argument("--profile", help="only runs of this profile")
 
     p = command("compare", "per-metric changes between two runs, with paired CIs, and the examples that moved most", cmd_compare)
@@ -531,13 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("adapters", "registered adapters", cmd_adapters)
     p.add_argument("--best", action="store_true", help="rank adapters by an evaluation metric (view best_adapters)")
-    p.add_argument("--metric", default="bertscore_f1", help="metric for --best")
+    p.add_argument("--metric", default="bertscore_f1", choices=EVAL_METRICS, help="metric for --best")
     p.add_argument("-n", "--last", type=int, default=20, help="rows for --best")
 
     p = command("sweep", "train and evaluate every point of a YAML grid of lora_adapter settings", cmd_sweep)
     p.add_argument("grid", help="YAML file: lora_adapter: {setting: [values, ...]}")
     p.add_argument("--parallel", type=int, default=2, help="points running at once")
-    p.add_argument("--metric", default="bertscore_f1", help="metric that ranks the points")
+    p.add_argument("--metric", default="bertscore_f1", choices=EVAL_METRICS, help="metric that ranks the points")
 
     p = command("sql", "a DuckDB shell on the history (every table and view), or one query with -c", cmd_sql)
     p.add_argument("-c", dest="command_text", metavar="SQL", help="run this query and exit")

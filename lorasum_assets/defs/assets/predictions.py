@@ -46,7 +46,7 @@ TunedGenerationConfig = config_class(
 def _progress(context: dg.AssetExecutionContext, label: str, total: int):
     """Callbacks for generate(): a line after each batch (done/total, rate, time left), and one
     every ~10 s while a batch decodes."""
-    progress = Progress(total, "summaries")
+    progress = Progress(total, "summaries", start_at=0)
     context.log.info(f"{label}: generating {total} summaries")
     return (lambda done, _: context.log.info(f"{label}: {progress.line(done)}")), (lambda line: context.log.info(f"{label}: {line}"))
 

@@ -123,7 +123,7 @@ def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcom
 
     def on_step(log) -> None:
         nonlocal progress, last_step
-        progress = progress or Progress(total, "steps", start_at=log.step - 1)
+        progress = progress or Progress(total, "steps")
         last_step = log.step
         context.log.info(
             f"step {progress.line(log.step)}: loss {log.loss:.4f}, lr {log.learning_rate:.2e}, grad_norm {log.grad_norm:.3f}, epoch {log.epoch:.2f}"
