@@ -173,7 +173,7 @@ def write_materialization(
     return counts[0] if counts else 0
 
 
-def _replace_rows(con, table: str, key: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
+def replace_rows(con, table: str, key: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
     """Delete the rows matching ``key``, then insert ``rows`` (DuckLake has no primary keys: this
     is how a write stays idempotent)."""
     where = " AND ".join(f'"{c}" = ?' for c in key)
@@ -186,7 +186,7 @@ def _replace_rows(con, table: str, key: dict[str, Any], rows: Sequence[dict[str,
 def register_adapter(con, row: dict[str, Any]) -> None:
     row = dict(row)
     row["config"] = json.dumps(row["config"], sort_keys=True)
-    in_transaction(con, lambda con: _replace_rows(con, "adapters", {"adapter_id": row["adapter_id"]}, [row]), "registering an adapter")
+    in_transaction(con, lambda con: replace_rows(con, "adapters", {"adapter_id": row["adapter_id"]}, [row]), "registering an adapter")
 
 
 def _step_row(train_key: str, run_id: str, log: Any) -> dict[str, Any]:
@@ -239,15 +239,15 @@ def write_evaluation(
     run_id = run["run_id"]
 
     def body(con) -> None:
-        _replace_rows(con, "eval_examples", {"run_id": run_id}, examples)
-        _replace_rows(con, "eval_metrics", {"run_id": run_id}, metrics)
-        _replace_rows(con, "eval_runs", {"run_id": run_id}, [run])
+        replace_rows(con, "eval_examples", {"run_id": run_id}, examples)
+        replace_rows(con, "eval_metrics", {"run_id": run_id}, metrics)
+        replace_rows(con, "eval_runs", {"run_id": run_id}, [run])
         if scope is not None:
-            _replace_rows(con, "eval_scope", {"run_id": run_id}, [{"run_id": run_id, **scope}])
+            replace_rows(con, "eval_scope", {"run_id": run_id}, [{"run_id": run_id, **scope}])
 
     in_transaction(con, body, "writing an evaluation")
 
 
 def record_run_failure(con, run_id: str, job_name: str, error: str) -> None:
     row = {"run_id": run_id, "job_name": job_name, "failed_at": datetime.now(UTC).replace(tzinfo=None), "error": error[:4000]}
-    in_transaction(con, lambda con: _replace_rows(con, "run_failures", {"run_id": run_id}, [row]), "recording a run failure")
+    in_transaction(con, lambda con: replace_rows(con, "run_failures", {"run_id": run_id}, [row]), "recording a run failure")

@@ -16,8 +16,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lorasum_assets.ml.promotion import judge
-from lorasum_assets.settings.specs import EVAL_METRICS, PromotionSpec
-from lorasum_assets.store.history import in_transaction, insert_rows
+from lorasum_assets.settings.specs import PromotionSpec
+from lorasum_assets.store.history import in_transaction, insert_rows, replace_rows
+from lorasum_assets.store.queries import checked_metric
 from lorasum_assets.store.references import AdapterMismatchError
 
 DECISIONS = ("promoted", "kept", "manual", "rollback")
@@ -61,12 +62,6 @@ class AliasError(ValueError):
     """A move of an alias by hand that cannot be made."""
 
 
-def _metric(metric: str) -> str:
-    if metric not in EVAL_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(EVAL_METRICS)}")
-    return metric
-
-
 def find_evaluation(con, run_id: str) -> Evaluation | None:
     row = con.execute(
         """SELECT run_id, r.base_model, s.dataset, r.dataset_hash, r.scorer_hash, s.generation_hash, r.split, r.adapter_id, r.n_examples
@@ -78,7 +73,7 @@ def find_evaluation(con, run_id: str) -> Evaluation | None:
 
 def example_scores(con, run_id: str, model: str, metric: str) -> dict[str, float]:
     """Per-example scores of one side (``base`` or ``tuned``) of one evaluation run."""
-    rows = con.execute(f"SELECT id, {_metric(metric)} FROM eval_examples WHERE run_id = ? AND model = ?", [run_id, model]).fetchall()
+    rows = con.execute(f"SELECT id, {checked_metric(metric)} FROM eval_examples WHERE run_id = ? AND model = ?", [run_id, model]).fetchall()
     return {i: v for i, v in rows}
 
 
@@ -86,7 +81,7 @@ def champion_scores(con, adapter_id: str, evaluation: Evaluation, metric: str) -
     """``adapter_id``'s per-example scores from the newest evaluation on the same examples, scorer,
     split and generation settings as ``evaluation``: as the tuned side of its own run, or as the
     champion scored by an earlier promotion step. None when it was never scored so."""
-    metric = _metric(metric)
+    metric = checked_metric(metric)
     rows = con.execute(
         f"""WITH scored AS (
                 SELECT e.run_id, e.id, e.{metric} AS value, e.scorer_hash, 0 AS side FROM eval_examples e JOIN eval_runs r USING (run_id)
@@ -109,12 +104,8 @@ def champion_scores(con, adapter_id: str, evaluation: Evaluation, metric: str) -
 def write_champion_examples(con, run_id: str, adapter_id: str, rows: list[dict[str, Any]]) -> None:
     """The champion's predictions and scores on one evaluation run's examples."""
 
-    def body(con) -> None:
-        con.execute("DELETE FROM champion_examples WHERE run_id = ? AND adapter_id = ?", [run_id, adapter_id])
-        columns = list(rows[0])
-        insert_rows(con, "champion_examples", columns, [[r[c] for c in columns] for r in rows])
-
-    in_transaction(con, body, "writing the champion's scores")
+    key = {"run_id": run_id, "adapter_id": adapter_id}
+    in_transaction(con, lambda con: replace_rows(con, "champion_examples", key, rows), "writing the champion's scores")
 
 
 def current_adapter(con, key: AliasKey) -> str | None:

@@ -13,7 +13,7 @@ from lorasum_assets.settings.specs import EVAL_METRICS
 from lorasum_assets.store.schema import rows_table
 
 
-def _metric(metric: str) -> str:
+def checked_metric(metric: str) -> str:
     if metric not in EVAL_METRICS:
         raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(EVAL_METRICS)}")
     return metric
@@ -180,7 +180,7 @@ def scorer_hashes(con, run_ids: list[str]) -> dict[str, str]:
 
 def paired_example_scores(con, run_a: str, run_b: str, model: str, metric: str) -> list[tuple[float, float]]:
     """(score in run_a, score in run_b) of every example both runs scored for ``model``."""
-    metric = _metric(metric)
+    metric = checked_metric(metric)
     return con.execute(
         f"""SELECT a.{metric}, b.{metric} FROM eval_examples a JOIN eval_examples b USING (id, model)
             WHERE a.run_id = ? AND b.run_id = ? AND a.model = ? ORDER BY id""",
