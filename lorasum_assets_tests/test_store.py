@@ -124,6 +124,26 @@ def test_a_single_file_history_moves_into_the_lake_on_first_open(fresh_home):
     assert again.execute("SELECT count(*) FROM eval_runs").fetchone()[0] == 1
 
 
+def test_a_readers_transaction_reads_one_state_of_the_catalog_database(con):
+    """DuckLake reads its catalog in several queries per transaction; a commit landing between two
+    of them once gave a reader a stats row without its columns (an internal error)."""
+    seed_run(con, "run-a", "2026-01-01", "ad1", 0.5, 0.6, {"x": (0.5, 0.6)})
+    reader = open_history()
+    catalog = reader.execute("SELECT database_name FROM duckdb_databases() WHERE database_name LIKE '__ducklake_metadata_%'").fetchone()[0]
+    snapshots = f"SELECT count(*) FROM {catalog}.ducklake_snapshot"
+    reader.execute("BEGIN TRANSACTION")
+    before = reader.execute(snapshots).fetchone()[0]
+    seed_run(con, "run-b", "2026-01-02", "ad2", 0.5, 0.65, {"x": (0.5, 0.65)})  # another writer commits
+    assert reader.execute(snapshots).fetchone()[0] == before
+    assert reader.execute("SELECT count(*) FROM eval_runs").fetchone()[0] == 1
+    reader.execute("COMMIT")
+    assert reader.execute(snapshots).fetchone()[0] > before
+    assert reader.execute("SELECT count(*) FROM eval_runs").fetchone()[0] == 2
+    with pytest.raises(duckdb.Error, match="read-only"):
+        reader.execute("DELETE FROM eval_runs")
+    reader.close()
+
+
 def test_transaction_rolls_back(con):
     def body(con):
         con.execute("INSERT INTO run_failures VALUES ('r', 'j', now(), 'e')")

@@ -70,6 +70,14 @@ class HistoryLocation:
             options.append(f"DATA_PATH {_quote(self.data_path)}")
         if read_only:
             options.append("READ_ONLY")
+            if self.kind == "sqlite":
+                # DuckLake reads its catalog in several queries per transaction. SQLite attached
+                # read-only reads each query at the newest commit (a second SELECT in one
+                # transaction saw another process's commit), and a reader polling during a run once
+                # failed loading table stats ("GetValueInternal on a value that is NULL").
+                # Attached read-write, a transaction reads one WAL snapshot, which blocks no
+                # writer; the lake itself stays read-only.
+                options.append("META_READ_ONLY false")
         suffix = f" ({', '.join(options)})" if options else ""
         return f"ATTACH {_quote('ducklake:' + self.catalog)} AS {ALIAS}{suffix}"
 
@@ -201,12 +209,18 @@ def connect(
         raise HistoryNotFoundError(str(location.sqlite_path))
     con = _engine(location, read_only, on_wait, timeout_s).cursor()
     con.execute(init_statements(location, read_only)[-1])
-    if read_only and not con.execute(
-        f"SELECT count(*) FROM duckdb_tables() WHERE database_name = '{ALIAS}' AND table_name = 'schema_version'"
-    ).fetchone()[0]:
+    if read_only and schema_version(con) is None:
         con.close()
         raise HistoryNotFoundError(f"{location.describe()} (no tables)")
     return con
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The history's schema version, or None while it has no tables yet."""
+    try:
+        return con.execute(f"SELECT max(version) FROM {ALIAS}.schema_version").fetchone()[0]
+    except duckdb.CatalogException:
+        return None
 
 
 @contextmanager
@@ -257,7 +271,7 @@ def open_history(read_only: bool = True, location: HistoryLocation | None = None
     if not read_only or (not exists and legacy_database_path().exists()):
         prepare(location)
     con = connect(location, read_only=read_only)
-    if read_only and con.execute(f"SELECT max(version) FROM {ALIAS}.schema_version").fetchone()[0] < SCHEMA_VERSION:
+    if read_only and (schema_version(con) or 0) < SCHEMA_VERSION:
         con.close()  # written by an older lorasum: its new tables and views are added first, once
         prepare(location)
         con = connect(location, read_only=True)
