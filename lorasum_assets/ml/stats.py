@@ -35,8 +35,8 @@ def paired_bootstrap_ci(tuned: Sequence[float], base: Sequence[float], n_resampl
     return bootstrap_ci(t - b, n_resamples, seed)
 
 
-def percent_difference(base: float | None, tuned: float | None) -> str:
+def percent_difference(base: float | None, tuned: float | None, digits: int = 2) -> str:
     """tuned vs base in percent; n/a when base is 0 or undefined (ROUGE-2 of a base that shares no bigram)."""
     if not base or tuned is None or not math.isfinite(base) or not math.isfinite(tuned):
         return "n/a"
-    return f"{100.0 * (tuned - base) / base:+.2f}%"
+    return f"{100.0 * (tuned - base) / base:+.{digits}f}%"

@@ -68,11 +68,15 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> dg.MetadataValue:
-    """A table the Dagster UI lays out at full width, with typed columns."""
+def table(
+    header: Sequence[str], rows: Sequence[Sequence[object]], descriptions: dict[str, str] | None = None
+) -> dg.MetadataValue:
+    """A table the Dagster UI lays out at full width, with typed columns ("Show schema" gives each
+    column's description)."""
     kinds = {float: "float", int: "int", bool: "bool"}
     columns = [
-        dg.TableColumn(name, kinds.get(type(rows[0][i]), "string") if rows else "string") for i, name in enumerate(header)
+        dg.TableColumn(name, kinds.get(type(rows[0][i]), "string") if rows else "string", description=(descriptions or {}).get(name))
+        for i, name in enumerate(header)
     ]
     records = [dg.TableRecord({name: value for name, value in zip(header, row)}) for row in rows]
     return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))
