@@ -100,9 +100,9 @@ def test_mixed_good_and_bad_rows_lose_nothing(fresh_home, tmp_path):
     [
         ("empty file", {"train": []}, "the file is empty"),
         ("wrong columns", {"train": [{"text": "a", "label": "b"}]}, "expected ['id', 'dialogue', 'summary', 'topic']"),
-        ("no split files", {}, "no split files found"),
+        ("no data files", {}, "no data files in the folder"),
     ],
-    ids=["empty file", "wrong columns", "no split files"],
+    ids=["empty file", "wrong columns", "no data files"],
 )
 def test_unreadable_sources_fail_with_a_clear_error(fresh_home, tmp_path, case, files, message):
     for split, rows in files.items():

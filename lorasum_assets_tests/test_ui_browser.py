@@ -29,6 +29,23 @@ ASSETS = [
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+# Where a table cell holding exactly this text ends, and whether a scrolling or clipping box it
+# sits in hides any of it.
+FULLY_SHOWN_JS = """(text) => {
+  const cell = [...document.querySelectorAll('th, td')].find(e => e.textContent.trim() === text);
+  if (!cell) return null;
+  const box = cell.getBoundingClientRect();
+  let clipped = false;
+  for (let a = cell.parentElement; a; a = a.parentElement) {
+    if (/(auto|scroll|hidden|clip)/.test(getComputedStyle(a).overflowX)) {
+      const outer = a.getBoundingClientRect();
+      if (box.right > outer.right + 1 || box.left < outer.left - 1) clipped = true;
+    }
+  }
+  return {right: box.right, viewport: window.innerWidth, clipped};
+}"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,7 +57,11 @@ def dagster_ui(tmp_path):
     if shutil.which("chromium") is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     port = free_port()
-    env = {**os.environ, "LORASUM_PROFILE": "tiny", "LORASUM_HOME": str(tmp_path / "home"), "DAGSTER_HOME": str(tmp_path / "dagster")}
+    watched = tmp_path / "watched"  # a folder raw_dialogsum would reject: one file, no split in its name or rows
+    watched.mkdir()
+    (watched / "dialogues.jsonl").write_text('{"id": "a", "dialogue": "#Person1#: Hi.", "summary": "A greeting."}\n')
+    env = {**os.environ, "LORASUM_PROFILE": "tiny", "LORASUM_HOME": str(tmp_path / "home"), "DAGSTER_HOME": str(tmp_path / "dagster"),
+           "LORASUM_WATCH_PATH": str(watched)}
     (tmp_path / "dagster").mkdir()
     log = open(tmp_path / "dagster-dev.log", "w")
     # dagster dev and its code-server children ignore a plain SIGTERM for a while: run them in a
@@ -83,7 +104,7 @@ def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})  # a laptop's browser window
         page.goto(f"{dagster_ui}/asset-groups", wait_until="networkidle")
         skip = page.get_by_role("button", name="Skip")  # "Join the Dagster community" on a first visit
         try:
@@ -98,6 +119,14 @@ def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
         for asset in ASSETS:
             assert page.get_by_text(asset, exact=True).count() >= 1, f"{asset} not shown in the lineage"
         page.screenshot(path=str(ARTIFACTS / "ui-lineage.png"))
+
+        # The data-change sensor, turned on, reads the watched folder as raw_dialogsum would and says
+        # on its tick why it starts no run (the daemon of `dagster dev` ticks it).
+        sensor_url = f"{dagster_ui}/locations/lorasum_assets.definitions/sensors/retrain_on_data_change"
+        page.goto(sensor_url, wait_until="networkidle")
+        page.locator("input[type=checkbox]").first.locator("xpath=..").click()  # the switch drawn over the hidden input
+        page.wait_for_timeout(1000)
+        assert page.locator("input[type=checkbox]").first.is_checked(), "the sensor did not start"
 
         # Everything runs through the train_and_evaluate job, so its runs carry the job's name.
         page.goto(f"{dagster_ui}/jobs", wait_until="networkidle")
@@ -141,7 +170,22 @@ def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
         page.get_by_placeholder("Filter metadata keys").fill("report")
         page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "ui-report.png"), full_page=True)
-        assert page.get_by_text("tuned − base (paired 95% CI)").count() >= 1, "the report table is not shown"
+        assert page.get_by_text("tuned − base", exact=True).count() == 1, "the report table is not shown, or shown twice"
+        for text in ("% diff", "ROUGE-Lsum"):  # the last column's header, and the last row
+            box = page.evaluate(FULLY_SHOWN_JS, text)
+            assert box and not box["clipped"] and box["right"] <= box["viewport"], f"{text!r} of the report is cut off: {box}"
+
+        page.goto(sensor_url, wait_until="networkidle")
+        result = page.locator("button:has-text('0 runs requested'), a:has-text('0 runs requested')")  # a tick's result
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not result.count():
+            page.wait_for_timeout(3000)
+            page.reload(wait_until="networkidle")
+        result.first.click()
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(ARTIFACTS / "ui-sensor-skip.png"), full_page=True)
+        reason = page.get_by_text(re.compile(r"not retraining: raw_dialogsum would fail .*cannot tell the split"))
+        assert reason.count() >= 1, "the sensor's tick does not say why it started no run"
 
         # The promotion decision and the production adapter, in promoted_adapter's metadata.
         page.goto(f"{dagster_ui}/assets/promoted_adapter", wait_until="networkidle")

@@ -12,6 +12,7 @@ import random
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from lorasum_assets.ml.readers import (
@@ -21,6 +22,7 @@ from lorasum_assets.ml.readers import (
     SPLITS,
     DataSourceError,
     RawRecord,
+    read_local,
     unicode_problem,
 )
 from lorasum_assets.settings.specs import FilterSpec
@@ -143,6 +145,11 @@ def normalise(by_split: dict[str, list[RawRecord]], source: str) -> LoadedDatase
             seen_ids.add(row_id)
             dialogues.append(Dialogue(split, row_id, dialogue.strip(), references, topic, source_index))
     return LoadedDataset(source=source, dialogues=dialogues, quarantined=quarantined, rows_in=rows_in)
+
+
+def load_local(path: str | Path) -> LoadedDataset:
+    """A local file or folder as ``raw_dialogsum`` reads it (the data-change sensor checks with this)."""
+    return normalise(read_local(path), f"local:{path}")
 
 
 def _dialogue_groups(readable: list[RawRecord], layout: str, split: str) -> list[list[RawRecord]]:

@@ -173,48 +173,51 @@ def split_of_file(path: Path) -> str | None:
 
 
 def read_local(path: str | Path) -> dict[str, list[RawRecord]]:
-    """A folder of split files (``train``/``dev``/``validation``/``test`` in the name), or one file.
+    """One data file, or a folder of them; docs/data.md lists the layouts.
 
-    A single file takes its split from its name, or from a ``split`` column.
+    Each file takes its split from its name (``train``, ``dev``/``validation``/``val``, ``test`` as a
+    word of it), else from a ``split`` column on every row. In a folder, files of other types are
+    ignored.
     """
     path = Path(path)
     if not path.exists():
         raise DataSourceError(f"data path {path} does not exist")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise DataSourceError(f"{path}: no data files in the folder (expected {', '.join(FILE_SUFFIXES)})")
     by_split: dict[str, list[RawRecord]] = {}
     for file in files:
-        suffix = file.suffix.lower()
-        if suffix not in READERS:
-            raise DataSourceError(f"{file}: unsupported file type {file.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
-        split = split_of_file(file)
-        if split is None and path.is_dir():
-            continue
-        if file.stat().st_size == 0:
-            raise DataSourceError(f"{file}: the file is empty")
-        records = READERS[suffix](file, split or "")
-        if not records:
-            raise DataSourceError(f"{file}: the file has no rows")
-        if all(r.read_error is not None for r in records):
-            raise DataSourceError(
-                f"{file}: none of its {len(records)} rows could be read (row {records[0].row_number}: {records[0].read_error}); "
-                f"is it really a {suffix} file?"
-            )
-        for record in records:
-            record.file = file.name
-        if split is None:
-            for record in records:
-                record.split = SPLIT_ALIASES.get(str(record.values.get("split", "")).lower(), "")
-            missing = sum(1 for r in records if not r.split)
-            if missing:
-                raise DataSourceError(
-                    f"{file}: cannot tell the split: name the file after it (train/dev/validation/test) "
-                    f"or give a 'split' column ({missing} rows without one)"
-                )
-        for record in records:
+        for record in _read_file(file):
             by_split.setdefault(record.split, []).append(record)
-    if not by_split:
-        raise DataSourceError(f"{path}: no split files found (expected names containing train, dev/validation or test)")
     return by_split
+
+
+def _read_file(file: Path) -> list[RawRecord]:
+    suffix = file.suffix.lower()
+    if suffix not in READERS:
+        raise DataSourceError(f"{file}: unsupported file type {file.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+    if file.stat().st_size == 0:
+        raise DataSourceError(f"{file}: the file is empty")
+    split = split_of_file(file)
+    records = READERS[suffix](file, split or "")
+    if not records:
+        raise DataSourceError(f"{file}: the file has no rows")
+    if all(r.read_error is not None for r in records):
+        raise DataSourceError(
+            f"{file}: none of its {len(records)} rows could be read (row {records[0].row_number}: {records[0].read_error}); "
+            f"is it really a {suffix} file?"
+        )
+    for record in records:
+        record.file = file.name
+        if split is None:
+            record.split = SPLIT_ALIASES.get(str(record.values.get("split", "")).lower(), "")
+    missing = sum(1 for r in records if not r.split)
+    if missing:
+        raise DataSourceError(
+            f"{file}: cannot tell the split: name the file after it (train/dev/validation/test) "
+            f"or give a 'split' column ({missing} rows without one)"
+        )
+    return records
 
 
 def read_sample() -> dict[str, list[RawRecord]]:

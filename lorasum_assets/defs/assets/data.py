@@ -8,9 +8,9 @@ import dagster as dg
 
 from lorasum_assets.defs.assets.plots import histogram, markdown_table
 from lorasum_assets.defs.resources import LoraModelResource, LorasumStore, ProfileResource
-from lorasum_assets.ml.data import Dialogue, filter_split, normalise
+from lorasum_assets.ml.data import Dialogue, filter_split, load_local, normalise
 from lorasum_assets.ml.prompts import IGNORE_INDEX, SummaryTooLongError, encode_example, required_max_length
-from lorasum_assets.ml.readers import read_hub, read_local, read_sample
+from lorasum_assets.ml.readers import read_hub, read_sample
 from lorasum_assets.settings.config import config_class, resolve
 from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets.settings.specs import DataSpec, FilterSpec, SettingError, TokenizeSpec
@@ -66,15 +66,13 @@ def raw_dialogsum(
 ) -> dg.Output[TableRef]:
     data = resolve(profile.get().data, config)
     if data.source == "sample":
-        by_split, source = read_sample(), "sample"
+        loaded = normalise(read_sample(), "sample")
     elif data.source == "local":
         if not data.path:
             raise ValueError("source 'local' needs a path")
-        by_split, source = read_local(data.path), f"local:{data.path}"
+        loaded = load_local(data.path)
     else:
-        by_split = read_hub(data.hub_dataset, data.hub_revision)
-        source = f"hub:{data.hub_dataset}@{data.hub_revision or 'main'}"
-    loaded = normalise(by_split, source)
+        loaded = normalise(read_hub(data.hub_dataset, data.hub_revision), f"hub:{data.hub_dataset}@{data.hub_revision or 'main'}")
     content_hash = loaded.content_hash()
     version = content_hash[:16]
     with store.connect() as con:
@@ -98,15 +96,15 @@ def raw_dialogsum(
         ["split", "rows in", "kept", "quarantined"],
         [(s, loaded.rows_in[s], kept[s], quarantined[s]) for s in loaded.rows_in],
     )
-    context.log.info(f"{source}: {sum(loaded.rows_in.values())} rows in, {sum(kept.values())} kept, {sum(quarantined.values())} quarantined")
+    context.log.info(f"{loaded.source}: {sum(loaded.rows_in.values())} rows in, {sum(kept.values())} kept, {sum(quarantined.values())} quarantined")
     ref = TableRef(
         "raw_dialogsum", context.run_id, len(loaded.dialogues), content_hash, version,
-        {"source": source, "rows_quarantined": sum(quarantined.values()), "max_quarantine_share": data.max_quarantine_share},
+        {"source": loaded.source, "rows_quarantined": sum(quarantined.values()), "max_quarantine_share": data.max_quarantine_share},
     )
     return dg.Output(
         ref,
         metadata={
-            "source": source,
+            "source": loaded.source,
             "content_hash": content_hash,
             "dagster/row_count": len(loaded.dialogues),
             "rows_in": sum(loaded.rows_in.values()),
