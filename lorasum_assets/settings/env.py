@@ -16,6 +16,7 @@ DEPLOYMENT_ENV = "LORASUM_DEPLOYMENT"
 TRAINING_GPUS_ENV = "LORASUM_TRAINING_GPUS"
 RETRAIN_CRON_ENV = "LORASUM_RETRAIN_CRON"
 WATCH_PATH_ENV = "LORASUM_WATCH_PATH"
+VERBOSE_ENV = "LORASUM_VERBOSE"
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
 HF_TOKEN_ENV = "HF_TOKEN"
 
@@ -28,6 +29,7 @@ VARIABLES = {
     TRAINING_GPUS_ENV: "GPUs of the training pod under k8s-steps",
     RETRAIN_CRON_ENV: "the weekly_retrain schedule's cron (default 0 3 * * 1)",
     WATCH_PATH_ENV: "the data file or folder the data-change sensor watches",
+    VERBOSE_ENV: "1 shows the libraries' known warnings and progress bars that lorasum hides",
     DAGSTER_HOME_ENV: "Dagster's instance folder",
     HF_TOKEN_ENV: "a Hugging Face token for gated models and datasets, and for export-model --push-to-hub",
 }
