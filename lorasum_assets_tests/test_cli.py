@@ -222,6 +222,11 @@ def test_every_option_has_help_and_shows_its_default(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["compare", "--help"])
     assert "(default: 1000)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parser.parse_args(["summarize", "--help"])
+    summarize_help = " ".join(capsys.readouterr().out.split())
+    assert "(default: standard input)" in summarize_help and "(default: production)" in summarize_help
+    assert "(default: None)" not in summarize_help and "(default: False)" not in summarize_help
 
 
 def test_commands_that_need_a_dagster_instance_say_so(tmp_path, monkeypatch, capsys):

@@ -65,11 +65,20 @@ def test_whole_graph_materializes_on_the_tiny_model(materialized):
             assert (model, metric) in got
     assert all(0.0 <= v <= 1.0 for m, _, v in report if m != "delta")
 
+    curve = result.asset_materializations_for_node("lora_adapter")[0].metadata["loss_curve_points"].value
+    rates = [r.data["learning_rate"] for r in curve.records]
+    assert rates and all(rate == float(f"{rate:.3g}") for rate in rates)  # 0.00497, not 0.004974553604702332
+
     report_meta = result.asset_materializations_for_node("bertscore_report")[0].metadata
-    assert "tuned − base" in report_meta["report_markdown"].value
-    table = report_meta["report"].value  # laid out as a full-width table in the UI
-    assert [c.name for c in table.schema.columns][:4] == ["metric", "base (95% CI)", "tuned (95% CI)", "tuned − base (paired 95% CI)"]
-    assert {r.data["metric"] for r in table.records} >= {"bertscore_f1", "rouge2"}
+    assert "report_markdown" not in report_meta  # the table is shown once
+    table = report_meta["report"].value  # laid out as a table in the UI
+    assert [c.name for c in table.schema.columns] == ["metric", "base", "tuned", "tuned − base", "sig.", "% diff"]
+    assert all(c.description for c in table.schema.columns)
+    assert [r.data["metric"] for r in table.records] == [
+        "BERTScore P", "BERTScore R", "BERTScore F1", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum"]
+    f1 = next(r.data for r in table.records if r.data["metric"] == "BERTScore F1")
+    low, high = (float(x) for x in f1["tuned − base"].split("[")[1].rstrip("]").split(","))
+    assert f1["sig."] == ("▲" if low > 0 else "▼" if high < 0 else "–")
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["quarantine_share_within_limit"] and checks["labels_end_with_eos"]
 

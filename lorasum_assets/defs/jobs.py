@@ -7,7 +7,7 @@ from lorasum_assets.runtime.deployment import run_tags
 train_and_evaluate = dg.define_asset_job(
     "train_and_evaluate",
     selection=dg.AssetSelection.all(),
-    description="The whole graph: data, training, predictions, the report and the promotion gate.",
+    description="Start here: the whole graph, from the data through training and both models' summaries to the report and the promotion gate.",
     tags=run_tags(),
 )
 
@@ -15,7 +15,7 @@ evaluate = dg.define_asset_job(
     "evaluate",
     selection=dg.AssetSelection.assets("base_predictions", "tuned_predictions", "bertscore_report"),
     description=(
-        "Re-score an existing adapter: set ops.tuned_predictions.config.adapter_id (default: the production adapter of "
+        "After a first train_and_evaluate run: re-score an existing adapter; set ops.tuned_predictions.config.adapter_id (default: the production adapter of "
         "the run's base model and dataset, else the newest adapter trained on it). The adapter is checked when the run "
         "starts, before any generation. Promotes nothing."
     ),
@@ -26,7 +26,7 @@ sweep_point = dg.define_asset_job(
     "sweep_point",
     selection=dg.AssetSelection.assets("lora_adapter", "tuned_predictions", "bertscore_report", "promoted_adapter"),
     description=(
-        "One point of a sweep (`lorasum sweep GRID.yaml`): trains with its run config, scores its own adapter and "
+        "Launched by `lorasum sweep GRID.yaml`, one run per point of the grid: trains with its run config, scores its own adapter and "
         "puts it through the promotion gate; "
         "the data and the base predictions come from their latest materializations."
     ),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lorasum_assets.ml.stats import paired_bootstrap_ci, percent_difference
 from lorasum_assets.runtime.home import home_path
+from lorasum_assets.runtime.quiet import show_known_noise
 from lorasum_assets.settings.env import DAGSTER_HOME_ENV, HF_TOKEN_ENV, get_env
 from lorasum_assets.settings.specs import EVAL_METRICS, PRODUCTION_ALIAS
 from lorasum_assets.store import queries
@@ -471,9 +472,19 @@ def cmd_init_instance(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once: not when the help already says it, nor for flags and unset options."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every command and option, declared in one place (long because it is a list, not logic)."""
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _DefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="lorasum", description="Query the lorasum evaluation history (a DuckLake: LORASUM_HISTORY, default under LORASUM_HOME).", formatter_class=formatter
     )
@@ -562,6 +573,7 @@ def quiet_libraries(verbose: bool):
     import) do not reach the terminal; errors still do, once the block has ended. Yields a stream
     to the terminal's stderr, for our own progress bars."""
     if verbose:
+        show_known_noise()
         yield sys.stderr
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -359,7 +359,7 @@ def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base,
         metadata["loss_curve"] = line_plot({"train loss": (steps, losses)}, "Training loss", "optimizer step", "loss")
         metadata["loss_curve_points"] = table_value(
             ("step", "loss", "learning_rate", "grad_norm"),
-            [(log.step, round(log.loss, 5), log.learning_rate, round(log.grad_norm, 5)) for log in outcome.steps],
+            [(log.step, round(log.loss, 5), float(f"{log.learning_rate:.3g}"), round(log.grad_norm, 5)) for log in outcome.steps],
         )
         metadata["tensorboard"] = dg.MetadataValue.path(str(home_subdir("tensorboard", context.run_id)))
     return metadata
