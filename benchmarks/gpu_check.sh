@@ -2,9 +2,9 @@
 # The CUDA-only checks and benchmarks, in one command, under 9 minutes on one GPU (each step has a time limit):
 #   1. the notebook profile end to end (llama-3.2-3b-qlora on the hub data when the hub answers;
 #      otherwise SmolLM2-135M in 4-bit NF4 with the notebook's training recipe on the bundled sample),
-#   2. benchmarks/gpu_qlora_check.py (4-bit QLoRA in fp16 with the grad scaler, and in bf16),
-#   3. benchmarks/speed.py --device cuda --quantization nf4 (when the DialogSum files are there),
-#   4. benchmarks/peer.py --device cuda against TRL (when installed) and plain generate.
+#   2. the gpu-marked tests (lorasum_assets_tests/test_gpu_qlora.py: 4-bit QLoRA in fp16 with the grad scaler, and in bf16),
+#   3. python -m benchmarks.speed --device cuda --quantization nf4 (when the DialogSum files are there),
+#   4. python -m benchmarks.peer --device cuda against TRL (when installed) and plain generate.
 # Writes one JSON of results (default benchmarks/results/gpu_check.json; GPU_CHECK_OUT overrides).
 # Prints "no CUDA device" and exits 0 on a machine without one.
 set -uo pipefail
@@ -61,9 +61,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 step pipeline 180 env LORASUM_PROFILE=$PROFILE HF_HUB_OFFLINE=$HUB "$PYTHON" -m dagster asset materialize \
   -m lorasum_assets.definitions --select '*' -c "$WORK/run.yaml"
 step report 20 "$PYTHON" -m lorasum_assets.tools.cli report
-step qlora_check 120 "$PYTHON" benchmarks/gpu_qlora_check.py --model "$MODEL"
+step qlora_check 120 env GPU_CHECK_MODEL="$MODEL" "$PYTHON" -m pytest -m gpu -q lorasum_assets_tests/test_gpu_qlora.py
 if [ -f ../shared/dialogsum/dialogsum.dev.jsonl ]; then
-  step speed 180 "$PYTHON" benchmarks/speed.py --device cuda --quantization nf4 --epochs 2 --repeats 1 --no-levers \
+  step speed 180 "$PYTHON" -m benchmarks.speed --device cuda --quantization nf4 --epochs 2 --repeats 1 --no-levers \
     --model "$MODEL" ${SCORER:+--scorer "$SCORER"}
   PEER_DATA=()
 else
@@ -72,7 +72,7 @@ else
 fi
 PEER_VARIANTS=train-ours,train-trl,generate-ours,generate-plain
 "$PYTHON" -c "import trl" 2>/dev/null || PEER_VARIANTS=train-ours,generate-ours,generate-plain
-step peer 220 "$PYTHON" benchmarks/peer.py --device cuda --repeats 3 --variants "$PEER_VARIANTS" --model "$MODEL" "${PEER_DATA[@]}"
+step peer 220 "$PYTHON" -m benchmarks.peer --device cuda --repeats 3 --variants "$PEER_VARIANTS" --model "$MODEL" "${PEER_DATA[@]}"
 
 "$PYTHON" - "$WORK" "$OUT" "$PROFILE" <<'PY'
 import json, sys, pathlib

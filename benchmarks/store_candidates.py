@@ -1,7 +1,7 @@
 """History store candidates side by side: can a run write while a reader keeps a session open,
 and can several runs write at once?
 
-    python benchmarks/store_candidates.py --writes 30 --repeats 3
+    python -m benchmarks.store_candidates --writes 30 --repeats 3
 
 Candidates, each measured in fresh processes, interleaved:
 - ``duckdb-file``: one DuckDB file, as lorasum kept it before (a reader opens it read-only);
@@ -128,7 +128,7 @@ def worker(args) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"store-{args.worker}-"))
     try:
         setup(args.worker, folder, args.history_rows)
-        script = [sys.executable, __file__, "--role"]
+        script = [sys.executable, "-m", "benchmarks.store_candidates", "--role"]
         reader = subprocess.Popen([*script, "reader", args.worker, str(folder)], stdout=subprocess.PIPE, text=True)
         time.sleep(2.0)  # the reader's session is open before the run starts logging
         alone = run_writer(args.worker, folder, "run-a", args.writes, args.give_up)
@@ -169,12 +169,11 @@ def main() -> int:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import run_interleaved
+    from benchmarks.common import run_interleaved
 
     candidates = args.candidates.split(",")
     passthrough = [f"--writes={args.writes}", f"--history-rows={args.history_rows}", f"--give-up={args.give_up}"]
-    results = run_interleaved(__file__, passthrough, candidates, args.repeats,
+    results = run_interleaved(__spec__.name, passthrough, candidates, args.repeats,
                               describe=lambda r: f"gave up {r['alone']['gave_up']}, reader errors {r['reader']['errors']}")
     if results is None:
         return 1

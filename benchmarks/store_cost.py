@@ -1,7 +1,7 @@
 """What the history store costs a run: the tiny whole graph on the DuckLake store against the
 single-file DuckDB store it replaced, each run in a fresh process and a fresh home, interleaved.
 
-    python benchmarks/store_cost.py --old d01011a --repeats 3
+    python -m benchmarks.store_cost --old d01011a --repeats 3
 
 ``--old`` is the git revision of the old store (checked out into a temporary worktree and put
 first on PYTHONPATH; it needs ``dagster-duckdb``, in the ``bench`` extra). Prints wall time and
@@ -21,8 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_result, run_interleaved, run_whole_graph  # noqa: E402
+from benchmarks.common import print_result, run_interleaved, run_whole_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +50,7 @@ def main() -> int:
         models.mkdir(parents=True, exist_ok=True)
         warm = run_graph(ROOT, models)  # builds the tiny model into the shared cache; not counted
         print(f"warm-up run (builds the tiny model once): {warm['seconds']:.1f} s", file=sys.stderr)
-        results = run_interleaved(__file__, [f"--old={args.old}", f"--models={models}", f"--tree={worktree}"], ["old", "new"],
+        results = run_interleaved(__spec__.name, [f"--old={args.old}", f"--models={models}", f"--tree={worktree}"], ["old", "new"],
                                   args.repeats, describe=lambda r: f"{r['seconds']:.1f} s, peak RSS {r['peak_mb']:.0f} MB")
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, capture_output=True)

@@ -69,9 +69,9 @@ class PackedBitsDropout(torch.nn.Module):
 
 
 def lora_dropout_mask_for(model, choice: str = "auto") -> str:
-    """``packed_bits`` or ``torch``. ``auto``: packed bits on CPU (fwd + bwd of one SmolLM2-135M LoRA
-    input, 2 x 250 x 576: 0.45 ms against 1.40 ms for torch's dropout; benchmarks/dropout_cost.py),
-    torch's own fused dropout on GPUs."""
+    """``packed_bits`` or ``torch``. ``auto``: packed bits on CPU (faster there than torch's dropout:
+    ``python -m benchmarks.dropout cost``, figures in docs/performance.md), torch's own fused dropout
+    on GPUs."""
     if choice not in LORA_DROPOUT_MASKS:
         raise ValueError(f"lora_dropout_mask must be one of {', '.join(LORA_DROPOUT_MASKS)}, got {choice!r}")
     if choice != "auto":

