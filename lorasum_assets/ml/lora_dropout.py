@@ -59,7 +59,7 @@ class PackedBitsDropout(torch.nn.Module):
             return x
         # The scaled mask is kept as fp32 for the backward pass (4 bytes per element where torch's dropout
         # keeps 1): a boolean mask would need converting again in the backward pass, which measured
-        # 0.59 against 0.45 ms per fwd + bwd on a 2 x 250 x 576 input. With gradient checkpointing only
+        # slower (python -m benchmarks.dropout cost). With gradient checkpointing only
         # the layer being recomputed holds its masks.
         mask = _keep_mask(x.shape, self.threshold, x.device).to(torch.float32).mul_(self.scale)
         return (x * mask).to(x.dtype)

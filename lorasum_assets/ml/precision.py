@@ -23,7 +23,7 @@ def training_autocast_dtype(model, mixed_precision: str = "auto"):
     """The autocast dtype for training; adapters themselves stay fp32.
 
     ``auto``: bf16 on GPUs that have it, fp16 on older GPUs, bf16 on CPUs with native bf16
-    (measured: 2.3x faster per step on SmolLM2-135M, loss within 0.02% of fp32), else fp32.
+    (faster per step at the same loss; figures in docs/performance.md), else fp32.
     """
     device = next(model.parameters()).device
     if mixed_precision == "no":

@@ -188,7 +188,7 @@ class GenerationSpec:
     precision: str = setting(
         "auto",
         "Weights' dtype while generating: auto is bf16 for an fp32 model on a CPU with native bf16 "
-        "(about 2x faster; quality checked by python -m benchmarks.quality bf16), bf16 always, "
+        "(faster, docs/performance.md; quality checked by python -m benchmarks.quality bf16), bf16 always, "
         "as_loaded keeps the model's own dtype (outputs identical to plain generate).",
         choices=("auto", "bf16", "as_loaded"),
     )
