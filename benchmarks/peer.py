@@ -1,5 +1,6 @@
 """Our training and generation against what a user would pick instead: TRL's SFTTrainer with PEFT,
-and one plain batched ``model.generate``.
+and one plain batched ``model.generate`` on the model loaded in bf16 (base, and tuned through
+``PeftModel``), with each generation variant's share of the memory-bandwidth bound.
 
     pip install -e '.[bench]'        # TRL, for this benchmark only
     python -m benchmarks.peer [--repeats 3] [--sample] [--device cpu]
@@ -29,8 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.common import RESULTS, add_data_arguments, print_result, run_interleaved, spread
 
-VARIANTS = ("train-ours", "train-ours-torch-dropout", "train-trl", "generate-ours", "generate-ours-fp32", "generate-plain", "generate-lookup",
-            "generate-static-compiled")
+VARIANTS = ("train-ours", "train-ours-torch-dropout", "train-trl", "generate-ours", "generate-plain-bf16", "generate-ours-tuned",
+            "generate-plain-bf16-tuned", "generate-ours-fp32", "generate-plain", "generate-lookup", "generate-static-compiled")
+GENERATE_BATCH = 16  # one batch of every test prompt for the plain peers; ours plans its own batches up to this size
 
 
 def load_data(args):
@@ -138,12 +140,59 @@ def prompts(args, tokenizer):
     return [encode_prompt(tokenizer, d.dialogue)[0] for d in test]
 
 
-def run_generate_ours(args, precision: str = "auto", static_compiled: bool = False) -> dict:
-    from lorasum_assets.ml.generate import generate
+def bench_adapter(args) -> str:
+    """A LoRA adapter on the base (r16, q/k/v/o, PEFT's random init of A and B so that it changes the
+    outputs), made once per cache and model: what the tuned generation variants apply."""
+    import hashlib
+
+    from peft import LoraConfig, get_peft_model
+
+    from lorasum_assets.ml.modeling import load_model, load_tokenizer
+
+    folder = Path(args.cache).parent / "bench-adapters" / hashlib.sha256(args.model.encode()).hexdigest()[:12]
+    if not (folder / "adapter_config.json").exists():
+        import torch
+
+        torch.manual_seed(0)
+        spec = model_spec(args)
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+        get_peft_model(load_model(spec), config).save_pretrained(folder)
+        load_tokenizer(spec).save_pretrained(folder)
+    return str(folder)
+
+
+def read_bandwidth(weight_bytes: int) -> float:
+    """Bytes per second this process reads from memory: the best of 5 sums over a bf16 tensor as
+    large as the weights."""
+    import torch
+
+    data = torch.ones(weight_bytes // 2, dtype=torch.bfloat16)
+    data.sum()
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return weight_bytes / best
+
+
+def with_bound(result: dict, model) -> dict:
+    """``result`` with the memory-bandwidth bound of a 16-row decode step: every step reads every
+    bf16 weight once, so new tokens/s cannot pass rows x bandwidth / weight bytes."""
+    weight_bytes = sum(p.numel() for p in model.parameters()) * 2
+    bandwidth = read_bandwidth(weight_bytes)
+    bound = GENERATE_BATCH * bandwidth / weight_bytes
+    return {**result, "weight_bytes_bf16": weight_bytes, "read_gb_per_s": bandwidth / 1e9, "bound_new_tokens_per_s": bound,
+            "share_of_bound": result["new_tokens_per_s"] / bound}
+
+
+def run_generate_ours(args, precision: str = "auto", static_compiled: bool = False, tuned: bool = False) -> dict:
+    from lorasum_assets.ml.generate import generate, generate_with_adapter
     from lorasum_assets.ml.modeling import load_model, load_tokenizer
     from lorasum_assets.settings.specs import GenerationSpec
 
     spec = model_spec(args)
+    adapter = bench_adapter(args) if tuned else None
     tokenizer, model = load_tokenizer(spec), load_model(spec)
     if static_compiled:  # a static KV cache, and transformers' own torch.compile of the decoding step (timed: a cold compile)
         from transformers.generation import CompileConfig
@@ -153,10 +202,15 @@ def run_generate_ours(args, precision: str = "auto", static_compiled: bool = Fal
         compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
         model.generation_config.compile_config = compile_config
     ids = prompts(args, tokenizer)
+    generation = GenerationSpec(max_new_tokens=60, batch_size=GENERATE_BATCH, precision=precision)
     started = time.perf_counter()
-    out = generate(model, tokenizer, ids, GenerationSpec(max_new_tokens=60, batch_size=16, precision=precision))
+    if adapter:
+        out = generate_with_adapter(model, adapter, tokenizer, ids, generation)
+    else:
+        out = generate(model, tokenizer, ids, generation)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "new_tokens_per_s": sum(g.new_tokens for g in out) / seconds, "texts": [g.text for g in out]}
+    result = {"seconds": seconds, "new_tokens_per_s": sum(g.new_tokens for g in out) / seconds, "texts": [g.text for g in out]}
+    return with_bound(result, model)
 
 
 def run_generate_lookup(args) -> dict:
@@ -187,14 +241,27 @@ def run_generate_lookup(args) -> dict:
     return {"seconds": seconds, "new_tokens_per_s": new_tokens / seconds, "texts": texts}
 
 
-def run_generate_plain(args) -> dict:
+def run_generate_plain(args, dtype: str = "as_loaded", tuned: bool = False) -> dict:
+    """One left-padded batch through ``model.generate``, as a user would write it: the model in
+    ``dtype`` before the clock starts (as ``from_pretrained(..., dtype=torch.bfloat16)`` gives it),
+    and for ``tuned`` the adapter applied with ``PeftModel.from_pretrained``."""
     import torch
 
     from lorasum_assets.ml.generate import collate_left, cut_at_stop, stop_token_ids
     from lorasum_assets.ml.modeling import load_model, load_tokenizer
 
     spec = model_spec(args)
+    adapter = bench_adapter(args) if tuned else None
     tokenizer, model = load_tokenizer(spec), load_model(spec)
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        if dtype == "bf16":
+            model = model.to(torch.bfloat16)
+    model.eval()
     ids = prompts(args, tokenizer)
     stops = stop_token_ids(model, tokenizer)
     started = time.perf_counter()
@@ -208,12 +275,15 @@ def run_generate_plain(args) -> dict:
         tokens, _ = cut_at_stop(row, stops)
         new_tokens += len(tokens)
         texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
-    return {"seconds": seconds, "new_tokens_per_s": new_tokens / seconds, "texts": texts}
+    return with_bound({"seconds": seconds, "new_tokens_per_s": new_tokens / seconds, "texts": texts}, model)
 
 
 WORKERS = {"train-ours": run_train_ours, "train-ours-torch-dropout": lambda args: run_train_ours(args, "torch"),
            "train-trl": run_train_trl, "generate-ours": run_generate_ours,
            "generate-ours-fp32": lambda args: run_generate_ours(args, "as_loaded"), "generate-plain": run_generate_plain,
+           "generate-plain-bf16": lambda args: run_generate_plain(args, "bf16"),
+           "generate-ours-tuned": lambda args: run_generate_ours(args, tuned=True),
+           "generate-plain-bf16-tuned": lambda args: run_generate_plain(args, "bf16", tuned=True),
            "generate-lookup": run_generate_lookup,
            "generate-static-compiled": lambda args: run_generate_ours(args, "auto", static_compiled=True)}
 
@@ -268,24 +338,25 @@ def main() -> int:
             print(f"| training mean loss, {key[5:].replace('epoch', 'epoch ')} | "
                   f"{statistics.median(r[key] for r in results['train-ours']):.4f} | "
                   f"{statistics.median(r[key] for r in results['train-trl']):.4f} | |")
-    labels = {"generate-ours": "generation new tokens/s, ours (default: bf16 weights on this CPU)",
-              "generate-ours-fp32": "generation new tokens/s, ours with precision as_loaded (fp32)",
-              "generate-lookup": "generation new tokens/s, prompt lookup decoding (bf16, one dialogue at a time)",
-              "generate-static-compiled": "generation new tokens/s, ours + static cache + torch.compile (cold compile included)"}
-    if "generate-plain" in results:
-        plain = [r["new_tokens_per_s"] for r in results["generate-plain"]]
-        plain_texts = results["generate-plain"][0]["texts"]
-        for variant, label in labels.items():
-            if variant not in results:
-                continue
-            ours = [r["new_tokens_per_s"] for r in results[variant]]
-            same = sum(a == b for a, b in zip(results[variant][0]["texts"], plain_texts))
-            print(f"| {label} (vs one plain batched fp32 generate) | {spread(ours)} | {spread(plain)} | "
-                  f"{statistics.median(ours) / statistics.median(plain):.2f}x |")
-            print(f"| … outputs identical to plain generate | {same}/{len(plain_texts)} | | |")
+    comparisons = (  # (ours, peer, label): the peer of generation is plain generate on a bf16-loaded model
+        ("generate-ours", "generate-plain-bf16", "generation new tokens/s, base: ours as shipped vs plain bf16 generate"),
+        ("generate-ours-tuned", "generate-plain-bf16-tuned", "generation new tokens/s, tuned: ours vs plain bf16 generate on a PeftModel"),
+        ("generate-ours-fp32", "generate-plain", "generation new tokens/s, fp32: ours (precision as_loaded) vs plain fp32 generate"),
+        ("generate-lookup", "generate-plain-bf16", "generation new tokens/s, prompt lookup decoding (bf16, one at a time) vs plain bf16"),
+        ("generate-static-compiled", "generate-plain-bf16", "generation new tokens/s, ours + static cache + torch.compile (cold) vs plain bf16"),
+    )
+    for ours_variant, peer_variant, label in comparisons:
+        if ours_variant not in results or peer_variant not in results:
+            continue
+        ours = [r["new_tokens_per_s"] for r in results[ours_variant]]
+        peer = [r["new_tokens_per_s"] for r in results[peer_variant]]
+        peer_texts = results[peer_variant][0]["texts"]
+        same = sum(a == b for a, b in zip(results[ours_variant][0]["texts"], peer_texts))
+        print(f"| {label} | {spread(ours)} | {spread(peer)} | {statistics.median(ours) / statistics.median(peer):.2f}x |")
+        print(f"| … outputs identical to the peer's | {same}/{len(peer_texts)} | | |")
     if "generate-lookup" in results and "generate-ours" in results:
         same = sum(a == b for a, b in zip(results["generate-lookup"][0]["texts"], results["generate-ours"][0]["texts"]))
-        print(f"| prompt lookup outputs identical to ours (both bf16) | {same}/{len(plain_texts)} | | |")
+        print(f"| prompt lookup outputs identical to ours (both bf16) | {same}/{len(results['generate-ours'][0]['texts'])} | | |")
     if "train-ours" in results:
         print("\n| training variant | real tokens/s, epoch 2 | mean loss epoch 2 |\n|---|---|---|")
         for variant in (v for v in results if v.startswith("train-")):
@@ -293,10 +364,13 @@ def main() -> int:
                   f"{statistics.median(r['loss_epoch2'] for r in results[variant]):.4f} |")
     generated = [v for v in results if v.startswith("generate-")]
     if generated:
-        print("\n| generation variant | new tokens/s | seconds |\n|---|---|---|")
+        print("\n| generation variant | new tokens/s | seconds | share of the bandwidth bound (16 rows) | bound new tokens/s | read GB/s |\n"
+              "|---|---|---|---|---|---|")
         for variant in generated:
-            print(f"| {variant} | {spread([r['new_tokens_per_s'] for r in results[variant]])} | "
-                  f"{spread([r['seconds'] for r in results[variant]])} |")
+            runs = results[variant]
+            print(f"| {variant} | {spread([r['new_tokens_per_s'] for r in runs])} | {spread([r['seconds'] for r in runs])} | "
+                  f"{spread([100 * r['share_of_bound'] for r in runs])}% | {spread([r['bound_new_tokens_per_s'] for r in runs], 0)} | "
+                  f"{spread([r['read_gb_per_s'] for r in runs])} |")
     out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / args.output).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
