@@ -213,13 +213,25 @@ def test_four_processes_write_history_at_once_and_no_row_is_lost(tmp_path):
 KILLED_WRITER = textwrap.dedent(
     """
     import sys
+    import time
     sys.path.insert(0, sys.argv[2])
     from lorasum_assets.store.lake import history_location, open_history
     from lorasum_assets_tests.test_store import seed_run
     con = open_history(read_only=False, location=history_location("sqlite:" + sys.argv[1]))
     seed_run(con, "complete", "2026-01-01", "ad1", 0.5, 0.6, {"a": (0.5, 0.6)})
-    print("writing", flush=True)
-    seed_run(con, "partial", "2026-01-02", "ad2", 0.5, 0.6, {f"ex{k}": (0.5, 0.6) for k in range(200000)})
+
+    class HeldBeforeCommit:  # the connection, except that COMMIT waits to be killed: every row written, none committed
+
+        def __getattr__(self, name):
+            return getattr(con, name)
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                print("every row written, not yet committed", flush=True)
+                time.sleep(600)
+            return con.execute(sql, *args)
+
+    seed_run(HeldBeforeCommit(), "partial", "2026-01-02", "ad2", 0.5, 0.6, {f"ex{k}": (0.5, 0.6) for k in range(200000)})
     print("finished", flush=True)
     """
 )
@@ -228,9 +240,7 @@ KILLED_WRITER = textwrap.dedent(
 def test_kill_9_during_a_write_leaves_no_partial_run(tmp_path):
     db = tmp_path / "history" / "catalog.sqlite"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(db), str(REPO)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing"
-    time.sleep(1.5)
-    assert proc.poll() is None, "the write finished before it could be killed"
+    assert proc.stdout.readline().strip() == "every row written, not yet committed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     con = open_history(read_only=False, location=history_location(f"sqlite:{db}"))
