@@ -262,3 +262,21 @@ def test_a_v3_history_gains_the_promotion_registry_and_keeps_its_rows(fresh_home
     read = subprocess.run([sys.executable, "-c", READ_SCOPE], env=env, capture_output=True, text=True)
     assert read.returncode == 0, read.stderr
     assert read.stdout.strip() == "[('v4-run', 'sample', 'g')]"
+
+
+def test_a_lake_created_but_without_tables_yet_reads_as_no_history(tmp_path):
+    """The moment a first run has created the DuckLake but not yet its tables: a reader is told
+    there is no history yet, as before the file existed."""
+    import duckdb as duck
+
+    from lorasum_assets.store.lake import HistoryNotFoundError, _engine_config, history_location
+
+    catalog = tmp_path / "history" / "catalog.sqlite"
+    catalog.parent.mkdir()
+    engine = duck.connect(config=_engine_config())
+    engine.execute("LOAD ducklake")
+    engine.execute("LOAD sqlite_scanner")
+    engine.execute(f"ATTACH 'ducklake:sqlite:{catalog}' AS early (DATA_PATH '{tmp_path / 'history' / 'data'}/')")
+    engine.close()
+    with pytest.raises(HistoryNotFoundError, match="no tables"):
+        open_history(location=history_location(f"sqlite:{catalog}"))

@@ -209,14 +209,15 @@ def connect(
         raise HistoryNotFoundError(str(location.sqlite_path))
     con = _engine(location, read_only, on_wait, timeout_s).cursor()
     con.execute(init_statements(location, read_only)[-1])
-    if read_only and schema_version(con) is None:
+    if read_only and stored_schema_version(con) is None:
         con.close()
         raise HistoryNotFoundError(f"{location.describe()} (no tables)")
     return con
 
 
-def schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
-    """The history's schema version, or None while it has no tables yet."""
+def stored_schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The history's schema version, or None while it has no tables yet. (Not named after the
+    table: DuckDB would take a Python object of that name in this frame for the table.)"""
     try:
         return con.execute(f"SELECT max(version) FROM {ALIAS}.schema_version").fetchone()[0]
     except duckdb.CatalogException:
@@ -271,7 +272,7 @@ def open_history(read_only: bool = True, location: HistoryLocation | None = None
     if not read_only or (not exists and legacy_database_path().exists()):
         prepare(location)
     con = connect(location, read_only=read_only)
-    if read_only and (schema_version(con) or 0) < SCHEMA_VERSION:
+    if read_only and (stored_schema_version(con) or 0) < SCHEMA_VERSION:
         con.close()  # written by an older lorasum: its new tables and views are added first, once
         prepare(location)
         con = connect(location, read_only=True)
