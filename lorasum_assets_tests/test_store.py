@@ -280,3 +280,12 @@ def test_a_lake_created_but_without_tables_yet_reads_as_no_history(tmp_path):
     engine.close()
     with pytest.raises(HistoryNotFoundError, match="no tables"):
         open_history(location=history_location(f"sqlite:{catalog}"))
+
+
+def test_two_machines_creating_one_postgres_history_at_once_retry_instead_of_failing():
+    from lorasum_assets.store.history import is_busy_error
+
+    second_create = duckdb.Error('Failed to initialize DuckLake:Failed to execute query "CREATE TABLE "public"."ducklake_metadata"'
+                                 '("key" VARCHAR NOT NULL, ...);": ERROR:  relation "ducklake_metadata" already exists')
+    assert is_busy_error(second_create)
+    assert not is_busy_error(duckdb.Error('relation "eval_runs" does not exist'))

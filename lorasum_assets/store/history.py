@@ -28,8 +28,10 @@ BUSY_MARKERS = (
     "deadlock detected",
     "Could not set lock",
     "Conflicting lock",
-    # two machines creating a PostgreSQL-catalogued history at the same moment
+    # two machines creating a PostgreSQL-catalogued history at the same moment: the second's
+    # inserts or its CREATE TABLE of DuckLake's own tables fail once the first commits
     "duplicate key value violates unique constraint",
+    'relation "ducklake_',
 )
 WAIT_REPORT_AFTER_S = 10.0
 _wait_reporter: ContextVar[Callable[[str], None] | None] = ContextVar("lorasum_wait_reporter", default=None)
