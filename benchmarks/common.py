@@ -90,6 +90,16 @@ def run_whole_graph(tree, env: dict[str, str], models=None) -> float:
     return seconds
 
 
+def run_command(commands: dict[str, Callable[[list[str]], int]], usage: str, argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.X COMMAND [options]``: the command's function on the options, or
+    ``usage`` (the module's docstring) and exit 2 without a known command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in commands:
+        print(usage, file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
 def print_result(result: dict) -> None:
     """A worker's answer to ``run_interleaved``."""
     print("RESULT " + json.dumps(result), flush=True)

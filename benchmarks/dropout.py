@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, add_data_arguments, run_interleaved, spread  # noqa: E402
+from benchmarks.common import RESULTS, add_data_arguments, run_command, run_interleaved, spread  # noqa: E402
 from lorasum_assets.ml.lora_dropout import PackedBitsDropout  # noqa: E402
 
 P = 0.1
@@ -154,16 +154,5 @@ def loss(argv: list[str]) -> int:
     return 0 if passed else 1
 
 
-COMMANDS = {"cost": cost, "loss": loss}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
-        return 2
-    return COMMANDS[argv[0]](argv[1:])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command({"cost": cost, "loss": loss}, __doc__))

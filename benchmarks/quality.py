@@ -19,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import RESULTS, add_data_arguments, dialogsum_splits, training_examples  # noqa: E402
+from benchmarks.common import RESULTS, add_data_arguments, dialogsum_splits, run_command, training_examples  # noqa: E402
 
 
 def dialogsum(argv: list[str]) -> int:
@@ -221,16 +221,5 @@ def bf16_generation(argv: list[str]) -> int:
     return 0 if passed else 1
 
 
-COMMANDS = {"dialogsum": dialogsum, "bf16": bf16_generation}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
-        return 2
-    return COMMANDS[argv[0]](argv[1:])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command({"dialogsum": dialogsum, "bf16": bf16_generation}, __doc__))
