@@ -576,7 +576,6 @@ def quiet_libraries(verbose: bool):
         show_known_noise()
         yield sys.stderr
         return
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     sys.stderr.flush()
     saved = os.dup(2)
