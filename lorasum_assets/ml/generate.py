@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from lorasum_assets.ml import decoding
 from lorasum_assets.ml.precision import generation_dtype, weights_in
 from lorasum_assets.ml.progress import DecodingHeartbeat
 from lorasum_assets.settings.specs import GenerationSpec
@@ -29,9 +31,9 @@ def has_active_adapter(model) -> bool:
     return any(isinstance(m, BaseTunerLayer) and not m.disable_adapters for m in model.modules())
 
 
-def plan_generation_batches(lengths: Sequence[int], batch_size: int, max_padding_share: float) -> list[list[int]]:
+def plan_generation_batches(lengths: Sequence[int], batch_size: int, max_padding_share: float | None) -> list[list[int]]:
     """Indices sorted by prompt length, cut into batches of at most ``batch_size`` whose padding
-    stays within ``max_padding_share`` of their real tokens."""
+    stays within ``max_padding_share`` of their real tokens (None: no padding limit)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
@@ -39,7 +41,8 @@ def plan_generation_batches(lengths: Sequence[int], batch_size: int, max_padding
         candidate = current + [index]
         width = lengths[index]  # ascending order: the newest prompt is the longest
         real = sum(lengths[i] for i in candidate)
-        if current and (len(candidate) > batch_size or width * len(candidate) > (1 + max_padding_share) * real):
+        too_padded = max_padding_share is not None and width * len(candidate) > (1 + max_padding_share) * real
+        if current and (len(candidate) > batch_size or too_padded):
             batches.append(current)
             candidate = [index]
         current = candidate
@@ -98,6 +101,12 @@ def generate(
         return []
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    dtype = generation_dtype(model, spec.precision)
+    if chosen_decoder(model, spec, dtype) == "lorasum":
+        # The prefill runs unpadded, so only the decoding attention sees padding: no padding limit.
+        batches = plan_generation_batches([len(p) for p in prompts], spec.batch_size, None)
+        held = dtype if dtype is not None else next(model.parameters()).dtype
+        return _decode_batches(model, tokenizer, prompts, spec, batches, stop_ids, on_batch, on_progress, held)
     batches = plan_generation_batches([len(p) for p in prompts], spec.batch_size, spec.max_padding_share)
     generation_kwargs = {
         "max_new_tokens": spec.max_new_tokens,
@@ -110,8 +119,42 @@ def generate(
         torch.manual_seed(spec.seed)
     else:
         generation_kwargs.update(temperature=None, top_p=None, top_k=None)
-    with weights_in(model, generation_dtype(model, spec.precision)):
+    with weights_in(model, dtype):
         return _generate_batches(model, tokenizer, prompts, spec, batches, generation_kwargs, on_batch, on_progress)
+
+
+def chosen_decoder(model, spec: GenerationSpec, dtype) -> str:
+    """``lorasum`` or ``transformers``, as ``spec.decoder`` asks, for ``model`` held in ``dtype``
+    (None: as loaded). ``auto`` takes lorasum for greedy decoding of a model it supports held in
+    bf16; ``lorasum`` asked for where it cannot run is an error."""
+    reason = "it decodes greedily only" if spec.do_sample else decoding.unsupported_reason(model)
+    if spec.decoder == "lorasum" and reason is not None:
+        raise ValueError(f"GenerationSpec.decoder = 'lorasum' cannot generate here: {reason}; use 'transformers' or 'auto'")
+    if spec.decoder == "auto":
+        held = dtype if dtype is not None else next(model.parameters()).dtype
+        return "lorasum" if reason is None and held == torch.bfloat16 else "transformers"
+    return spec.decoder
+
+
+def _decode_batches(model, tokenizer, prompts, spec, batches, stop_ids, on_batch, on_progress, dtype) -> list[Generation]:
+    prepared = decoding.prepare(model, dtype)  # its own copy of the weights in dtype: the model stays as it is
+    results: list[Generation | None] = [None] * len(prompts)
+    done = 0
+    for batch_number, indices in enumerate(batches, start=1):
+        heartbeat = DecodingHeartbeat(on_progress, f"batch {batch_number}/{len(batches)}", spec.max_new_tokens) if on_progress else None
+        if heartbeat is not None:
+            heartbeat.put(None)  # the prompt, as generate's streamer gets it first
+        started = time.perf_counter()
+        continuations = decoding.greedy_decode(prepared, [prompts[i] for i in indices], max_new_tokens=spec.max_new_tokens,
+                                               stop_ids=stop_ids, on_step=functools.partial(heartbeat.put, None) if heartbeat else None)
+        elapsed = time.perf_counter() - started
+        for index, tokens in zip(indices, continuations):
+            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results[index] = Generation(text, len(tokens), len(tokens) >= spec.max_new_tokens, elapsed / len(indices))
+        done += len(indices)
+        if on_batch is not None:
+            on_batch(done, len(prompts))
+    return [r for r in results if r is not None]
 
 
 def _generate_batches(model, tokenizer, prompts, spec, batches, generation_kwargs, on_batch, on_progress) -> list[Generation]:

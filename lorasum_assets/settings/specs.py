@@ -192,6 +192,14 @@ class GenerationSpec:
         "as_loaded keeps the model's own dtype (outputs identical to plain generate).",
         choices=("auto", "bf16", "as_loaded"),
     )
+    decoder: str = setting(
+        "auto",
+        "Who decodes: lorasum prefills each prompt unpadded and decodes the batch against a preallocated KV cache "
+        "with weights prepared once (greedy, CPU, Llama architecture; faster, docs/performance.md; quality checked by "
+        "python -m benchmarks.quality decoder), transformers is model.generate, auto is lorasum where it applies "
+        "and the weights are held in bf16, transformers elsewhere.",
+        choices=("auto", "lorasum", "transformers"),
+    )
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,15 @@
-"""History store candidates side by side: can a run write while a reader keeps a session open,
-and can several runs write at once?
+"""The history store, measured.
 
-    python -m benchmarks.store_candidates --writes 30 --repeats 3
+    python -m benchmarks.store candidates   readers and writers at once, store candidates side by side
+    python -m benchmarks.store cost         what the store costs a run, against the store it replaced
+
+``python -m benchmarks.store COMMAND --help`` gives each one's options.
+
+## candidates
+
+Can a run write while a reader keeps a session open, and can several runs write at once?
+
+    python -m benchmarks.store candidates --writes 30 --repeats 3
 
 Candidates, each measured in fresh processes, interleaved:
 - ``duckdb-file``: one DuckDB file, as lorasum kept it before (a reader opens it read-only);
@@ -14,6 +22,17 @@ logs ``--writes`` training steps, each in its own transaction, the way a run doe
 that already holds ``--history-rows`` example rows. Scenario B: three writer processes at once, no
 reader. Each write waits at most ``--give-up`` seconds. Prints per-write latency (median, p95,
 max), writes that gave up, reader errors and how stale the reader's view was.
+
+## cost
+
+The tiny whole graph on the DuckLake store against the single-file DuckDB store it replaced, each
+run in a fresh process and a fresh home, interleaved.
+
+    python -m benchmarks.store cost --old d01011a --repeats 3
+
+``--old`` is the git revision of the old store (checked out into a temporary worktree and put
+first on PYTHONPATH; it needs ``dagster-duckdb``, in the ``bench`` extra). Prints wall time and
+the peak RSS of the run's process, median (min-max), and the new/old ratios.
 """
 
 from __future__ import annotations
@@ -22,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -31,6 +51,8 @@ import time
 from pathlib import Path
 
 import duckdb
+
+from benchmarks.common import ROOT, print_result, run_command, run_interleaved, run_whole_graph
 
 CANDIDATES = ("duckdb-file", "snapshot", "ducklake-sqlite")
 STEPS_DDL = "CREATE TABLE IF NOT EXISTS steps (run_id VARCHAR, step INTEGER, loss DOUBLE, logged_at TIMESTAMP)"
@@ -128,7 +150,7 @@ def worker(args) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"store-{args.worker}-"))
     try:
         setup(args.worker, folder, args.history_rows)
-        script = [sys.executable, "-m", "benchmarks.store_candidates", "--role"]
+        script = [sys.executable, "-m", "benchmarks.store", "candidates", "--role"]
         reader = subprocess.Popen([*script, "reader", args.worker, str(folder)], stdout=subprocess.PIPE, text=True)
         time.sleep(2.0)  # the reader's session is open before the run starts logging
         alone = run_writer(args.worker, folder, "run-a", args.writes, args.give_up)
@@ -148,8 +170,10 @@ def describe(latencies: list[float]) -> str:
     return f"{1000 * statistics.median(ordered):.0f} / {1000 * p95:.0f} / {1000 * ordered[-1]:.0f}"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def candidates(argv: list[str]) -> int:
+    """History store candidates side by side: can a run write while a reader keeps a session open,
+    and can several runs write at once?"""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.store candidates", description=candidates.__doc__)
     parser.add_argument("--writes", type=int, default=30, help="training-step writes per writer")
     parser.add_argument("--history-rows", type=int, default=200_000, help="example rows already in the history")
     parser.add_argument("--give-up", type=float, default=2.0, help="seconds a write retries before it gives up")
@@ -157,7 +181,7 @@ def main() -> int:
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated, from " + ", ".join(CANDIDATES))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.role:
         role, candidate, folder = args.role[0], args.role[1], Path(args.role[2])
         if role == "reader":
@@ -169,11 +193,9 @@ def main() -> int:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
 
-    from benchmarks.common import run_interleaved
-
-    candidates = args.candidates.split(",")
+    chosen = args.candidates.split(",")
     passthrough = [f"--writes={args.writes}", f"--history-rows={args.history_rows}", f"--give-up={args.give_up}"]
-    results = run_interleaved(__spec__.name, passthrough, candidates, args.repeats,
+    results = run_interleaved(__spec__.name, ["candidates", *passthrough], chosen, args.repeats,
                               describe=lambda r: f"gave up {r['alone']['gave_up']}, reader errors {r['reader']['errors']}")
     if results is None:
         return 1
@@ -182,7 +204,7 @@ def main() -> int:
     print("| candidate | A: write ms with a reader open, median / p95 / max | A: writes that gave up | A: reader errors / queries "
           "| A: reader's view at most s behind | B: 3 writers at once, write ms median / p95 / max | B: writes that gave up |")
     print("|---|---|---|---|---|---|---|")
-    for candidate in candidates:
+    for candidate in chosen:
         runs = results[candidate]
         alone = [x for r in runs for x in r["alone"]["latencies"]]
         three = [x for r in runs for w in r["three"] for x in w["latencies"]]
@@ -201,5 +223,58 @@ def main() -> int:
     return 0
 
 
+
+
+def run_graph(tree: Path, models: Path) -> dict:
+    seconds = run_whole_graph(tree, {"LORASUM_PROFILE": "tiny", "PYTHONPATH": str(tree)}, models=models)
+    return {"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def cost(argv: list[str]) -> int:
+    """What the history store costs a run: the tiny whole graph on the DuckLake store against the
+    single-file DuckDB store it replaced."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.store cost", description=cost.__doc__)
+    parser.add_argument("--old", required=True, help="git revision whose store to measure against")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of both variants, interleaved")
+    parser.add_argument("--models", default=str(ROOT / ".lorasum" / "models"), help="model cache shared by every run (tiny model built once)")
+    parser.add_argument("--tree", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    models = Path(args.models)
+    if args.worker:
+        print_result(run_graph(Path(args.tree if args.worker == "old" else ROOT), models))
+        return 0
+
+    worktree = Path(tempfile.mkdtemp(prefix="lorasum-old-store-"))
+    subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.old], cwd=ROOT, check=True, capture_output=True)
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+        warm = run_graph(ROOT, models)  # builds the tiny model into the shared cache; not counted
+        print(f"warm-up run (builds the tiny model once): {warm['seconds']:.1f} s", file=sys.stderr)
+        results = run_interleaved(__spec__.name, ["cost", f"--old={args.old}", f"--models={models}", f"--tree={worktree}"], ["old", "new"],
+                                  args.repeats, describe=lambda r: f"{r['seconds']:.1f} s, peak RSS {r['peak_mb']:.0f} MB")
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, capture_output=True)
+        shutil.rmtree(worktree, ignore_errors=True)
+    if results is None:
+        return 1
+
+    def summary(variant: str, key: str) -> tuple[float, float, float]:
+        values = [r[key] for r in results[variant]]
+        return statistics.median(values), min(values), max(values)
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; tiny profile, whole graph, fresh home per run; "
+          f"{args.repeats} repeats interleaved, median (min-max)\n")
+    print("| store | seconds | peak RSS of the run (MB) |\n|---|---|---|")
+    for variant, label in (("old", f"single-file DuckDB ({args.old})"), ("new", "DuckLake, SQLite catalog")):
+        s, m = summary(variant, "seconds"), summary(variant, "peak_mb")
+        print(f"| {label} | {s[0]:.1f} ({s[1]:.1f}-{s[2]:.1f}) | {m[0]:,.0f} ({m[1]:,.0f}-{m[2]:,.0f}) |")
+    time_ratio = summary("new", "seconds")[0] / summary("old", "seconds")[0]
+    memory_ratio = summary("new", "peak_mb")[0] / summary("old", "peak_mb")[0]
+    print(f"\nnew / old: time x{time_ratio:.3f}, peak RSS x{memory_ratio:.3f} (target: each at most x1.10)")
+    return 0 if time_ratio <= 1.10 and memory_ratio <= 1.10 else 1
+
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command({"candidates": candidates, "cost": cost}, __doc__))
