@@ -13,7 +13,7 @@ docs/performance.md):
   active LoRA adapter merged into this copy (the model itself is not touched), and packed once
   for oneDNN, where a plain bf16 ``linear`` repacks it on every call.
 
-``supports(model)`` says when it applies; ``ml/generate.py`` falls back to ``model.generate``
+``unsupported_reason(model)`` says when it does not apply; ``ml/generate.py`` falls back to ``model.generate``
 otherwise.
 """
 
@@ -28,7 +28,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Prompts up to this many tokens attend through plain matmuls, longer ones through SDPA's fused
-# kernel: on a 2-core CPU the matmuls took 0.67x SDPA's time at 120-350 tokens, 2.6x at 441.
+# kernel: on our CPU the matmuls were faster on short prompts, much slower once the fp32 scores
+# of every head outgrow the cache.
 MATMUL_ATTENTION_UP_TO = 352
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -281,8 +282,9 @@ def greedy_decode(
     stop_ids: Sequence[int],
     on_step: Callable[[], None] | None = None,
 ) -> list[list[int]]:
-    """The greedy continuation of every prompt, up to and without its first stop id, decoded
-    together; ``on_step`` follows each decoding step."""
+    """The greedy continuation of every prompt, decoded together, as ``generate`` returns it: rows
+    that stopped early are filled with a stop id after it (``generate.cut_at_stop`` removes them);
+    ``on_step`` follows each decoding step."""
     cache = KVCache(prepared, [len(p) for p in prompts], max_new_tokens)
     stops = torch.tensor(list(stop_ids))
     with torch.inference_mode():
@@ -300,8 +302,4 @@ def greedy_decode(
             generated.append(tokens)
             if on_step is not None:
                 on_step()
-    out = []
-    for row in torch.stack(generated, dim=1).tolist():
-        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-        out.append(row[:cut])
-    return out
+    return torch.stack(generated, dim=1).tolist()

@@ -92,9 +92,10 @@ def generate(
     """Summaries for ``prompts`` (token ids), in the order given. ``on_batch(done, total)`` follows
     each batch; ``on_progress`` gets a line every ~10 s while a batch decodes.
 
-    Prompts are sorted by length and batched with left padding; a batch closes early rather than
-    pad more than ``max_padding_share``. Latency is the batch's wall time shared equally among
-    its rows.
+    Prompts are sorted by length and batched. ``model.generate`` gets left-padded batches that
+    close early rather than pad more than ``max_padding_share``; the lorasum decoder
+    (``spec.decoder``, ``ml/decoding.py``) prefills unpadded and takes full batches. Latency is the
+    batch's wall time shared equally among its rows.
     """
 
     if not prompts:
@@ -103,11 +104,18 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     dtype = generation_dtype(model, spec.precision)
     if chosen_decoder(model, spec, dtype) == "lorasum":
+        prepared = decoding.prepare(model, held_dtype(model, dtype))  # its own copy of the weights: the model stays as it is
+
+        def decode_batch(batch, heartbeat):
+            if heartbeat is not None:
+                heartbeat.put(None)  # the prompt, as generate's streamer gets it first
+            on_step = functools.partial(heartbeat.put, None) if heartbeat is not None else None
+            return decoding.greedy_decode(prepared, batch, max_new_tokens=spec.max_new_tokens, stop_ids=stop_ids, on_step=on_step)
+
         # The prefill runs unpadded, so only the decoding attention sees padding: no padding limit.
         batches = plan_generation_batches([len(p) for p in prompts], spec.batch_size, None)
-        held = dtype if dtype is not None else next(model.parameters()).dtype
-        return _decode_batches(model, tokenizer, prompts, spec, batches, stop_ids, on_batch, on_progress, held)
-    batches = plan_generation_batches([len(p) for p in prompts], spec.batch_size, spec.max_padding_share)
+        return _run_batches(tokenizer, prompts, spec, batches, stop_ids, decode_batch, on_batch, on_progress)
+
     generation_kwargs = {
         "max_new_tokens": spec.max_new_tokens,
         "do_sample": spec.do_sample,
@@ -119,8 +127,15 @@ def generate(
         torch.manual_seed(spec.seed)
     else:
         generation_kwargs.update(temperature=None, top_p=None, top_k=None)
+    batches = plan_generation_batches([len(p) for p in prompts], spec.batch_size, spec.max_padding_share)
     with weights_in(model, dtype):
-        return _generate_batches(model, tokenizer, prompts, spec, batches, generation_kwargs, on_batch, on_progress)
+        return _run_batches(tokenizer, prompts, spec, batches, stop_ids,
+                            functools.partial(_generate_batch, model, spec, generation_kwargs), on_batch, on_progress)
+
+
+def held_dtype(model, dtype):
+    """The dtype ``model``'s weights are held in while generating: ``dtype``, or None for as loaded."""
+    return dtype if dtype is not None else next(model.parameters()).dtype
 
 
 def chosen_decoder(model, spec: GenerationSpec, dtype) -> str:
@@ -131,60 +146,41 @@ def chosen_decoder(model, spec: GenerationSpec, dtype) -> str:
     if spec.decoder == "lorasum" and reason is not None:
         raise ValueError(f"GenerationSpec.decoder = 'lorasum' cannot generate here: {reason}; use 'transformers' or 'auto'")
     if spec.decoder == "auto":
-        held = dtype if dtype is not None else next(model.parameters()).dtype
-        return "lorasum" if reason is None and held == torch.bfloat16 else "transformers"
+        return "lorasum" if reason is None and held_dtype(model, dtype) == torch.bfloat16 else "transformers"
     return spec.decoder
 
 
-def _decode_batches(model, tokenizer, prompts, spec, batches, stop_ids, on_batch, on_progress, dtype) -> list[Generation]:
-    prepared = decoding.prepare(model, dtype)  # its own copy of the weights in dtype: the model stays as it is
-    results: list[Generation | None] = [None] * len(prompts)
-    done = 0
-    for batch_number, indices in enumerate(batches, start=1):
-        heartbeat = DecodingHeartbeat(on_progress, f"batch {batch_number}/{len(batches)}", spec.max_new_tokens) if on_progress else None
-        if heartbeat is not None:
-            heartbeat.put(None)  # the prompt, as generate's streamer gets it first
-        started = time.perf_counter()
-        continuations = decoding.greedy_decode(prepared, [prompts[i] for i in indices], max_new_tokens=spec.max_new_tokens,
-                                               stop_ids=stop_ids, on_step=functools.partial(heartbeat.put, None) if heartbeat else None)
-        elapsed = time.perf_counter() - started
-        for index, tokens in zip(indices, continuations):
-            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            results[index] = Generation(text, len(tokens), len(tokens) >= spec.max_new_tokens, elapsed / len(indices))
-        done += len(indices)
-        if on_batch is not None:
-            on_batch(done, len(prompts))
-    return [r for r in results if r is not None]
-
-
-def _generate_batches(model, tokenizer, prompts, spec, batches, generation_kwargs, on_batch, on_progress) -> list[Generation]:
-    stop_ids, pad_id = generation_kwargs["eos_token_id"], generation_kwargs["pad_token_id"]
+def _generate_batch(model, spec: GenerationSpec, generation_kwargs: dict, batch, heartbeat) -> list[list[int]]:
+    """The new tokens of every prompt in ``batch``, one left-padded ``model.generate`` call."""
+    input_ids, attention_mask = collate_left(batch, generation_kwargs["pad_token_id"])
     device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), streamer=heartbeat, **generation_kwargs
+            )
+    except torch.cuda.OutOfMemoryError as exc:
+        raise RuntimeError(
+            f"CUDA ran out of memory while generating: lower the generation batch_size (now {spec.batch_size}) "
+            f"or max_new_tokens (now {spec.max_new_tokens}), or set max_prompt_tokens (longest prompt here: "
+            f"{input_ids.shape[1]} tokens)"
+        ) from exc
+    return output[:, input_ids.shape[1] :].cpu().tolist()
+
+
+def _run_batches(tokenizer, prompts, spec, batches, stop_ids, decode_batch, on_batch, on_progress) -> list[Generation]:
+    """``decode_batch(prompts, heartbeat)`` on every batch, its rows cut at their first stop id."""
     results: list[Generation | None] = [None] * len(prompts)
     done = 0
     for batch_number, indices in enumerate(batches, start=1):
-        input_ids, attention_mask = collate_left([prompts[i] for i in indices], pad_id)
+        heartbeat = (
+            DecodingHeartbeat(on_progress, f"batch {batch_number}/{len(batches)}", spec.max_new_tokens) if on_progress else None
+        )
         started = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                heartbeat = (
-                    DecodingHeartbeat(on_progress, f"batch {batch_number}/{len(batches)}", spec.max_new_tokens)
-                    if on_progress is not None
-                    else None
-                )
-                output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), streamer=heartbeat, **generation_kwargs
-                )
-        except torch.cuda.OutOfMemoryError as exc:
-            raise RuntimeError(
-                f"CUDA ran out of memory while generating: lower the generation batch_size (now {spec.batch_size}) "
-                f"or max_new_tokens (now {spec.max_new_tokens}), or set max_prompt_tokens (longest prompt here: "
-                f"{input_ids.shape[1]} tokens)"
-            ) from exc
+        rows = decode_batch([prompts[i] for i in indices], heartbeat)
         elapsed = time.perf_counter() - started
-        new = output[:, input_ids.shape[1] :].cpu()
-        for row, index in enumerate(indices):
-            tokens, stopped = cut_at_stop(new[row].tolist(), stop_ids)
+        for index, row in zip(indices, rows):
+            tokens, stopped = cut_at_stop(row, stop_ids)
             # Rows that finished early are padded after their stop id, which the cut removes.
             hit_limit = not stopped and len(tokens) >= spec.max_new_tokens
             text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
