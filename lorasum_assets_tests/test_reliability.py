@@ -376,6 +376,7 @@ def test_cuda_out_of_memory_in_generation_names_the_knobs(tiny_model, tiny_token
     def out_of_memory(**kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
+    # model.generate is the path a CUDA model takes; on this CPU decoder auto would take lorasum
     monkeypatch.setattr(tiny_model, "generate", out_of_memory)
     with pytest.raises(RuntimeError, match=r"lower the generation batch_size \(now 4\) or max_new_tokens \(now 9\)"):
-        generate(tiny_model, tiny_tokenizer, [[1, 5, 6]], GenerationSpec(max_new_tokens=9, batch_size=4))
+        generate(tiny_model, tiny_tokenizer, [[1, 5, 6]], GenerationSpec(max_new_tokens=9, batch_size=4, decoder="transformers"))
