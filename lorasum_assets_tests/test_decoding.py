@@ -30,8 +30,12 @@ def decoder_logits(model, batch: list[list[int]], next_tokens: list[int]) -> tup
     return prefill.float(), step.float()
 
 
-def test_the_decoder_gives_the_models_logits_for_prompts_of_different_lengths(tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+def test_the_decoder_gives_the_models_logits_for_prompts_of_different_lengths(tiny_model, tiny_tokenizer, monkeypatch, attention):
     batch = prompts(tiny_tokenizer)[:4]
+    assert max(len(p) for p in batch) <= decoding.MATMUL_ATTENTION_UP_TO
+    if attention == "sdpa":  # as prompts longer than the threshold attend
+        monkeypatch.setattr(decoding, "MATMUL_ATTENTION_UP_TO", 0)
     assert len({len(p) for p in batch}) > 1  # rows really are padded in the cache
     next_tokens = [11, 12, 13, 14]
     prefill, step = decoder_logits(tiny_model, batch, next_tokens)

@@ -11,7 +11,9 @@ docs/performance.md):
   head share its keys), without repeating the keys per query head.
 - **Weights prepared once.** Every projection's weight is taken in the decoding dtype, with an
   active LoRA adapter merged into this copy (the model itself is not touched), and packed once
-  for oneDNN, where a plain bf16 ``linear`` repacks it on every call.
+  for oneDNN, where a plain bf16 ``linear`` repacks it on every call. Attention's scale is folded
+  into the query rows, so scores come out of one ``baddbmm`` with the mask added, and the softmax
+  runs on them in the decoding dtype (torch computes it in fp32 inside).
 
 ``unsupported_reason(model)`` says when it does not apply; ``ml/generate.py`` falls back to ``model.generate``
 otherwise.
@@ -28,36 +30,37 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Prompts up to this many tokens attend through plain matmuls, longer ones through SDPA's fused
-# kernel: on our CPU the matmuls were faster on short prompts, much slower once the fp32 scores
-# of every head outgrow the cache.
+# kernel: on our CPU the matmuls were faster on short prompts, slower once the scores of every
+# head outgrow the cache.
 MATMUL_ATTENTION_UP_TO = 352
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
 class PreparedLinear:
-    """One projection as decoding runs it: the effective weight (LoRA merged), packed when oneDNN can."""
+    """One projection as decoding runs it: the effective weight (LoRA merged), in oneDNN's packed
+    layout when ``packed``."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    packed: torch.Tensor | None
+    packed: bool
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
 @dataclass(frozen=True)
 class PreparedNorm:
-    """A Llama RMSNorm with its weight in the decoding dtype: the same arithmetic as the module
-    (normalised in fp32, rounded, then scaled), without casting the module's own weight."""
+    """A Llama RMSNorm with its weight in the decoding dtype, in torch's fused kernel (normalised and
+    scaled in fp32, rounded once), without casting the module's own weight."""
 
     weight: torch.Tensor
     eps: float
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 @dataclass(frozen=True)
@@ -124,16 +127,22 @@ def effective_weight(module) -> torch.Tensor:
     return merged.to(base.dtype)
 
 
-def _prepare_linear(modules: Sequence, dtype: torch.dtype) -> PreparedLinear:
+def _prepare_linear(modules: Sequence, dtype: torch.dtype, scales: Sequence[float] | None = None) -> PreparedLinear:
     """One projection for ``modules`` that read the same input: their weights stacked, so that one
-    matmul gives all their outputs side by side."""
+    matmul gives all their outputs side by side, each module's rows (and bias) times its entry of
+    ``scales``. Each weight is rounded to ``dtype`` as it is copied into the stack."""
+    scales = scales or [1.0] * len(modules)
     bases = [m.get_base_layer() if isinstance(m, BaseTunerLayer) else m for m in modules]
-    weight = torch.cat([effective_weight(m).detach().to(dtype) for m in modules]).contiguous()
-    bias = torch.cat([b.bias.detach() for b in bases]).to(dtype) if bases[0].bias is not None else None  # Llama: all or none
-    packed = None
+    weights = [effective_weight(m).detach() for m in modules]
+    weight = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1], dtype=dtype)
+    for rows, source, scale in zip(weight.split([w.shape[0] for w in weights]), weights, scales):
+        rows.copy_(source if scale == 1.0 else source * scale)
+    bias = None
+    if bases[0].bias is not None:  # Llama: all or none
+        bias = torch.cat([b.bias.detach() * scale for b, scale in zip(bases, scales)]).to(dtype)
     if dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
-    return PreparedLinear(weight=weight, bias=bias, packed=packed)
+        return PreparedLinear(weight=torch.ops.mkldnn._reorder_linear_weight(weight, 16), bias=bias, packed=True)
+    return PreparedLinear(weight=weight, bias=bias, packed=False)
 
 
 def _prepare_norm(module, dtype: torch.dtype) -> PreparedNorm:
@@ -144,11 +153,14 @@ def prepare(model, dtype: torch.dtype) -> PreparedModel:
     """``model``'s weights as decoding uses them, in ``dtype``, whatever dtype the model holds them in."""
     inner = _llama(model)
     config = inner.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    # Attention's 1/sqrt(head_dim) goes into the query rows once (exact when it is a power of two).
+    attention_scales = [head_dim**-0.5, 1.0, 1.0]
     layers = []
     for layer in inner.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
         projections = {
-            "qkv": _prepare_linear([attention.q_proj, attention.k_proj, attention.v_proj], dtype),
+            "qkv": _prepare_linear([attention.q_proj, attention.k_proj, attention.v_proj], dtype, attention_scales),
             "o_proj": _prepare_linear([attention.o_proj], dtype),
             "gate_up": _prepare_linear([mlp.gate_proj, mlp.up_proj], dtype),
             "down_proj": _prepare_linear([mlp.down_proj], dtype),
@@ -161,7 +173,6 @@ def prepare(model, dtype: torch.dtype) -> PreparedModel:
                 activation=layer.mlp.act_fn,
             )
         )
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return PreparedModel(
         embed=inner.model.embed_tokens.weight.detach().to(dtype),
         layers=layers,
@@ -186,10 +197,13 @@ def _mlp(layer: PreparedLayer, x: torch.Tensor) -> torch.Tensor:
     return layer.projections["down_proj"](layer.activation(gate) * up)
 
 
-def _qkv(prepared: PreparedModel, layer: PreparedLayer, x: torch.Tensor):
-    q_width = prepared.heads * prepared.head_dim
-    kv_width = prepared.kv_heads * prepared.head_dim
-    return layer.projections["qkv"](x).split([q_width, kv_width, kv_width], dim=-1)
+def _attention_inputs(prepared: PreparedModel, layer: PreparedLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The queries and keys of ``h`` ``[tokens, hidden]``, rotated together in one pass and each
+    ``[tokens, heads, head_dim]``, and the values."""
+    heads, kv_heads = prepared.heads, prepared.kv_heads
+    qkv = layer.projections["qkv"](layer.input_norm(h)).view(h.shape[0], heads + 2 * kv_heads, prepared.head_dim)
+    rotated = _rotate(qkv[:, : heads + kv_heads], cos, sin)
+    return rotated[:, :heads], rotated[:, heads:], qkv[:, heads + kv_heads :]
 
 
 class KVCache:
@@ -212,64 +226,67 @@ class KVCache:
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_bias: torch.Tensor | None) -> torch.Tensor:
-    """Causal attention of one prompt, ``q`` ``[1, heads, length, head_dim]`` against ``k``, ``v``
-    ``[1, kv_heads, length, head_dim]``: as eager attention computes it (grouped matmuls, softmax
-    in fp32) where ``causal_bias`` is given, else torch's fused kernel (faster on long prompts)."""
+    """Causal attention of one prompt, ``q`` ``[heads, length, head_dim]`` (already scaled) against
+    ``k``, ``v`` ``[kv_heads, length, head_dim]``: grouped matmuls (the query heads of one KV head
+    stacked, ``causal_bias`` ``[groups * length, length]`` added in the matmul) where ``causal_bias``
+    is given, else torch's fused kernel (faster on long prompts)."""
     if causal_bias is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    _, heads, length, head_dim = q.shape
-    kv_heads = k.shape[1]
-    grouped = q.reshape(1, kv_heads, heads // kv_heads * length, head_dim)
-    scores = torch.matmul(grouped, k.transpose(-1, -2)).view(1, kv_heads, heads // kv_heads, length, length)
-    weights = torch.softmax(scores.float() * head_dim**-0.5 + causal_bias, dim=-1).to(q.dtype)
-    return torch.matmul(weights.view(1, kv_heads, -1, length), v).view(1, heads, length, head_dim)
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=1.0, enable_gqa=True)[0]
+    heads, length, head_dim = q.shape
+    grouped = q.reshape(k.shape[0], heads // k.shape[0] * length, head_dim)
+    scores = torch.baddbmm(causal_bias, grouped, k.transpose(1, 2))
+    return torch.bmm(torch.softmax(scores, dim=-1), v).view(heads, length, head_dim)
+
+
+def _causal_bias(length: int, groups: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The causal mask of a prompt as an additive bias for ``groups`` stacked query heads, or None
+    where the prompt is long enough for SDPA."""
+    if length > MATMUL_ATTENTION_UP_TO:
+        return None
+    return torch.full((length, length), float("-inf"), dtype=dtype).triu(1).repeat(groups, 1)
 
 
 def _prefill_row(prepared: PreparedModel, cache: KVCache, row: int, prompt: Sequence[int]) -> torch.Tensor:
     """Run one prompt through the model at its own length, store its keys and values in ``row``
     of the cache, and return the logits of its last position."""
     length = len(prompt)
-    ids = torch.tensor(prompt)
-    h = prepared.embed[ids][None]
-    cos, sin = prepared.rotary(h, torch.arange(length)[None])
+    h = prepared.embed[torch.tensor(prompt)]
+    cos, sin = prepared.rotary(h[None], torch.arange(length)[None])
+    cos, sin = cos[0, :, None], sin[0, :, None]
     start = cache.prompt_width - length
-    causal_bias = torch.full((length, length), float("-inf")).triu(1) if length <= MATMUL_ATTENTION_UP_TO else None
+    causal_bias = _causal_bias(length, prepared.heads // prepared.kv_heads, prepared.dtype)
     for index, layer in enumerate(prepared.layers):
-        p = layer.projections
-        q, k, v = _qkv(prepared, layer, layer.input_norm(h))
-        q = _rotate(q.view(1, length, prepared.heads, prepared.head_dim).transpose(1, 2), cos[:, None], sin[:, None])
-        k = _rotate(k.view(1, length, prepared.kv_heads, prepared.head_dim).transpose(1, 2), cos[:, None], sin[:, None])
-        v = v.view(1, length, prepared.kv_heads, prepared.head_dim).transpose(1, 2)
-        cache.keys[index][row, :, start : cache.prompt_width] = k[0]
-        cache.values[index][row, :, start : cache.prompt_width] = v[0]
-        attended = _causal_attention(q, k, v, causal_bias)
-        h = h + p["o_proj"](attended.transpose(1, 2).reshape(1, length, -1))
+        q, k, v = _attention_inputs(prepared, layer, h, cos, sin)
+        keys = cache.keys[index][row, :, start : cache.prompt_width]
+        values = cache.values[index][row, :, start : cache.prompt_width]
+        keys.copy_(k.transpose(0, 1))
+        values.copy_(v.transpose(0, 1))
+        attended = _causal_attention(q.transpose(0, 1), keys, values, causal_bias)
+        h = h + layer.projections["o_proj"](attended.transpose(0, 1).reshape(length, -1))
         h = h + _mlp(layer, layer.post_attention_norm(h))
-    return prepared.lm_head(prepared.norm(h[:, -1]))[0]
+    return prepared.lm_head(prepared.norm(h[-1:]))[0]
 
 
 def _decode_step(
     prepared: PreparedModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, column: int
 ) -> torch.Tensor:
     """One new token for every row (``tokens`` at ``positions``), written at cache ``column``; the
-    logits of the next."""
-    rows, groups = tokens.shape[0], prepared.heads // prepared.kv_heads
+    logits of the next. Each row's query heads attend, grouped by KV head, over the whole cache width."""
+    rows, kv_heads, head_dim = tokens.shape[0], prepared.kv_heads, prepared.head_dim
+    groups = prepared.heads // kv_heads
     h = prepared.embed[tokens]
-    cos, sin = prepared.rotary(h, positions[:, None])
-    cos, sin = cos[:, :, None], sin[:, :, None]
+    cos, sin = prepared.rotary(h[:, None], positions[:, None])
     cache.bias[:, column] = 0.0
-    bias = cache.bias[:, None, None, :]
-    scale = prepared.head_dim**-0.5
+    bias = cache.bias[:, None, None, :].expand(rows, kv_heads, groups, -1).reshape(rows * kv_heads, groups, -1)
     for index, layer in enumerate(prepared.layers):
-        p = layer.projections
-        q, k, v = _qkv(prepared, layer, layer.input_norm(h))
-        q = _rotate(q.view(rows, prepared.kv_heads, groups, prepared.head_dim), cos, sin)
-        k = _rotate(k.view(rows, prepared.kv_heads, 1, prepared.head_dim), cos, sin)
-        cache.keys[index][:, :, column] = k[:, :, 0]
-        cache.values[index][:, :, column] = v.view(rows, prepared.kv_heads, prepared.head_dim)
-        scores = torch.matmul(q, cache.keys[index].transpose(-1, -2)) * scale + bias
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(prepared.dtype)
-        h = h + p["o_proj"](torch.matmul(weights, cache.values[index]).reshape(rows, -1))
+        q, k, v = _attention_inputs(prepared, layer, h, cos, sin)
+        keys, values = cache.keys[index], cache.values[index]
+        keys[:, :, column] = k
+        values[:, :, column] = v
+        grouped = q.reshape(rows * kv_heads, groups, head_dim)
+        scores = torch.baddbmm(bias, grouped, keys.view(rows * kv_heads, -1, head_dim).transpose(1, 2))
+        attended = torch.bmm(torch.softmax(scores, dim=-1), values.view(rows * kv_heads, -1, head_dim))
+        h = h + layer.projections["o_proj"](attended.view(rows, -1))
         h = h + _mlp(layer, layer.post_attention_norm(h))
     return prepared.lm_head(prepared.norm(h))
 
