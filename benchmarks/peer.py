@@ -33,7 +33,8 @@ from benchmarks.common import RESULTS, add_data_arguments, print_result, run_int
 
 VARIANTS = ("train-ours", "train-ours-torch-dropout", "train-trl", "generate-ours", "generate-plain-bf16", "generate-ours-tuned",
             "generate-plain-bf16-tuned", "generate-ours-transformers", "prefill-ours", "prefill-plain-bf16", "generate-ours-fp32",
-            "generate-plain", "generate-lookup", "generate-static-compiled", "generate-llama-cpp")
+            "generate-plain", "generate-lookup", "generate-static-compiled", "generate-llama-cpp", "generate-plain-bf16-eager",
+            "generate-plain-bf16-static-cache")
 GENERATE_BATCH = 16  # one batch of every test prompt for the plain peers; ours plans its own batches up to this size
 
 
@@ -245,10 +246,13 @@ def run_generate_lookup(args) -> dict:
     return {"seconds": seconds, "new_tokens_per_s": new_tokens / seconds, "texts": texts}
 
 
-def run_generate_plain(args, dtype: str = "as_loaded", tuned: bool = False, max_new_tokens: int = 60) -> dict:
+def run_generate_plain(args, dtype: str = "as_loaded", tuned: bool = False, max_new_tokens: int = 60,
+                       attention: str | None = None, cache: str | None = None) -> dict:
     """One left-padded batch through ``model.generate``, as a user would write it: the model in
     ``dtype`` before the clock starts (as ``from_pretrained(..., dtype=torch.bfloat16)`` gives it),
-    and for ``tuned`` the adapter applied with ``PeftModel.from_pretrained``."""
+    and for ``tuned`` the adapter applied with ``PeftModel.from_pretrained``. ``attention`` replaces
+    the loaded attention implementation (SDPA) and ``cache`` the ``DynamicCache`` (``"static"``: one
+    preallocated cache, not compiled), to measure each on its own."""
     import torch
 
     from lorasum_assets.ml.generate import collate_left, cut_at_stop, stop_token_ids
@@ -266,6 +270,10 @@ def run_generate_plain(args, dtype: str = "as_loaded", tuned: bool = False, max_
         if dtype == "bf16":
             model = model.to(torch.bfloat16)
     model.eval()
+    if attention:
+        model.set_attn_implementation(attention)
+    if cache:
+        model.generation_config.cache_implementation = cache
     ids = prompts(args, tokenizer)
     stops = stop_token_ids(model, tokenizer)
     started = time.perf_counter()
@@ -319,6 +327,8 @@ WORKERS = {"train-ours": run_train_ours, "train-ours-torch-dropout": lambda args
            "train-trl": run_train_trl, "generate-ours": run_generate_ours,
            "generate-ours-fp32": lambda args: run_generate_ours(args, "as_loaded"), "generate-plain": run_generate_plain,
            "generate-plain-bf16": lambda args: run_generate_plain(args, "bf16"),
+           "generate-plain-bf16-eager": lambda args: run_generate_plain(args, "bf16", attention="eager"),
+           "generate-plain-bf16-static-cache": lambda args: run_generate_plain(args, "bf16", cache="static"),
            "generate-ours-tuned": lambda args: run_generate_ours(args, tuned=True),
            "generate-plain-bf16-tuned": lambda args: run_generate_plain(args, "bf16", tuned=True),
            "generate-ours-transformers": lambda args: run_generate_ours(args, decoder="transformers"),
@@ -385,6 +395,8 @@ def main() -> int:
         ("generate-ours-fp32", "generate-plain", "generation new tokens/s, fp32: ours (precision as_loaded) vs plain fp32 generate"),
         ("generate-lookup", "generate-plain-bf16", "generation new tokens/s, prompt lookup decoding (bf16, one at a time) vs plain bf16"),
         ("generate-static-compiled", "generate-plain-bf16", "generation new tokens/s, ours + static cache + torch.compile (cold) vs plain bf16"),
+        ("generate-plain-bf16-eager", "generate-plain-bf16", "generation new tokens/s, plain bf16 generate: eager attention vs SDPA (as loaded)"),
+        ("generate-plain-bf16-static-cache", "generate-plain-bf16", "generation new tokens/s, plain bf16 generate: static cache vs DynamicCache"),
         ("generate-llama-cpp", "generate-plain-bf16", "generation new tokens/s, llama.cpp on the shipped Q4_1 GGUF, one at a time, vs plain bf16"),
     )
     for ours_variant, peer_variant, label in comparisons:
