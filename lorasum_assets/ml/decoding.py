@@ -225,6 +225,13 @@ class KVCache:
         self.bias = torch.where(written, 0.0, float("-inf")).to(prepared.dtype)
 
 
+def _attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Batched attention of already scaled ``queries`` ``[batch, queries, head_dim]`` over ``keys``,
+    ``values`` ``[batch, keys, head_dim]``, ``bias`` added to the scores inside the matmul: each batch
+    entry holds the query heads that share one KV head."""
+    return torch.bmm(torch.softmax(torch.baddbmm(bias, queries, keys.transpose(1, 2)), dim=-1), values)
+
+
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_bias: torch.Tensor | None) -> torch.Tensor:
     """Causal attention of one prompt, ``q`` ``[heads, length, head_dim]`` (already scaled) against
     ``k``, ``v`` ``[kv_heads, length, head_dim]``: grouped matmuls (the query heads of one KV head
@@ -234,8 +241,7 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_
         return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=1.0, enable_gqa=True)[0]
     heads, length, head_dim = q.shape
     grouped = q.reshape(k.shape[0], heads // k.shape[0] * length, head_dim)
-    scores = torch.baddbmm(causal_bias, grouped, k.transpose(1, 2))
-    return torch.bmm(torch.softmax(scores, dim=-1), v).view(heads, length, head_dim)
+    return _attend(grouped, k, v, causal_bias).view(heads, length, head_dim)
 
 
 def _causal_bias(length: int, groups: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -283,9 +289,8 @@ def _decode_step(
         keys, values = cache.keys[index], cache.values[index]
         keys[:, :, column] = k
         values[:, :, column] = v
-        grouped = q.reshape(rows * kv_heads, groups, head_dim)
-        scores = torch.baddbmm(bias, grouped, keys.view(rows * kv_heads, -1, head_dim).transpose(1, 2))
-        attended = torch.bmm(torch.softmax(scores, dim=-1), values.view(rows * kv_heads, -1, head_dim))
+        attended = _attend(q.reshape(rows * kv_heads, groups, head_dim), keys.view(rows * kv_heads, -1, head_dim),
+                           values.view(rows * kv_heads, -1, head_dim), bias)
         h = h + layer.projections["o_proj"](attended.view(rows, -1))
         h = h + _mlp(layer, layer.post_attention_norm(h))
     return prepared.lm_head(prepared.norm(h))

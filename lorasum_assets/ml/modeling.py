@@ -65,6 +65,18 @@ def _package_dir(package: str) -> Path:
     return Path(list(found.submodule_search_locations)[0])
 
 
+def split_gguf_model(model: str) -> tuple[str, str]:
+    """``gguf:<package>/<file.gguf>`` as its package and file name."""
+    package, _, gguf_file = model[len(GGUF_PREFIX) :].partition("/")
+    return package, gguf_file
+
+
+def packaged_gguf_path(model: str) -> Path:
+    """The GGUF file that ``gguf:<package>/<file.gguf>`` names, where its package installed it."""
+    package, gguf_file = split_gguf_model(model)
+    return _package_dir(package) / gguf_file
+
+
 def convert_gguf(package: str, gguf_file: str, target: Path) -> Path:
     """Dequantize a packaged GGUF once into a safetensors folder.
 
@@ -101,7 +113,7 @@ def resolve_model_path(spec: ModelSpec) -> str:
 
         return str(build_tiny_model(cache / "tiny-llama"))
     if spec.model.startswith(GGUF_PREFIX):
-        package, _, gguf_file = spec.model[len(GGUF_PREFIX) :].partition("/")
+        package, gguf_file = split_gguf_model(spec.model)
         return str(convert_gguf(package, gguf_file, cache / Path(gguf_file).stem))
     return spec.model
 
