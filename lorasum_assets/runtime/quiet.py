@@ -1,5 +1,7 @@
-"""Known noise of the libraries, filtered where it arises: each filter says why what it hides is
-safe to hide. ``LORASUM_VERBOSE=1`` (or the CLI's ``-v``) shows it all again.
+"""Known noise of the libraries, filtered by where it comes from (a logger's name, a warning's
+category or module), never by its wording: a notice reworded in a new release stays hidden.
+Each filter says why what it hides is safe to hide. ``LORASUM_VERBOSE=1`` (or the CLI's ``-v``)
+shows it all again.
 
 Installed when the package is imported, so before any of these libraries is: every ``dagster``
 command, code server and run worker imports ``lorasum_assets`` first.
@@ -16,27 +18,27 @@ from lorasum_assets.settings.env import VERBOSE_ENV, get_env
 
 _PROGRESS_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"  # huggingface_hub's, which transformers' bars follow
 
-# (message regex, category, why it is safe to hide). Dagster's BetaWarning is matched as a plain
-# Warning so that importing the package does not import dagster.
-KNOWN_WARNINGS = (
-    (r"Parameter `data_version` of initializer `Output.__init__` is currently in beta", Warning,
-     "dagster is pinned to one minor version (pyproject.toml), so the beta API we call cannot change under us"),
-    (r"Function `PipesMessageReader.expected_writer_count` is currently in preview", Warning,
-     "the same pin: Dagster Pipes counts the accelerate worker's writers with it"),
-    (r"`is_gradient_checkpointing` is deprecated", FutureWarning,
-     "PEFT reads transformers' deprecated alias, which returns what is_activation_checkpointing does"),
+# (logger name, why its warnings are safe to hide). Errors still show.
+QUIET_LOGGERS = (
+    ("kernels",
+     "transformers pulls in the `kernels` package, which bitsandbytes asks for hub-hosted CPU kernels; offline "
+     "(HF_HUB_OFFLINE=1) it can only say that it is skipping the hub"),
+    ("bitsandbytes",
+     "on CPU bitsandbytes falls back to its own NF4 code when the hub kernels are not there, and says so; what "
+     "loaded (4-bit or not, compute dtype) is recorded from the model itself"),
 )
 
+# (warning category, module regex or "", why it is safe to hide). Dagster's categories are named
+# by their module and class so that importing this package does not import dagster.
+QUIET_WARNINGS = (
+    ("dagster_shared.utils.warnings.BetaWarning", "",
+     "dagster is pinned to one minor version (pyproject.toml, requirements.lock), so the beta APIs we call cannot change under us"),
+    ("dagster_shared.utils.warnings.PreviewWarning", "",
+     "the same pin: Dagster Pipes counts the accelerate worker's writers with a preview API"),
+    ("builtins.FutureWarning", r"transformers\.modeling_utils",
+     "PEFT reads transformers' deprecated alias is_gradient_checkpointing, which returns what is_activation_checkpointing does"),
+)
 
-class _KernelsNotice(logging.Filter):
-    """bitsandbytes on CPU tries the ``kernels`` package, which would download kernels from the
-    hub, and falls back to its own NF4 code when it is missing: the notice says only that."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-
-
-_kernels_notice = _KernelsNotice()
 _installed: list[tuple] = []
 
 
@@ -45,13 +47,19 @@ def verbose_requested() -> bool:
 
 
 def quiet_known_noise() -> None:
-    """Hide the warnings above and the weight loading and saving bars (the run log says what loaded
-    and how long it took), unless ``LORASUM_VERBOSE`` asks for them."""
+    """Hide the loggers and warnings above and the weight loading and saving bars (the run log says
+    what loaded and how long it took), unless ``LORASUM_VERBOSE`` asks for them."""
     if verbose_requested() or _installed:
         return
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_kernels_notice)
-    for message, category, _why in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
+    for name, _why in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        _installed.append(("logger", name, logger.level))
+        logger.setLevel(logging.ERROR)
+    for category_path, module, _why in QUIET_WARNINGS:
+        category = _warning_category(category_path)
+        if category is None:
+            continue
+        warnings.filterwarnings("ignore", category=category, module=module)
         _installed.append(warnings.filters[0])
     if _PROGRESS_BARS_ENV not in os.environ:
         os.environ[_PROGRESS_BARS_ENV] = "1"
@@ -61,14 +69,25 @@ def quiet_known_noise() -> None:
 
 def show_known_noise() -> None:
     """Undo ``quiet_known_noise`` (the CLI's ``-v``)."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").removeFilter(_kernels_notice)
     for entry in _installed:
         if entry[0] == "env":
             os.environ.pop(entry[1], None)
+        elif entry[0] == "logger":
+            logging.getLogger(entry[1]).setLevel(entry[2])
         elif entry in warnings.filters:
             warnings.filters.remove(entry)
     _installed.clear()
     _set_library_bars(enabled=True)
+
+
+def _warning_category(path: str) -> type[Warning] | None:
+    """The class a dotted path names; dagster_shared is a few small modules, not dagster itself."""
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        module = sys.modules.get(module_name) or __import__(module_name, fromlist=[class_name])
+    except ImportError:
+        return None
+    return getattr(module, class_name, None)
 
 
 def _set_library_bars(enabled: bool) -> None:
