@@ -102,3 +102,25 @@ def test_every_setting_is_defined_once_and_settable_per_run():
     assert {f.name for f in fields(ModelChoice)} - {"online_equivalent"} <= resource_names("model")
     assert {f.name for f in fields(BertScoreSpec)} <= resource_names("scorer")
     assert resource_names("profile") == {"name"}
+
+
+ML_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "bert_score", "accelerate", "trl")
+LOAD_THE_CODE_LOCATION = """
+import sys
+import lorasum_assets.definitions as definitions
+repository = definitions.defs.get_repository_def()  # what a code server builds: jobs, resources, schedules
+assert repository.get_all_jobs()
+print(",".join(sorted(m for m in sys.modules if m.split(".")[0] in {libraries!r})))
+"""
+
+
+def test_loading_the_code_location_imports_no_ml_library():
+    """Every Dagster process (code servers, daemon, run and step workers) loads the definitions:
+    the ML libraries are imported where they run, never by that."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LOAD_THE_CODE_LOCATION.format(libraries=set(ML_LIBRARIES))],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "", f"loading the definitions imported {done.stdout.strip()}"

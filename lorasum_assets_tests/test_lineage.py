@@ -92,7 +92,7 @@ def test_an_adapter_refuses_a_different_base_model_before_any_generation(fresh_h
     assert ok.asset_materializations_for_node("tuned_predictions")[0].metadata["adapter_id"].value == adapter["adapter_id"]
 
 
-def test_changed_settings_code_or_model_show_as_unsynced(fresh_home, tmp_path):
+def test_changed_settings_show_as_unsynced_and_the_loading_profile_does_not(fresh_home, tmp_path):
     from dagster._core.definitions.data_version import CachingStaleStatusResolver
     from dagster._core.loader import LoadingContextForTest
 
@@ -118,11 +118,9 @@ def test_changed_settings_code_or_model_show_as_unsynced(fresh_home, tmp_path):
         assert materialize(instance, "tuned_predictions").success
         after_tuned = statuses()
         assert after_tuned["tuned_predictions"] == "FRESH" and after_tuned["bertscore_report"] == "STALE"
-    # another base model (the profile's model): every asset that uses the model changed its code version
-    after_model = stale_statuses(home, "smollm2-135m")
-    assert after_model["raw_dialogsum"] == after_model["filtered_split"] == "FRESH"  # same data settings in both profiles
-    for key in ("tokenized_dataset", "lora_adapter", "base_predictions", "tuned_predictions"):
-        assert after_model[key] == "STALE", (key, after_model)
+    # The profile is read when a run starts: definitions loaded under another LORASUM_PROFILE have
+    # the same code versions, so no asset's status changes by that alone.
+    assert stale_statuses(home, "smollm2-135m") == stale_statuses(home, "tiny") == after_tuned
 
 
 def test_runs_carry_tags_for_profile_base_model_adapter_and_dataset(fresh_home):

@@ -185,4 +185,4 @@ def test_summarize_with_a_trained_adapter_and_a_corrupted_one(fresh_home, tmp_pa
     Path(path, "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     capsys.readouterr()
     assert main(["summarize", "--adapter", adapter_id, "--file", str(dialogue)]) == 1
-    assert "could not apply adapter" in capsys.readouterr().err
+    assert f"adapter {adapter_id} is damaged: {path}/adapter_model.safetensors has sha256" in capsys.readouterr().err

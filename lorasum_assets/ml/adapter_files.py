@@ -20,6 +20,35 @@ def sha256_file(path: Path) -> str:
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class AdapterFilesError(RuntimeError):
+    """A registered adapter whose files are not the ones it was registered with."""
+
+    status = "damaged"
+
+
+class AdapterMissingError(AdapterFilesError):
+    status = "missing"
+
+
+def verify_adapter_files(adapter_id: str, folder: str | Path, registered_sha256: str) -> Path:
+    """The adapter's folder, after checking that its weights hash to what the registry recorded.
+    Every reader of an adapter's files calls this before it uses them; it raises, naming the file
+    and both hashes, when they differ or the files are gone."""
+    folder = Path(folder)
+    weights = folder / WEIGHTS_FILE
+    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if missing:
+        where = f"the folder {folder} is gone" if not folder.exists() else f"{', '.join(missing)} missing in {folder}"
+        raise AdapterMissingError(f"adapter {adapter_id} cannot be used: {where}; the registry still lists it "
+                                  f"(weights sha256 {registered_sha256})")
+    actual = sha256_file(weights)
+    if actual != registered_sha256:
+        raise AdapterFilesError(f"adapter {adapter_id} is damaged: {weights} has sha256 {actual}, "
+                                f"the registry recorded {registered_sha256}; refusing to use it")
+    return folder
 
 
 def lora_b_all_zero(adapter_file: Path) -> bool:

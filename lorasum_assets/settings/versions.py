@@ -1,20 +1,18 @@
-"""Code versions from the code: each asset's version hashes the source of its module, of every
-lorasum module it imports (transitively), and the default profile's settings it uses.
+"""Code versions from the code alone: each asset's version hashes the source of its module and of
+every lorasum module it imports (transitively).
 
-Editing the training loop changes ``lora_adapter``'s version; switching ``LORASUM_PROFILE`` to a
-profile with another base model changes the version of every asset that uses the model. Dagster
-then shows the asset, and everything downstream of it, as unsynced.
+Editing the training loop changes ``lora_adapter``'s version, and Dagster shows it, and everything
+downstream, as unsynced. Settings are not code: a run reads its profile when it starts, and the
+settings and base model it ran with enter the data versions it writes. So the definitions are the
+same whatever ``LORASUM_PROFILE`` said when they were loaded.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
-import json
-from dataclasses import asdict
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 PACKAGE = "lorasum_assets"
 # Settings enter through the profile sections passed to ``code_version``, not through profiles.py's source.
@@ -61,9 +59,8 @@ def module_closure(module: str) -> tuple[str, ...]:
     return tuple(sorted(seen))
 
 
-def code_version(module: str, *settings: Any) -> str:
+def code_version(module: str) -> str:
     digest = hashlib.sha256()
     for name in module_closure(module):
         digest.update(name.encode() + b"\0" + _source_path(name).read_bytes())
-    digest.update(json.dumps([asdict(s) for s in settings], sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]

@@ -12,7 +12,6 @@ from lorasum_assets.ml.data import Dialogue, filter_split, load_local, normalise
 from lorasum_assets.ml.prompts import IGNORE_INDEX, SummaryTooLongError, encode_example, required_max_length
 from lorasum_assets.ml.readers import read_hub, read_sample
 from lorasum_assets.settings.config import config_class, resolve
-from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets.settings.specs import DataSpec, FilterSpec, SettingError, TokenizeSpec
 from lorasum_assets.settings.versions import code_version
 from lorasum_assets.store.history import write_materialization
@@ -21,7 +20,6 @@ from lorasum_assets.store.references import TableRef
 
 DIALOGUE_COLUMNS = ("split", "id", "dialogue", "references", "topic", "source_index")
 TOKENIZED_COLUMNS = ("split", "id", "input_ids", "attention_mask", "labels", "n_tokens", "prompt_tokens", "label_tokens", "truncated")
-_DEFAULT = get_profile()
 
 RawDataConfig = config_class("RawDataConfig", DataSpec, "Where DialogSum comes from.")
 FilterConfig = config_class("FilterConfig", FilterSpec, "The notebook keeps index % 100 == 0 of each split.")
@@ -58,7 +56,7 @@ def _hash_rows(rows) -> str:
 @dg.asset(
     group_name="data",
     kinds={"python", "duckdb"},
-    code_version=code_version(__name__, _DEFAULT.data),
+    code_version=code_version(__name__),
     description="Every DialogSum dialogue as it arrived, one row per dialogue with a list of references.",
 )
 def raw_dialogsum(
@@ -121,7 +119,7 @@ def raw_dialogsum(
 @dg.asset(
     group_name="data",
     kinds={"python", "duckdb"},
-    code_version=code_version(__name__, _DEFAULT.filter),
+    code_version=code_version(__name__),
     description="The notebook's subset: per split, rows whose index satisfies index % modulus == offset.",
 )
 def filtered_split(
@@ -195,7 +193,7 @@ def _encode_splits(tokenizer, by_split: dict, spec: TokenizeSpec, use_chat_templ
 @dg.asset(
     group_name="data",
     kinds={"python", "duckdb"},
-    code_version=code_version(__name__, _DEFAULT.tokenize, _DEFAULT.model),
+    code_version=code_version(__name__),
     description="Token ids, attention masks and labels (-100 on the prompt) for train and validation; unpadded.",
 )
 def tokenized_dataset(

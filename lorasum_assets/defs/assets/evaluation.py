@@ -11,17 +11,15 @@ from lorasum_assets.defs.assets.data import dataset_of, read_dialogues, require
 from lorasum_assets.defs.assets.plots import histogram, markdown_table
 from lorasum_assets.defs.assets.plots import table as table_value
 from lorasum_assets.defs.resources import BertScorerResource, LoraModelResource, LorasumStore, ProfileResource
-from lorasum_assets.ml.report import METRICS, metric_value, score_predictions
 from lorasum_assets.ml.stats import percent_difference
 from lorasum_assets.settings.config import config_class, resolve
-from lorasum_assets.settings.profiles import get_profile
+from lorasum_assets.settings.specs import EVAL_METRICS as METRICS
 from lorasum_assets.settings.specs import ReportSpec
 from lorasum_assets.settings.versions import code_version
 from lorasum_assets.store.history import write_evaluation
 from lorasum_assets.store.queries import adapter_sha256, evaluated_set_hash, prediction_rows
 from lorasum_assets.store.references import TableRef, version_of
 
-_DEFAULT = get_profile()
 ReportConfig = config_class("ReportConfig", ReportSpec, "Bootstrap settings of the confidence intervals.")
 
 
@@ -58,6 +56,8 @@ def significance_mark(delta: dict) -> str:
 
 
 def report_rows(report) -> list[tuple]:
+    from lorasum_assets.ml.report import metric_value
+
     """The notebook's two tables (scores, and the tuned-vs-base percentage difference) as one, with
     CIs; three decimals, and each CI beside its value so the browser wraps it under the value."""
     rows = []
@@ -109,6 +109,8 @@ def _read_inputs(store, base_ref: TableRef, tuned_ref: TableRef, dialogues_ref: 
 
 
 def _score(context, scorer, inputs: ScoredInputs, spec: ReportSpec):
+    from lorasum_assets.ml.report import score_predictions
+
     dialogues = inputs.dialogues
     context.log.info(f"scoring {len(dialogues)} base and {len(dialogues)} tuned summaries with {scorer.spec().model} BERTScore and ROUGE")
     started = time.perf_counter()
@@ -163,6 +165,8 @@ def _write_history(context, store, *, spec: ReportSpec, profile_name: str, base_
 
 
 def _report_metadata(inputs: ScoredInputs, report, scorer_hash: str) -> dict:
+    from lorasum_assets.ml.report import metric_value
+
     dialogues = inputs.dialogues
     f1_base, f1_tuned = report.per_example["base"]["bertscore_f1"], report.per_example["tuned"]["bertscore_f1"]
     deltas = [t - b for t, b in zip(f1_tuned, f1_base)]
@@ -190,7 +194,7 @@ def _report_metadata(inputs: ScoredInputs, report, scorer_hash: str) -> dict:
 @dg.asset(
     group_name="evaluation",
     kinds={"python", "duckdb"},
-    code_version=code_version(__name__, _DEFAULT.report, _DEFAULT.scorer),
+    code_version=code_version(__name__),
     description=(
         "BERTScore P/R/F1 and ROUGE of base and tuned on the same examples, one history row set per run. In the report "
         "table each score is mean [95% bootstrap CI]; tuned − base has the paired CI, and sig. marks ▲/▼ when it excludes 0."

@@ -10,13 +10,11 @@ from lorasum_assets.defs.assets.training import GPU_POOL
 from lorasum_assets.defs.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.defs.resources.lineage import lineage_run_ids
 from lorasum_assets.defs.resources.preflight import RunPreflightResource
-from lorasum_assets.ml.adapter_files import sha256_file
-from lorasum_assets.ml.generate import generate, generate_with_adapter, has_active_adapter
+from lorasum_assets.ml.adapter_files import verify_adapter_files
 from lorasum_assets.ml.progress import Progress
 from lorasum_assets.ml.prompts import encode_prompt, trained_prompt_format
 from lorasum_assets.runtime.deployment import gpu_op_tags
 from lorasum_assets.settings.config import config_class, resolve
-from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets.settings.specs import PRODUCTION_ALIAS, GenerationSpec, ModelChoice
 from lorasum_assets.settings.versions import code_version
 from lorasum_assets.store.history import write_materialization
@@ -25,7 +23,6 @@ from lorasum_assets.store.references import AdapterRef, TableRef, version_of
 from lorasum_assets.store.registry import choose_adapter, production_adapter
 
 PREDICTION_COLUMNS = ("split", "id", "prediction", "new_tokens", "hit_limit", "latency_s", "adapter_id")
-_DEFAULT = get_profile()
 
 GenerationConfig = config_class("GenerationConfig", GenerationSpec, "Greedy by default, as in the notebook.")
 TunedGenerationConfig = config_class(
@@ -106,7 +103,7 @@ def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_
 @dg.asset(
     group_name="evaluation",
     kinds={"pytorch", "duckdb"},
-    code_version=code_version(__name__, _DEFAULT.generation, _DEFAULT.model),
+    code_version=code_version(__name__),
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
     description="Greedy summaries from the base model alone: no adapter is loaded or active.",
@@ -120,6 +117,8 @@ def base_predictions(
     preflight: RunPreflightResource,
     filtered_split: TableRef | None,
 ) -> dg.Output[TableRef]:
+    from lorasum_assets.ml.generate import generate, has_active_adapter
+
     spec: GenerationSpec = resolve(profile.get().generation, config)
     upstream = require(filtered_split, "filtered_split")
     tokenizer = model.tokenizer(context.log.info)
@@ -138,7 +137,7 @@ def base_predictions(
 @dg.asset(
     group_name="evaluation",
     kinds={"pytorch", "duckdb"},
-    code_version=code_version(__name__, _DEFAULT.generation, _DEFAULT.model),
+    code_version=code_version(__name__),
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
     description="Greedy summaries from the base model with the LoRA adapter applied.",
@@ -179,14 +178,15 @@ class AdapterGenerations:
 def generate_for_adapter(context, model, store, adapter: AdapterRef, upstream: TableRef, spec: GenerationSpec, label: str) -> AdapterGenerations:
     """Summaries of ``upstream``'s ``spec.split`` dialogues from the base with ``adapter`` applied,
     after checking that the adapter's files and prompt format are the ones it was registered with."""
+    from lorasum_assets.ml.generate import generate_with_adapter
+
     _, trained_with = trained_prompt_format(adapter.training)
     if trained_with != model.choice().prompt_boundary:
         raise ValueError(
             f"adapter {adapter.adapter_id} was trained with the {trained_with!r} prompt boundary; "
             f"evaluate it with resources.model.config.prompt_boundary: {trained_with}"
         )
-    if sha256_file(f"{adapter.path}/adapter_model.safetensors") != adapter.sha256:
-        raise RuntimeError(f"adapter {adapter.adapter_id}'s weights at {adapter.path} changed since it was registered")
+    verify_adapter_files(adapter.adapter_id, adapter.path, adapter.sha256)
     tokenizer = model.tokenizer(context.log.info)
     base = model.base_model(context.log.info)
     budget = prompt_budget(spec, base)

@@ -13,10 +13,8 @@ from lorasum_assets.defs.assets.plots import markdown_table
 from lorasum_assets.defs.assets.predictions import generate_for_adapter
 from lorasum_assets.defs.assets.training import GPU_POOL
 from lorasum_assets.defs.resources import BertScorerResource, LoraModelResource, LorasumStore, ProfileResource
-from lorasum_assets.ml.report import score_examples
 from lorasum_assets.runtime.deployment import gpu_op_tags
 from lorasum_assets.settings.config import config_class, resolve
-from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets.settings.specs import GenerationSpec, PromotionSpec
 from lorasum_assets.settings.versions import code_version
 from lorasum_assets.store.promotions import (
@@ -32,7 +30,6 @@ from lorasum_assets.store.promotions import (
 from lorasum_assets.store.references import TableRef, check_adapter_base
 from lorasum_assets.store.registry import find_adapter
 
-_DEFAULT = get_profile()
 PromotionConfig = config_class(
     "PromotionConfig", PromotionSpec, "When the run's adapter takes the alias from the adapter holding it."
 )
@@ -43,6 +40,8 @@ def _champion_scorer(context, model, scorer, store, evaluation: Evaluation, dial
     them with this run's scorer and keeps them in the history (``champion_examples``)."""
 
     def score(adapter_id: str) -> dict[str, float]:
+        from lorasum_assets.ml.report import score_examples
+
         with store.connect() as con:
             adapter = find_adapter(con, adapter_id)
         if adapter is None:
@@ -68,7 +67,7 @@ def _champion_scorer(context, model, scorer, store, evaluation: Evaluation, dial
 @dg.asset(
     group_name="evaluation",
     kinds={"python", "duckdb"},
-    code_version=code_version(__name__, _DEFAULT.promotion),
+    code_version=code_version(__name__),
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
     description=(

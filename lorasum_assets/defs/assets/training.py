@@ -6,9 +6,9 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
-from torch.utils.tensorboard import SummaryWriter
 
 from lorasum_assets.defs.assets.data import read_examples, require
 from lorasum_assets.defs.assets.plots import line_plot
@@ -16,22 +16,19 @@ from lorasum_assets.defs.assets.plots import table as table_value
 from lorasum_assets.defs.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.defs.resources.preflight import RunPreflightResource
 from lorasum_assets.ml.adapter_files import lora_b_all_zero, save_adapter, sha256_file
-from lorasum_assets.ml.batching import TrainExample, planned_steps
-from lorasum_assets.ml.model_setup import prepare_peft_model
 from lorasum_assets.ml.progress import Progress, StepLog
-from lorasum_assets.ml.train import train_lora
 from lorasum_assets.runtime.deployment import gpu_op_tags, training_gpus
 from lorasum_assets.runtime.home import home_subdir, lorasum_home
 from lorasum_assets.settings.config import config_class, resolve, spec_fields
-from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets.settings.specs import LauncherSpec, TrainSpec
 from lorasum_assets.settings.versions import code_version
 from lorasum_assets.store.history import record_training_log, register_adapter
 from lorasum_assets.store.references import AdapterRef, TableRef, version_of
-from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
+
+if TYPE_CHECKING:
+    from lorasum_assets.ml.batching import TrainExample
 
 GPU_POOL = "lorasum_gpu"
-_DEFAULT = get_profile()
 
 
 TrainingConfig = config_class(
@@ -42,7 +39,9 @@ TrainingConfig = config_class(
 )
 
 
-def _read_examples(con, ref: TableRef, split: str) -> tuple[list[TrainExample], str]:
+def _read_examples(con, ref: TableRef, split: str) -> tuple[list["TrainExample"], str]:
+    from lorasum_assets.ml.batching import TrainExample
+
     rows = read_examples(con, ref, split)
     digest = hashlib.sha256()
     for row in rows:
@@ -57,8 +56,8 @@ class TrainingJob:
     spec: TrainSpec
     train_key: str
     data_hash: str
-    train_examples: list[TrainExample]
-    val_examples: list[TrainExample]
+    train_examples: list["TrainExample"]
+    val_examples: list["TrainExample"]
     checkpoint_dir: Path
     target: Path
     adapter_id: str
@@ -94,6 +93,8 @@ class TrainingCurves:
     """TensorBoard event files per run under ``$LORASUM_HOME/tensorboard/<run id>`` (`make tensorboard`)."""
 
     def __init__(self, run_id: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
         self.folder = home_subdir("tensorboard", run_id)
         self.writer = SummaryWriter(log_dir=str(self.folder))
 
@@ -111,6 +112,10 @@ class TrainingCurves:
 
 
 def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcome:
+    from lorasum_assets.ml.batching import planned_steps
+    from lorasum_assets.ml.model_setup import prepare_peft_model
+    from lorasum_assets.ml.train import train_lora
+
     run_id = context.run_id
     total = planned_steps(len(job.train_examples), job.spec)
     progress: Progress | None = None
@@ -171,6 +176,8 @@ def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcom
 
 def _train_with_accelerate(context, job: TrainingJob, launcher: LauncherSpec, model, pipes_client) -> TrainingOutcome:
     """Training in ``accelerate launch`` processes, reporting back through Dagster Pipes."""
+    from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
+
     job_path = write_job(
         home_subdir("jobs") / f"{context.run_id}-{job.train_key}.json",
         model=model.spec(),
@@ -227,7 +234,7 @@ def _record_training_log(store: LorasumStore, train_key: str, run_id: str, outco
 @dg.asset(
     group_name="training",
     kinds={"pytorch", "duckdb"},
-    code_version=code_version(__name__, _DEFAULT.training, _DEFAULT.model),
+    code_version=code_version(__name__),
     pool=GPU_POOL,
     op_tags=gpu_op_tags(training_gpus()),
     description=(

