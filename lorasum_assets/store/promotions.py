@@ -183,9 +183,12 @@ def record_decision(con, key: AliasKey, expected: str | None, row: dict[str, Any
     return in_transaction(con, body, "recording a promotion decision")
 
 
-def move_alias(con, key: AliasKey, adapter_id: str | None, reason: str | None, rollback: bool = False) -> dict[str, Any]:
+def move_alias(con, key: AliasKey, adapter_id: str | None, reason: str | None, rollback: bool = False,
+               check_target: Callable[[str], object] | None = None) -> dict[str, Any]:
     """Move the alias by hand: to ``adapter_id``, or (``rollback``) back to the adapter that held it
-    before the current one; recorded in ``promotions`` like any decision."""
+    before the current one; recorded in ``promotions`` like any decision. ``check_target`` is called
+    with the adapter the alias would move to (not for the base model alone); when it raises,
+    nothing is written."""
     who = getpass.getuser()
 
     def body(con) -> dict[str, Any]:
@@ -194,10 +197,14 @@ def move_alias(con, key: AliasKey, adapter_id: str | None, reason: str | None, r
             if not order:
                 raise AliasError(f"nothing to roll back: no adapter holds {key.describe()}")
             target = order[-2] if len(order) > 1 else None
+            if target is not None and check_target is not None:
+                check_target(target)
             text = reason or f"rolled back by {who} with lorasum rollback"
             return _append(con, key, who, {"adapter_id": target, "moved": True, "decision": "rollback", "reason": text})
         if order and order[-1] == adapter_id:
             raise AliasError(f"{adapter_id} already holds {key.describe()}")
+        if adapter_id is not None and check_target is not None:
+            check_target(adapter_id)
         text = reason or f"promoted by {who} with lorasum promote"
         return _append(con, key, who, {"adapter_id": adapter_id, "moved": True, "decision": "manual", "reason": text})
 

@@ -159,16 +159,11 @@ def _production_adapter(con, alias: str) -> tuple[str, str]:
 def cmd_summarize(args: argparse.Namespace) -> int:
     con = _connect(args)
     adapter_id, held_as = (args.adapter, None) if args.adapter else _production_adapter(con, args.alias)
-    row = queries.adapter_location(con, adapter_id)
+    adapter = _verified_adapter(con, adapter_id)
     con.close()
-    if row is None:
-        raise SystemExit(f"no adapter with id {adapter_id!r}; `lorasum adapters` lists them")
-    base_model, revision, config, path = row
-    if not Path(path, "adapter_model.safetensors").exists():
-        raise SystemExit(f"adapter {adapter_id!r} is registered but its files are missing at {path}")
     if held_as:
         print(f"lorasum summarize: using adapter {adapter_id} ({held_as})", file=sys.stderr)
-    model = SummaryModel(args, adapter_id, base_model, revision, path, json.loads(config))
+    model = SummaryModel(args, adapter_id, adapter.base.model, adapter.base.revision, adapter.path, adapter.training)
     if args.input:
         return _summarize_file(args, model)
     dialogue = Path(args.file).read_text("utf-8") if args.file else sys.stdin.read()
@@ -271,6 +266,29 @@ class SummaryModel:
         return [(output, truncated) for output, (_, truncated) in zip(outputs, encoded, strict=True)]
 
 
+def _checked_adapter(con, adapter_id: str):
+    """The registered adapter after its weights are checked against the registry's sha256; raises
+    ``AdapterFilesError`` (damaged or missing files) or ``LookupError`` (no such adapter)."""
+    from lorasum_assets.ml.adapter_files import verify_adapter_files
+    from lorasum_assets.store.registry import find_adapter
+
+    adapter = find_adapter(con, adapter_id)
+    if adapter is None:
+        raise LookupError(f"no adapter with id {adapter_id!r}; `lorasum adapters` lists them")
+    verify_adapter_files(adapter.adapter_id, adapter.path, adapter.sha256)
+    return adapter
+
+
+def _verified_adapter(con, adapter_id: str):
+    """``_checked_adapter``, exiting with its message when the adapter cannot be used."""
+    from lorasum_assets.ml.adapter_files import AdapterFilesError
+
+    try:
+        return _checked_adapter(con, adapter_id)
+    except (AdapterFilesError, LookupError) as exc:
+        raise SystemExit(str(exc).strip("'\"")) from exc
+
+
 def _alias_key(con, args: argparse.Namespace, adapter_id: str | None):
     from lorasum_assets.store.promotions import AliasKey, adapter_dataset, holders
 
@@ -292,6 +310,7 @@ def _alias_key(con, args: argparse.Namespace, adapter_id: str | None):
 
 
 def _move(args: argparse.Namespace, adapter_id: str | None, rollback: bool) -> int:
+    from lorasum_assets.ml.adapter_files import AdapterFilesError
     from lorasum_assets.store.lake import open_history
     from lorasum_assets.store.promotions import AliasError, current_adapter, move_alias
 
@@ -301,8 +320,9 @@ def _move(args: argparse.Namespace, adapter_id: str | None, rollback: bool) -> i
         key = _alias_key(con, args, adapter_id)
         before = current_adapter(con, key)
         try:
-            row = move_alias(con, key, adapter_id, args.reason, rollback=rollback)
-        except AliasError as exc:
+            row = move_alias(con, key, adapter_id, args.reason, rollback=rollback,
+                             check_target=lambda target: _checked_adapter(con, target))
+        except (AliasError, AdapterFilesError, LookupError) as exc:
             raise SystemExit(str(exc)) from exc
     finally:
         con.close()
@@ -327,15 +347,11 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     from lorasum_assets.ml.export import copy_adapter, merge_adapter, model_card
     from lorasum_assets.ml.modeling import ModelSpec
     from lorasum_assets.runtime.home import home_subdir
-    from lorasum_assets.store.registry import adapter_facts, find_adapter
+    from lorasum_assets.store.registry import adapter_facts
 
     con = _connect(args)
-    facts, adapter = adapter_facts(con, args.adapter), find_adapter(con, args.adapter)
+    adapter, facts = _verified_adapter(con, args.adapter), adapter_facts(con, args.adapter)
     con.close()
-    if facts is None or adapter is None:
-        raise SystemExit(f"no adapter with id {args.adapter!r}; `lorasum adapters` lists them")
-    if not Path(adapter.path, "adapter_model.safetensors").exists():
-        raise SystemExit(f"adapter {args.adapter!r} is registered but its files are missing at {adapter.path}")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise SystemExit(f"{out} exists and is not an empty folder; use --force to write into it")
@@ -378,6 +394,8 @@ def _push_to_hub(folder: Path, repo: str) -> str:
 
 def cmd_adapters(args: argparse.Namespace) -> int:
     con = _connect(args)
+    if args.verify:
+        return _verify_adapters(args, con)
     if args.best:
         rows = queries.ranked_adapters(con, args.metric, args.last)
         _emit(args, ("rank", "adapter_id", args.metric, "ci_low", "ci_high", "run_id", "dataset_hash", "learning_rate", "lora_r"), rows)
@@ -385,6 +403,23 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     rows = queries.adapter_listing(con)
     _emit(args, ("adapter_id", "created_at", "profile", "base_model", "final_train_loss", "final_val_loss", "aliases", "sha256"), rows)
     return 0
+
+
+def _verify_adapters(args: argparse.Namespace, con) -> int:
+    """Every registered adapter's files against its sha256: ok, damaged or missing; exit 1 unless all are ok."""
+    from lorasum_assets.ml.adapter_files import AdapterFilesError, verify_adapter_files
+    from lorasum_assets.store.registry import find_adapter
+
+    rows = []
+    for adapter_id, *_ in queries.adapter_listing(con):
+        adapter = find_adapter(con, adapter_id)
+        try:
+            verify_adapter_files(adapter.adapter_id, adapter.path, adapter.sha256)
+            rows.append((adapter_id, "ok", adapter.path, ""))
+        except AdapterFilesError as exc:
+            rows.append((adapter_id, exc.status, adapter.path, str(exc)))
+    _emit(args, ("adapter_id", "status", "path", "problem"), rows)
+    return 0 if all(row[1] == "ok" for row in rows) else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -546,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="rank adapters by an evaluation metric (view best_adapters)")
     p.add_argument("--metric", default="bertscore_f1", choices=EVAL_METRICS, help="metric for --best")
     p.add_argument("-n", "--last", type=int, default=20, help="rows for --best")
+    p.add_argument("--verify", action="store_true",
+                   help="check every adapter's weights against the sha256 it was registered with: ok, damaged or missing (exit 1 unless all ok)")
 
     p = command("sweep", "train and evaluate every point of a YAML grid of lora_adapter settings", cmd_sweep)
     p.add_argument("grid", help="YAML file: lora_adapter: {setting: [values, ...]}")
