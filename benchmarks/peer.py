@@ -97,6 +97,7 @@ def run_train_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from lorasum_assets.ml.devices import cuda_has_native_bf16
     from lorasum_assets.ml.modeling import load_tokenizer, resolve_model_path
     from lorasum_assets.ml.precision import cpu_has_fast_bf16
 
@@ -105,7 +106,7 @@ def run_train_trl(args) -> dict:
     examples = encoded_train(args, tokenizer)
     rows = [{"input_ids": e.input_ids, "completion_mask": [0] * e.prompt_tokens + [1] * (len(e.input_ids) - e.prompt_tokens)}
             for e in examples]
-    bf16 = cpu_has_fast_bf16() if args.device == "cpu" else torch.cuda.is_bf16_supported()
+    bf16 = cpu_has_fast_bf16() if args.device == "cpu" else cuda_has_native_bf16()
     # TRL's best CPU setting we found: the base loaded in bf16, eager attention
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=torch.bfloat16 if bf16 else torch.float32,
                                                  attn_implementation="eager" if args.device == "cpu" else "sdpa")

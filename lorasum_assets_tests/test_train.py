@@ -3,6 +3,7 @@
 import json
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -366,3 +367,24 @@ def test_an_nf4_adapter_merges_into_the_dequantized_base(tiny_model_dir, tiny_to
     agree = (four_bit.argmax(-1) == merged_logits.argmax(-1)).float().mean().item()
     print(f"max |4-bit - merged| logit {(four_bit - merged_logits).abs().max():.4f}; top-1 agreement {agree:.3f}")
     assert agree >= 0.9
+
+
+@pytest.mark.parametrize("gpu, native_bf16, expected", [("A100", True, torch.bfloat16), ("T4", False, torch.float16)])
+def test_bf16_only_where_the_gpu_has_it_in_hardware(monkeypatch, gpu, native_bf16, expected):
+    """torch.cuda.is_bf16_supported() says yes on a T4 by default (it counts emulation): the
+    automatic choice asks without emulation, so a T4 or V100 gets fp16 with the grad scaler."""
+    from lorasum_assets.ml.modeling import pick_dtype
+    from lorasum_assets.ml.precision import training_autocast_dtype
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native_bf16 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert pick_dtype(ModelSpec(model="x"), "cuda") == expected, gpu
+
+    class OnCuda:  # all training_autocast_dtype reads of a model: where its parameters are
+        def parameters(self):
+            yield SimpleNamespace(device=SimpleNamespace(type="cuda"))
+
+    assert training_autocast_dtype(OnCuda(), "auto") == expected, gpu

@@ -15,6 +15,7 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from lorasum_assets.ml.devices import cuda_has_native_bf16
 from lorasum_assets.ml.tiny_model import build_tiny_model
 from lorasum_assets.settings.specs import DTYPES, QUANTIZATIONS, TINY_MODEL
 
@@ -49,12 +50,12 @@ def pick_device(spec: ModelSpec) -> str:
 
 
 def pick_dtype(spec: ModelSpec, device: str):
-    """bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU unless asked otherwise."""
+    """bf16 where the GPU has it in hardware, fp16 on older GPUs, fp32 on CPU unless asked otherwise."""
 
     if spec.compute_dtype != "auto":
         return getattr(torch, spec.compute_dtype)
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
     return torch.float32
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lorasum_assets.ml.devices import cuda_has_native_bf16
 from lorasum_assets.ml.model_setup import is_quantized
 
 
@@ -22,7 +23,7 @@ def cpu_has_fast_bf16() -> bool:
 def training_autocast_dtype(model, mixed_precision: str = "auto"):
     """The autocast dtype for training; adapters themselves stay fp32.
 
-    ``auto``: bf16 on GPUs that have it, fp16 on older GPUs, bf16 on CPUs with native bf16
+    ``auto``: bf16 on GPUs that have it in hardware, fp16 (with the grad scaler) on older GPUs, bf16 on CPUs with native bf16
     (faster per step at the same loss; figures in docs/performance.md), else fp32.
     """
     device = next(model.parameters()).device
@@ -34,7 +35,7 @@ def training_autocast_dtype(model, mixed_precision: str = "auto"):
         raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {mixed_precision!r}")
     if device.type != "cuda":
         return torch.bfloat16 if cpu_has_fast_bf16() else None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
 
 
 def autocast_cast_weights(model) -> list:
