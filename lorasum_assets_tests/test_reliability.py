@@ -330,7 +330,7 @@ def test_dependencies_have_upper_bounds_and_the_ui_binds_localhost():
     for requirement in project["dependencies"] + project["optional-dependencies"]["dev"]:
         assert "<" in requirement or "==" in requirement, f"{requirement} has no upper bound"
     ui_recipe = (REPO / "Makefile").read_text().split("\nui:")[1].split("\n\n")[0]
-    assert "-h 127.0.0.1" in ui_recipe
+    assert "--host 127.0.0.1" in ui_recipe
 
 
 # ------------------------------------------------------------------------------------------------

@@ -64,10 +64,10 @@ def dagster_ui(tmp_path):
            "LORASUM_WATCH_PATH": str(watched)}
     (tmp_path / "dagster").mkdir()
     log = open(tmp_path / "dagster-dev.log", "w")
-    # dagster dev and its code-server children ignore a plain SIGTERM for a while: run them in a
-    # session of their own and end the whole group.
+    # `make ui`'s command. dg dev and its code-server children ignore a plain SIGTERM for a while:
+    # run them in a session of their own and end the whole group.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(port), "-m", "lorasum_assets.definitions"],
+        [str(Path(sys.executable).parent / "dg"), "dev", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -78,10 +78,10 @@ def dagster_ui(tmp_path):
                 break
             except OSError:
                 if proc.poll() is not None:
-                    pytest.fail(f"dagster dev exited: {(tmp_path / 'dagster-dev.log').read_text()[-2000:]}")
+                    pytest.fail(f"dg dev exited: {(tmp_path / 'dagster-dev.log').read_text()[-2000:]}")
                 time.sleep(1)
         else:
-            pytest.fail("dagster dev did not start within 180 s")
+            pytest.fail("dg dev did not start within 180 s")
         yield url
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
