@@ -129,8 +129,8 @@ def selector(**names: str) -> dict:
     return {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, **names}
 
 
-def launch(deployment: Deployment, run_config: dict | None = None) -> str:
-    answer = deployment.graphql(LAUNCH, params={"selector": selector(jobName="train_and_evaluate"), "runConfigData": run_config or {}})
+def launch(deployment: Deployment, run_config: dict | None = None, job: str = "train_and_evaluate") -> str:
+    answer = deployment.graphql(LAUNCH, params={"selector": selector(jobName=job), "runConfigData": run_config or {}})
     launched = answer["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     return launched["run"]["runId"]

@@ -98,7 +98,7 @@ class Crash(RuntimeError):
     pass
 
 
-def test_killed_training_resumes_to_the_planned_step_count(tiny_model_dir, tiny_tokenizer, tmp_path):
+def test_training_stopped_by_an_error_resumes_to_the_planned_step_count(tiny_model_dir, tiny_tokenizer, tmp_path):
     spec = TrainSpec(epochs=3, batch_size=2, gradient_accumulation_steps=2, learning_rate=5e-3, checkpoint_steps=2, lora_dropout=0.0, gradient_checkpointing=False)
     data = examples(tiny_tokenizer, 10)
     planned = steps_per_epoch(len(data), spec) * spec.epochs
@@ -114,13 +114,44 @@ def test_killed_training_resumes_to_the_planned_step_count(tiny_model_dir, tiny_
         train_lora(model(), data, [], spec, tiny_tokenizer.pad_token_id, checkpoint_dir=tmp_path / "ckpt", on_step=crash_at_step_5)
     resumed = train_lora(model(), data, [], spec, tiny_tokenizer.pad_token_id, checkpoint_dir=tmp_path / "ckpt",
                          on_step=lambda log: logged.__setitem__(log.step, logged.get(log.step, 0) + 1))
-    assert resumed.resumed_from_step == 4
+    # the error came after step 5 was made: the checkpoint on the way out holds it (kill -9, which
+    # runs no handler, resumes from the last periodic checkpoint: test_training_asset.py)
+    assert resumed.resumed_from_step == 5
     assert resumed.total_steps == planned == 9
     assert [s.step for s in resumed.steps] == list(range(1, planned + 1))
     # A straight run gives the same final loss: the resume restored optimizer, schedule and data order.
     straight = train_lora(model(), data, [], spec, tiny_tokenizer.pad_token_id)
     assert resumed.steps[-1].loss == pytest.approx(straight.steps[-1].loss, rel=1e-4)
-    assert logged[5] == 2  # step 5 ran twice (before and after the crash); a keyed store keeps one row
+    assert logged[5] == 1 and logged[6] == 1  # no step made twice
+
+
+def test_an_interrupted_training_checkpoints_its_last_whole_step_and_resumes_there(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """Terminate in the UI interrupts the step (Dagster raises in the step's thread): the steps made
+    since the last periodic checkpoint are kept, and the next run resumes after them."""
+    from lorasum_assets.ml.checkpoints import complete_checkpoints
+
+    spec = TrainSpec(epochs=3, batch_size=2, gradient_accumulation_steps=2, learning_rate=5e-3, checkpoint_steps=10, lora_dropout=0.0,
+                     gradient_checkpointing=False)
+    data = examples(tiny_tokenizer, 10)
+    model = lambda: prepare_peft_model(load_model(ModelSpec(model=str(tiny_model_dir), device="cpu")), spec)  # noqa: E731
+    logged = {"step": 0}
+
+    def interrupt_after_step_2(module, args):
+        if logged["step"] >= 2:
+            raise KeyboardInterrupt  # in step 3's forward pass; checkpoints come every 10 steps and at epoch ends (step 3)
+
+    interrupted = model()
+    first_layer = next(m for m in interrupted.modules() if type(m).__name__ == "LlamaDecoderLayer")
+    first_layer.register_forward_pre_hook(interrupt_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(interrupted, data, [], spec, tiny_tokenizer.pad_token_id, checkpoint_dir=tmp_path / "ckpt",
+                   on_step=lambda log: logged.__setitem__("step", log.step))
+    assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == ["step-2"]
+    resumed = train_lora(model(), data, [], spec, tiny_tokenizer.pad_token_id, checkpoint_dir=tmp_path / "ckpt")
+    assert resumed.resumed_from_step == 2
+    assert [s.step for s in resumed.steps] == list(range(1, 10))
+    straight = train_lora(model(), data, [], spec, tiny_tokenizer.pad_token_id)
+    assert resumed.steps[-1].loss == pytest.approx(straight.steps[-1].loss, rel=1e-4)
 
 
 def padding_efficiency(lengths, batches):

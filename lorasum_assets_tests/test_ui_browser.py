@@ -122,7 +122,7 @@ def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
 
         # The data-change sensor, turned on, reads the watched folder as raw_dialogsum would and says
         # on its tick why it starts no run (the daemon of `dagster dev` ticks it).
-        sensor_url = f"{dagster_ui}/locations/lorasum_assets.definitions/sensors/retrain_on_data_change"
+        sensor_url = f"{dagster_ui}/locations/lorasum/sensors/retrain_on_data_change"
         page.goto(sensor_url, wait_until="networkidle")
         page.locator("input[type=checkbox]").first.locator("xpath=..").click()  # the switch drawn over the hidden input
         page.wait_for_timeout(1000)
@@ -207,7 +207,7 @@ def test_lineage_shows_seven_assets_and_materialize_all_succeeds(dagster_ui):
         assert page.locator("img[alt='Training loss']").first.is_visible(), "the loss curve is not visible"
 
         # Re-score the adapter with the evaluate job, launched from its Launchpad with a config.
-        page.goto(f"{dagster_ui}/locations/lorasum_assets.definitions/jobs/evaluate/playground", wait_until="networkidle")
+        page.goto(f"{dagster_ui}/locations/lorasum/jobs/evaluate/playground", wait_until="networkidle")
         page.wait_for_timeout(2000)
         if skip.count() and skip.is_visible():
             skip.click()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -62,11 +63,34 @@ class AdapterWriteError(OSError):
     """The adapter folder could not be written; nothing was left that looks like an adapter."""
 
 
+def trainable_bytes(peft_model) -> int:
+    """What the trainable (LoRA) weights take, as saved."""
+    return sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
+
+
+def write_failure(what: str, folder: Path, needed_bytes: int, exc: BaseException, error: type[OSError]) -> OSError:
+    """The error for a failed write of ``what`` into ``folder``, read before the partial files go.
+    safetensors and torch.save report a full disk as their own errors, not as ENOSPC, so a full
+    disk is recognised by the free space left, not by the wording."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    out_of_space = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or free < needed_bytes
+    if out_of_space:
+        return error(errno.ENOSPC, f"no space left to write {what} in {folder}: it needs at least {_size(needed_bytes)}, "
+                                   f"{_size(free)} free there when it failed; nothing was kept")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return error(f"cannot write {what} to {folder}: {reason}")
+
+
 def save_adapter(peft_model, tokenizer, target: Path) -> Path:
     """Write the adapter folder (the notebook's ``training-output/`` layout) atomically.
 
-    Everything goes to a hidden staging folder first and is renamed into place, so a crash never
-    leaves a folder that looks complete.
+    Everything goes to a hidden staging folder first and is renamed into place, so a crash or a
+    full disk never leaves a folder that looks complete.
     """
     target = Path(target)
     staging = None
@@ -81,10 +105,10 @@ def save_adapter(peft_model, tokenizer, target: Path) -> Path:
         if target.exists():
             shutil.rmtree(target)
         os.rename(staging, target)
-    except OSError as exc:
-        if isinstance(exc, AdapterWriteError):
-            raise
-        raise AdapterWriteError(f"cannot write the adapter to {target}: {exc.strerror or exc}") from exc
+    except AdapterWriteError:
+        raise
+    except Exception as exc:
+        raise write_failure("the adapter", target.parent, trainable_bytes(peft_model), exc, AdapterWriteError) from exc
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

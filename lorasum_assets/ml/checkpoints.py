@@ -17,6 +17,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from lorasum_assets.ml.adapter_files import trainable_bytes, write_failure
 from lorasum_assets.ml.progress import StepLog, TrainResult
 
 
@@ -27,9 +28,27 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; its partial files were removed."""
+
+
 def save_checkpoint(checkpoint_dir: Path, step: int, peft_model, optimizer, scheduler, scaler, result: TrainResult) -> None:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".step-", dir=checkpoint_dir))
+    try:
+        _write_checkpoint(staging, step, peft_model, optimizer, scheduler, scaler, result)
+    except Exception as exc:
+        # the weights and Adam's two moments of each trainable weight
+        raise write_failure(f"the checkpoint of step {step}", checkpoint_dir, 3 * trainable_bytes(peft_model), exc,
+                            CheckpointWriteError) from exc
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    for old in complete_checkpoints(checkpoint_dir)[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_checkpoint(staging: Path, step: int, peft_model, optimizer, scheduler, scaler, result: TrainResult) -> None:
     adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
     save_file(adapter, str(staging / "adapter.safetensors"))
     state = {
@@ -45,17 +64,17 @@ def save_checkpoint(checkpoint_dir: Path, step: int, peft_model, optimizer, sche
     meta = {"step": step, "val_losses": result.val_losses, "steps": [asdict(s) for s in result.steps]}
     (staging / "progress.json").write_text(json.dumps(meta))
     (staging / "COMPLETE").write_text("ok")
-    final = checkpoint_dir / f"step-{step}"
+    final = staging.parent / f"step-{step}"
     if final.exists():
         shutil.rmtree(final)
     os.rename(staging, final)
-    for old in complete_checkpoints(checkpoint_dir)[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, peft_model, optimizer, scheduler, scaler, result: TrainResult) -> int:
     set_peft_model_state_dict(peft_model, load_file(str(path / "adapter.safetensors")))
-    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    # On the CPU first: under DDP every rank would otherwise load the optimizer state onto cuda:0;
+    # load_state_dict moves each tensor to its parameter's device.
+    state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

@@ -89,6 +89,8 @@ class _TrainingLoop:
         self.lengths = [len(e.input_ids) for e in train_examples]
         self.result = TrainResult()
         self.step = 0
+        self._checkpointed_step = 0  # the step of the newest checkpoint on disk
+        self._busy = False
         self._setup()
 
     def _setup(self) -> None:
@@ -110,7 +112,7 @@ class _TrainingLoop:
         complete = complete_checkpoints(self.checkpoint_dir)
         if complete:
             self.step = load_checkpoint(complete[-1], self.model, self.optimizer, self.scheduler, self.scaler, self.result)
-            self.result.resumed_from_step = self.step
+            self.result.resumed_from_step = self._checkpointed_step = self.step
 
     def run(self, on_step, on_epoch) -> TrainResult:
         self._resume()
@@ -118,26 +120,48 @@ class _TrainingLoop:
         started = time.perf_counter()
         self.model.train()
         with explain_out_of_memory(spec, max(self.lengths)), frozen_weights_in(self.model, self.autocast_dtype):
-            while self.step < self.total_steps:
-                epoch = self.step // self.per_epoch
-                batches = plan_batches(self.lengths, spec.batch_size, spec.seed, epoch, spec.group_by_length)
-                first_micro = (self.step % self.per_epoch) * spec.gradient_accumulation_steps
-                for window_start in range(first_micro, len(batches), spec.gradient_accumulation_steps):
-                    window = batches[window_start : window_start + spec.gradient_accumulation_steps]
-                    step_started = time.perf_counter()
-                    window_loss, label_tokens = self._accumulate(window)
-                    grad_norm, learning_rate = self._optimizer_step()
-                    log = StepLog(
-                        step=self.step, epoch=round(self.step / self.per_epoch, 4), loss=window_loss, learning_rate=learning_rate,
-                        grad_norm=grad_norm, label_tokens=label_tokens, seconds=time.perf_counter() - step_started,
-                    )
-                    if self._after_step(log, on_step, on_epoch):
-                        break
+            try:
+                self._loop(on_step, on_epoch)
+            except BaseException:
+                # Terminate in the UI interrupts the step: keep the steps made since the last checkpoint.
+                self._checkpoint_on_the_way_out()
+                raise
         self.model.eval()
         result = self.result
         result.real_tokens, result.padded_tokens = (int(v) for v in reduce_sum(self.accelerator, [result.real_tokens, result.padded_tokens]))
         result.seconds = time.perf_counter() - started
         return result
+
+    def _checkpoint_on_the_way_out(self) -> None:
+        """A checkpoint of the last whole optimizer step, when training stops early (Terminate, an
+        error) after steps the last checkpoint does not hold. Not while an optimizer step is half
+        applied, nor while a checkpoint was being written: then the last complete one stays."""
+        if (self.checkpoint_dir is None or self.rank != 0 or self._busy or self.step <= self._checkpointed_step
+                or self.step >= self.total_steps):
+            return
+        with contextlib.suppress(Exception):
+            save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler, self.result)
+
+    def _loop(self, on_step, on_epoch) -> None:
+        spec = self.spec
+        while self.step < self.total_steps:
+            epoch = self.step // self.per_epoch
+            batches = plan_batches(self.lengths, spec.batch_size, spec.seed, epoch, spec.group_by_length)
+            first_micro = (self.step % self.per_epoch) * spec.gradient_accumulation_steps
+            for window_start in range(first_micro, len(batches), spec.gradient_accumulation_steps):
+                window = batches[window_start : window_start + spec.gradient_accumulation_steps]
+                step_started = time.perf_counter()
+                window_loss, label_tokens = self._accumulate(window)
+                self._busy = True  # the optimizer step and its log entry: no checkpoint of half of them
+                grad_norm, learning_rate = self._optimizer_step()
+                log = StepLog(
+                    step=self.step, epoch=round(self.step / self.per_epoch, 4), loss=window_loss, learning_rate=learning_rate,
+                    grad_norm=grad_norm, label_tokens=label_tokens, seconds=time.perf_counter() - step_started,
+                )
+                self.result.steps.append(log)
+                self._busy = False
+                if self._after_step(log, on_step, on_epoch):
+                    break
 
     def _accumulate(self, window: list[list[int]]) -> tuple[float, int]:
         """Forward and backward over one accumulation window, this process's share of it; the
@@ -187,9 +211,8 @@ class _TrainingLoop:
         return grad_norm, learning_rate
 
     def _after_step(self, log: StepLog, on_step, on_epoch) -> bool:
-        """Log the step, validate at the end of an epoch, checkpoint; True when the epoch is over."""
+        """Report the step, validate at the end of an epoch, checkpoint; True when the epoch is over."""
         spec, step, is_main = self.spec, self.step, self.rank == 0
-        self.result.steps.append(log)
         if is_main and on_step is not None and (step % spec.logging_steps == 0 or step == self.total_steps):
             on_step(log)
         epoch_done = step % self.per_epoch == 0 or step == self.total_steps
@@ -201,6 +224,7 @@ class _TrainingLoop:
         if self.checkpoint_dir is not None and (step % spec.checkpoint_steps == 0 or epoch_done) and step < self.total_steps:
             if is_main:
                 save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler, self.scaler, self.result)
+                self._checkpointed_step = step
             if self.world > 1:
                 self.accelerator.wait_for_everyone()
         return step >= self.total_steps or epoch_done

@@ -113,6 +113,7 @@ class TrainingCurves:
 
 def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcome:
     from lorasum_assets.ml.batching import planned_steps
+    from lorasum_assets.ml.checkpoints import complete_checkpoints
     from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.train import train_lora
 
@@ -142,6 +143,10 @@ def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcom
         history_log.put(("epoch", (epoch, val_loss)))
 
     context.log.info(f"training {total} optimizer steps on {len(job.train_examples)} examples; curves in {curves.folder}")
+    saved = complete_checkpoints(job.checkpoint_dir)
+    if saved:
+        context.log.info(f"resuming from the checkpoint at {saved[-1].name.replace('-', ' ')} of {total} ({saved[-1]}), "
+                         "left by an earlier run with the same settings, data and base model")
     tokenizer = model.tokenizer(context.log.info)
     peft_model = prepare_peft_model(model.fresh_model(context.log.info), job.spec)
     try:
