@@ -3,10 +3,12 @@
 The tiny model is built once per test run and shared through the session home's model cache.
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,9 +93,10 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-@pytest.fixture()
-def postgres_server():
-    """A real PostgreSQL server (Debian's postgresql package), on a socket of its own."""
+@contextlib.contextmanager
+def running_postgres(databases: tuple[str, ...] = ("lorasum",), port: int = 55439, on_loopback: bool = False) -> Iterator[dict]:
+    """A real PostgreSQL server (Debian's postgresql package) with ``databases``, on a socket of its
+    own and, with ``on_loopback``, on 127.0.0.1 too; trust authentication as user ``lorasum``."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not found:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
@@ -101,14 +104,22 @@ def postgres_server():
     root = Path(tempfile.mkdtemp(prefix="lorasum-pg-"))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
-    data, port = root / "data", "55439"
+    data, listen = root / "data", "127.0.0.1" if on_loopback else "''"
     subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "lorasum"]),
                    check=True, capture_output=True)
     subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "start",
-                                 "-o", f"-k {root} -p {port} -c listen_addresses=''"]), check=True, capture_output=True)
+                                 "-o", f"-k {root} -p {port} -c listen_addresses={listen}"]), check=True, capture_output=True)
     try:
-        subprocess.run(_as_postgres([str(bin_dir / "createdb"), "-h", str(root), "-p", port, "-U", "lorasum", "lorasum"]), check=True)
-        yield f"postgres:dbname=lorasum host={root} port={port} user=lorasum"
+        for db in databases:
+            subprocess.run(_as_postgres([str(bin_dir / "createdb"), "-h", str(root), "-p", str(port), "-U", "lorasum", db]), check=True)
+        yield {"socket_dir": str(root), "host": "127.0.0.1" if on_loopback else str(root), "port": str(port), "user": "lorasum"}
     finally:
         subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture()
+def postgres_server():
+    """A real PostgreSQL server on a socket of its own, as a history location."""
+    with running_postgres() as server:
+        yield f"postgres:dbname=lorasum host={server['host']} port={server['port']} user={server['user']}"

@@ -29,6 +29,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def end_process_group(process: subprocess.Popen, first: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    """Send ``first`` to the process's whole group (Dagster's servers and their children do not end
+    promptly on SIGTERM), then SIGKILL if it has not ended within ``timeout``."""
+    for sig in (first, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=timeout)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class Deployment:
     """The three Dagster processes, started and stopped as their own process groups."""
 
@@ -58,16 +73,7 @@ class Deployment:
                                  "-p", str(self.web_port)])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        process = self.processes.pop(name)
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+        end_process_group(self.processes.pop(name), sig)
 
     def stop(self) -> None:
         for name in list(self.processes):
@@ -104,6 +110,23 @@ class Deployment:
             time.sleep(2)
         logs = "\n".join(f"--- {name}\n{self.log(name)}" for name in ("code-server", "daemon", "webserver"))
         pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
+
+
+def start_deployment(root: Path, env: dict[str, str], instance_config: Path) -> Deployment:
+    """The instance ``instance_config`` set up in ``env``'s DAGSTER_HOME, then the three processes,
+    returned once the webserver has loaded the code location. The caller stops it."""
+    subprocess.run([str(BIN / "lorasum"), "init-instance", "--config", str(instance_config)],
+                   env=env, check=True, capture_output=True, timeout=300)
+    deployment = Deployment(root, env)
+    deployment.start_all()
+    try:
+        deployment.wait_until("the webserver to load the code location", lambda: deployment.graphql(
+            "{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name } } } }"
+        )["repositoriesOrError"].get("nodes"), timeout=180)
+    except BaseException:
+        deployment.stop()
+        raise
+    return deployment
 
 
 LAUNCH = """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {

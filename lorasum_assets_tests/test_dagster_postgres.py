@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from lorasum_assets_tests.conftest import running_postgres
 from lorasum_assets_tests.dagster_processes import (
-    BIN,
     RELOAD,
     RUN_LOG,
     SCHEDULE_TICKS,
@@ -25,7 +23,6 @@ from lorasum_assets_tests.dagster_processes import (
     START_SCHEDULE,
     START_SENSOR,
     STOP_SCHEDULE,
-    Deployment,
     errors_of,
     finished,
     free_port,
@@ -33,6 +30,7 @@ from lorasum_assets_tests.dagster_processes import (
     pool_intervals,
     run_of,
     selector,
+    start_deployment,
 )
 
 pytestmark = pytest.mark.slow
@@ -48,24 +46,8 @@ def as_postgres(command: list[str]) -> list[str]:
 def postgres_tcp() -> Iterator[dict]:
     """PostgreSQL on a loopback port (Dagster's postgres_db settings take a host and a port), with
     two databases: `dagster` for the instance, `lorasum` for the history's catalog."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not found:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    bin_dir = found[-1].parent
-    root = Path(tempfile.mkdtemp(prefix="lorasum-dagster-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    data, port = root / "data", str(free_port())
-    subprocess.run(as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "lorasum"]), check=True, capture_output=True)
-    subprocess.run(as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "start",
-                                "-o", f"-k {root} -p {port} -c listen_addresses=127.0.0.1"]), check=True, capture_output=True)
-    try:
-        for db in ("dagster", "lorasum"):
-            subprocess.run(as_postgres([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", port, "-U", "lorasum", db]), check=True)
-        yield {"host": "127.0.0.1", "port": port, "user": "lorasum"}
-    finally:
-        subprocess.run(as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+    with running_postgres(("dagster", "lorasum"), port=free_port(), on_loopback=True) as server:
+        yield server
 
 
 def test_webserver_daemon_and_code_server_as_separate_processes_on_postgres(postgres_tcp, tmp_path):
@@ -84,17 +66,9 @@ def test_webserver_daemon_and_code_server_as_separate_processes_on_postgres(post
         "HF_HUB_OFFLINE": "1",
     }
     env.pop("LORASUM_WATCH_PATH", None)
-    subprocess.run([str(BIN / "lorasum"), "init-instance", "--config", str(REPO / "deploy" / "dagster-postgres.yaml")],
-                   env=env, check=True, capture_output=True, timeout=300)
-    assert "postgres" in (dagster_home / "dagster.yaml").read_text()
-
-    deployment = Deployment(tmp_path, env)
-    deployment.start_all()
+    deployment = start_deployment(tmp_path, env, REPO / "deploy" / "dagster-postgres.yaml")
     try:
-        deployment.wait_until("the webserver to load the code location", lambda: deployment.graphql(
-            "{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name } } } }"
-        )["repositoriesOrError"].get("nodes"), timeout=180)
-
+        assert "postgres" in (dagster_home / "dagster.yaml").read_text()
         # the daemon ticks the data-change sensor and the schedule
         assert deployment.graphql(START_SENSOR, selector=selector(sensorName="retrain_on_data_change"))["startSensor"]["__typename"] == "Sensor"
         assert deployment.graphql(START_SCHEDULE, selector=selector(scheduleName="weekly_retrain"))["startSchedule"]["__typename"] == "ScheduleStateResult"

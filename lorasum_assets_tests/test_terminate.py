@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from lorasum_assets.store import open_history
-from lorasum_assets_tests.dagster_processes import BIN, Deployment, finished, launch, messages_of, run_of, terminate
+from lorasum_assets_tests.dagster_processes import Deployment, finished, launch, messages_of, run_of, start_deployment, terminate
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +48,8 @@ def test_terminate_keeps_a_checkpoint_the_next_run_resumes_from(tmp_path, monkey
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster-home"), "LORASUM_HOME": str(home),
            "LORASUM_PROFILE": "tiny", "HF_HUB_OFFLINE": "1"}
     monkeypatch.setenv("LORASUM_HOME", str(home))
-    subprocess.run([str(BIN / "lorasum"), "init-instance", "--config", str(REPO / "deploy" / "dagster.yaml")],
-                   env=env, check=True, capture_output=True, timeout=300)
-    deployment = Deployment(tmp_path, env)
-    deployment.start_all()
+    deployment = start_deployment(tmp_path, env, REPO / "deploy" / "dagster.yaml")
     try:
-        deployment.wait_until("the webserver to load the code location", lambda: deployment.graphql(
-            "{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name } } } }"
-        )["repositoriesOrError"].get("nodes"), timeout=180)
-
         # Terminate in the middle of training
         first = launch(deployment, LONG_TRAINING)
         deployment.wait_until("training step 5", lambda: any(

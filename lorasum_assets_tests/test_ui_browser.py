@@ -7,7 +7,6 @@ config succeeds. Run with `make test-browser`."""
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from lorasum_assets_tests.dagster_processes import end_process_group
 
 pytestmark = pytest.mark.browser
 
@@ -84,16 +85,7 @@ def dagster_ui(tmp_path):
             pytest.fail("dg dev did not start within 180 s")
         yield url
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=10)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        end_process_group(proc, timeout=10)
         log.close()
 
 

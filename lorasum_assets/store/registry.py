@@ -25,6 +25,12 @@ def find_adapter(con, adapter_id: str) -> AdapterRef | None:
     return _ref(row) if row else None
 
 
+def all_adapters(con) -> list[AdapterRef]:
+    """Every registered adapter, newest first."""
+    rows = con.execute(f"SELECT {_COLUMNS} FROM adapters ORDER BY created_at DESC").fetchall()
+    return [_ref(row) for row in rows]
+
+
 def newest_adapter_for_base(con, base: BaseModelRef) -> AdapterRef | None:
     row = con.execute(
         f"""SELECT {_COLUMNS} FROM adapters

@@ -286,7 +286,7 @@ def _verified_adapter(con, adapter_id: str):
     try:
         return _checked_adapter(con, adapter_id)
     except (AdapterFilesError, LookupError) as exc:
-        raise SystemExit(str(exc).strip("'\"")) from exc
+        raise SystemExit(str(exc)) from exc
 
 
 def _alias_key(con, args: argparse.Namespace, adapter_id: str | None):
@@ -408,16 +408,15 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 def _verify_adapters(args: argparse.Namespace, con) -> int:
     """Every registered adapter's files against its sha256: ok, damaged or missing; exit 1 unless all are ok."""
     from lorasum_assets.ml.adapter_files import AdapterFilesError, verify_adapter_files
-    from lorasum_assets.store.registry import find_adapter
+    from lorasum_assets.store.registry import all_adapters
 
     rows = []
-    for adapter_id, *_ in queries.adapter_listing(con):
-        adapter = find_adapter(con, adapter_id)
+    for adapter in all_adapters(con):
         try:
             verify_adapter_files(adapter.adapter_id, adapter.path, adapter.sha256)
-            rows.append((adapter_id, "ok", adapter.path, ""))
+            rows.append((adapter.adapter_id, "ok", adapter.path, ""))
         except AdapterFilesError as exc:
-            rows.append((adapter_id, exc.status, adapter.path, str(exc)))
+            rows.append((adapter.adapter_id, exc.status, adapter.path, str(exc)))
     _emit(args, ("adapter_id", "status", "path", "problem"), rows)
     return 0 if all(row[1] == "ok" for row in rows) else 1
 
