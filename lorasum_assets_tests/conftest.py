@@ -93,8 +93,25 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
+class PostgresServer(dict):
+    """A running server's connection fields (``host``, ``port``, ``user``, ``socket_dir``), and
+    ``stop()``/``start()`` to take it away and bring it back on the same socket and data."""
+
+    def __init__(self, bin_dir: Path, data: Path, root: Path, port: int, listen: str) -> None:
+        super().__init__(socket_dir=str(root), host="127.0.0.1" if listen != "''" else str(root), port=str(port), user="lorasum")
+        self._pg_ctl, self._data, self._log = str(bin_dir / "pg_ctl"), str(data), str(root / "log")
+        self._options = f"-k {root} -p {port} -c listen_addresses={listen}"
+
+    def start(self) -> None:
+        subprocess.run(_as_postgres([self._pg_ctl, "-D", self._data, "-l", self._log, "-w", "start", "-o", self._options]),
+                       check=True, capture_output=True)
+
+    def stop(self, mode: str = "fast") -> None:
+        subprocess.run(_as_postgres([self._pg_ctl, "-D", self._data, "-m", mode, "-w", "stop"]), capture_output=True)
+
+
 @contextlib.contextmanager
-def running_postgres(databases: tuple[str, ...] = ("lorasum",), port: int = 55439, on_loopback: bool = False) -> Iterator[dict]:
+def running_postgres(databases: tuple[str, ...] = ("lorasum",), port: int = 55439, on_loopback: bool = False) -> Iterator[PostgresServer]:
     """A real PostgreSQL server (Debian's postgresql package) with ``databases``, on a socket of its
     own and, with ``on_loopback``, on 127.0.0.1 too; trust authentication as user ``lorasum``."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
@@ -107,14 +124,14 @@ def running_postgres(databases: tuple[str, ...] = ("lorasum",), port: int = 5543
     data, listen = root / "data", "127.0.0.1" if on_loopback else "''"
     subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "lorasum"]),
                    check=True, capture_output=True)
-    subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "start",
-                                 "-o", f"-k {root} -p {port} -c listen_addresses={listen}"]), check=True, capture_output=True)
+    server = PostgresServer(bin_dir, data, root, port, listen)
+    server.start()
     try:
         for db in databases:
             subprocess.run(_as_postgres([str(bin_dir / "createdb"), "-h", str(root), "-p", str(port), "-U", "lorasum", db]), check=True)
-        yield {"socket_dir": str(root), "host": "127.0.0.1" if on_loopback else str(root), "port": str(port), "user": "lorasum"}
+        yield server
     finally:
-        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
+        server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -289,3 +289,78 @@ def test_two_machines_creating_one_postgres_history_at_once_retry_instead_of_fai
                                  '("key" VARCHAR NOT NULL, ...);": ERROR:  relation "ducklake_metadata" already exists')
     assert is_busy_error(second_create)
     assert not is_busy_error(duckdb.Error('relation "eval_runs" does not exist'))
+
+
+def _postgres_history(server, tmp_path):
+    from lorasum_assets.store.lake import history_location, prepare
+
+    catalog = f"postgres:dbname=lorasum host={server['host']} port={server['port']} user={server['user']}"
+    location = history_location(catalog, f"{tmp_path}/data/")
+    prepare(location)
+    return location
+
+
+def test_a_history_server_that_restarts_is_waited_for_and_the_wait_reported_once(tmp_path, monkeypatch):
+    """The server goes away between two writes and comes back 3 s later: the write waits, lands
+    once, and the wait is reported once with the server's address, then its end."""
+    from lorasum_assets.store.lake import connect
+    from lorasum_assets_tests.conftest import running_postgres
+
+    monkeypatch.setenv("LORASUM_HOME", str(tmp_path / "home"))
+    with running_postgres(port=55471) as server:
+        location = _postgres_history(server, tmp_path)
+        reports: list[str] = []
+        con = connect(location, read_only=False, on_wait=reports.append)
+        record_training_log(con, "key", "run-1", steps=[_step(1)])
+        con.close()
+
+        server.stop()
+        threading.Timer(3.0, server.start).start()
+        started = time.monotonic()
+        con = connect(location, read_only=False, on_wait=reports.append)  # a cursor of the engine whose connections died
+        record_training_log(con, "key", "run-1", steps=[_step(2)])
+        waited = time.monotonic() - started
+        rows = con.execute("SELECT step, count(*) FROM training_steps WHERE run_id = 'run-1' GROUP BY step ORDER BY step").fetchall()
+        con.close()
+    print(f"waited {waited:.1f}s; reported: {reports}")
+    assert rows == [(1, 1), (2, 1)]
+    assert 2.5 < waited < 30
+    assert len(reports) == 2, reports
+    assert reports[0].startswith(f"the history server ({location.describe()}) is unreachable: ")
+    assert "waiting up to 300s for it to come back (LORASUM_HISTORY_WAIT_S)" in reports[0]
+    assert reports[1].startswith(f"the history server ({location.describe()}) answers again after ")
+
+
+def test_a_history_server_down_past_the_wait_fails_naming_it(tmp_path, monkeypatch):
+    from lorasum_assets.store.history import HistoryUnreachableError
+    from lorasum_assets.store.lake import connect
+    from lorasum_assets_tests.conftest import running_postgres
+
+    monkeypatch.setenv("LORASUM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LORASUM_HISTORY_WAIT_S", "2")
+    with running_postgres(port=55472) as server:
+        location = _postgres_history(server, tmp_path)
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(HistoryUnreachableError) as failure:
+            con = connect(location, read_only=False, on_wait=lambda message: None)
+            record_training_log(con, "key", "run-1", steps=[_step(1)])
+        waited = time.monotonic() - started
+    print(f"after {waited:.1f}s: {failure.value}")
+    assert 2.0 <= waited < 10
+    assert str(failure.value).startswith(f"the history server ({location.describe()}) did not answer for ")
+    assert "longer than the 2s LORASUM_HISTORY_WAIT_S allows" in str(failure.value)
+
+
+def test_the_server_wait_setting_is_checked(monkeypatch):
+    from lorasum_assets.store.history import server_wait_s
+
+    monkeypatch.setenv("LORASUM_HISTORY_WAIT_S", "soon")
+    with pytest.raises(ValueError, match="LORASUM_HISTORY_WAIT_S='soon': expected a number of seconds"):
+        server_wait_s()
+
+
+def _step(number: int):
+    from lorasum_assets.ml.progress import StepLog
+
+    return StepLog(step=number, epoch=0.1 * number, loss=1.0, learning_rate=1e-4, grad_norm=0.5, label_tokens=10, seconds=0.1)

@@ -12,6 +12,7 @@ HOME_ENV = "LORASUM_HOME"
 PROFILE_ENV = "LORASUM_PROFILE"
 HISTORY_ENV = "LORASUM_HISTORY"
 HISTORY_DATA_ENV = "LORASUM_HISTORY_DATA"
+HISTORY_WAIT_ENV = "LORASUM_HISTORY_WAIT_S"
 DEPLOYMENT_ENV = "LORASUM_DEPLOYMENT"
 TRAINING_GPUS_ENV = "LORASUM_TRAINING_GPUS"
 RETRAIN_CRON_ENV = "LORASUM_RETRAIN_CRON"
@@ -25,6 +26,7 @@ VARIABLES = {
     PROFILE_ENV: "the default profile of every run (default smollm2-135m)",
     HISTORY_ENV: "the history's DuckLake catalog: sqlite:PATH or postgres:CONNINFO (default: SQLite in the home)",
     HISTORY_DATA_ENV: "where a new history puts its data files: a folder or s3://...",
+    HISTORY_WAIT_ENV: "seconds a run waits for an unreachable PostgreSQL history server before it fails (default 300)",
     DEPLOYMENT_ENV: "where runs execute: local, k8s-run or k8s-steps",
     TRAINING_GPUS_ENV: "GPUs of the training pod under k8s-steps",
     RETRAIN_CRON_ENV: "the weekly_retrain schedule's cron (default 0 3 * * 1)",

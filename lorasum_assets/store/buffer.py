@@ -13,8 +13,8 @@ T = TypeVar("T")
 class BackgroundWriter(Generic[T]):
     """Collects items and writes them in batches from a thread of its own, every ``interval_s``.
 
-    ``put`` never waits on the store. A write that fails is reported through ``on_error`` and its
-    batch is tried again with the next one; ``close`` writes what is left and waits for it,
+    ``put`` never waits on the store. A write that fails is reported through ``on_error`` (the
+    first failure and the last) and its batch is tried again with the next one; ``close`` writes what is left and waits for it,
     reporting once when that takes longer than ``report_after_s``.
     """
 
@@ -54,7 +54,8 @@ class BackgroundWriter(Generic[T]):
             self.batches_written += 1
         except Exception as exc:  # the store is busy or down: keep the rows for the next round
             self.failures += 1
-            self._on_error(f"history write of {len(batch)} row(s) failed, will retry: {exc}")
+            if self.failures == 1 or self._stop.is_set():  # once, and at the end, not every round
+                self._on_error(f"history write of {len(batch)} row(s) failed, will retry: {exc}")
             with self._lock:
                 self._pending[:0] = batch
             if self._stop.is_set():

@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
+from lorasum_assets.settings.env import HISTORY_WAIT_ENV, get_env
 from lorasum_assets.store.schema import rows_table
 
 T = TypeVar("T")
@@ -33,8 +35,22 @@ BUSY_MARKERS = (
     "duplicate key value violates unique constraint",
     'relation "ducklake_',
 )
+# A PostgreSQL catalog server that is down, restarting or unreachable (libpq's and DuckDB's words).
+UNREACHABLE_MARKERS = (
+    "server closed the connection unexpectedly",
+    "could not connect to server",
+    "connection to server",
+    "Connection refused",
+    "terminating connection due to administrator command",
+    "the database system is shutting down",
+    "the database system is starting up",
+    "no connection to the server",
+    "SSL connection has been closed unexpectedly",
+)
 WAIT_REPORT_AFTER_S = 10.0
+DEFAULT_SERVER_WAIT_S = 300.0
 _wait_reporter: ContextVar[Callable[[str], None] | None] = ContextVar("lorasum_wait_reporter", default=None)
+_history_server: ContextVar[str | None] = ContextVar("lorasum_history_server", default=None)
 _log = logging.getLogger("lorasum.store")
 
 
@@ -42,8 +58,79 @@ class DatabaseBusyError(RuntimeError):
     """The history stayed busy for longer than we were willing to wait."""
 
 
+class HistoryUnreachableError(RuntimeError):
+    """The history's catalog server stayed unreachable past the wait ``LORASUM_HISTORY_WAIT_S`` allows."""
+
+
 def is_busy_error(exc: BaseException) -> bool:
     return any(marker in str(exc) for marker in BUSY_MARKERS)
+
+
+def is_unreachable_error(exc: BaseException) -> bool:
+    return any(marker in str(exc) for marker in UNREACHABLE_MARKERS)
+
+
+def server_wait_s() -> float:
+    """How long a write or read waits for an unreachable history server (``LORASUM_HISTORY_WAIT_S``)."""
+    text = get_env(HISTORY_WAIT_ENV)
+    if text is None:
+        return DEFAULT_SERVER_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise ValueError(f"{HISTORY_WAIT_ENV}={text!r}: expected a number of seconds, 0 or more")
+    return value
+
+
+def _unreachable_reason(exc: BaseException) -> str:
+    """The line of the driver's message that says why, without DuckDB's query context."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        for marker in UNREACHABLE_MARKERS:
+            if marker in line:
+                return line[line.index(marker):][:300].rstrip(":")
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+class _Outages:
+    """One record per history server that stopped answering, shared by every thread of the process:
+    the wait is reported once when it starts and once when the server answers again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: dict[str, tuple[float, int]] = {}
+
+    def failed(self, server: str, exc: BaseException, report: Callable[[str], None]) -> None:
+        """Sleep a little before the caller tries again; raise once the wait is used up."""
+        now, wait_s = time.monotonic(), server_wait_s()
+        with self._lock:
+            since, failures = self._since.get(server, (now, 0))
+            self._since[server] = (since, failures + 1)
+        # A server that restarted while this process was idle fails a pooled connection once;
+        # the retry opens a new one. Only a second failure in a row is worth a word.
+        if failures == 1:
+            report(f"the history server ({server}) is unreachable: {_unreachable_reason(exc)}; "
+                   f"waiting up to {wait_s:.0f}s for it to come back ({HISTORY_WAIT_ENV})")
+        waited = now - since
+        if waited >= wait_s:
+            raise HistoryUnreachableError(
+                f"the history server ({server}) did not answer for {waited:.0f}s, longer than the {wait_s:.0f}s "
+                f"{HISTORY_WAIT_ENV} allows: {_unreachable_reason(exc)}"
+            ) from exc
+        time.sleep(min(0.1 * 2 ** min(failures, 4), 1.0, max(wait_s - waited, 0.0)))
+
+    def answered(self, server: str, report: Callable[[str], None]) -> None:
+        if server not in self._since:
+            return
+        with self._lock:
+            since, failures = self._since.pop(server, (None, 0))
+        if since is not None and failures > 1:
+            report(f"the history server ({server}) answers again after {time.monotonic() - since:.0f}s")
+
+
+_outages = _Outages()
 
 
 def busy_reason(exc: BaseException) -> str:
@@ -62,28 +149,42 @@ def busy_reason(exc: BaseException) -> str:
 
 
 @contextmanager
-def report_waits(callback: Callable[[str], None] | None) -> Iterator[None]:
-    """Waits on the history inside this block are reported through ``callback`` (a run's log)."""
-    token = _wait_reporter.set(callback)
+def report_waits(callback: Callable[[str], None] | None, server: str | None = None) -> Iterator[None]:
+    """Waits on the history inside this block are reported through ``callback`` (a run's log);
+    ``server`` names the history's catalog in what is reported (default: kept from an outer block)."""
+    tokens = [_wait_reporter.set(callback)]
+    if server is not None:
+        tokens.append(_history_server.set(server))
     try:
         yield
     finally:
-        _wait_reporter.reset(token)
+        for token in reversed(tokens):
+            token.var.reset(token)
 
 
 def retry_busy(
-    action: Callable[[], T], what: str, timeout_s: float = 600.0, on_wait: Callable[[str], None] | None = None
+    action: Callable[[], T],
+    what: str,
+    timeout_s: float = 600.0,
+    on_wait: Callable[[str], None] | None = None,
+    server: str | None = None,
 ) -> T:
     """Run ``action``, retrying with jittered backoff while the history is busy. A wait longer than
-    10 s is reported once, naming what it waits for; past ``timeout_s`` it fails with the reason."""
+    10 s is reported once, naming what it waits for; past ``timeout_s`` it fails with the reason.
+    While the catalog's server is unreachable it is tried again for up to ``LORASUM_HISTORY_WAIT_S``,
+    reported once with the server's address; then it fails naming the server."""
     report = on_wait or _wait_reporter.get() or _log.warning
+    server = server or _history_server.get() or "the history's catalog"
     start = time.monotonic()
     delay = 0.02
     reported = False
     while True:
         try:
-            return action()
+            result = action()
         except Exception as exc:
+            if is_unreachable_error(exc):
+                _outages.failed(server, exc, report)
+                continue
             if not is_busy_error(exc):
                 raise
             waited = time.monotonic() - start
@@ -94,6 +195,9 @@ def retry_busy(
                 reported = True
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 1.0)
+        else:
+            _outages.answered(server, report)
+            return result
 
 
 def in_transaction(con, body: Callable[[Any], T], what: str = "a history write", timeout_s: float = 600.0) -> T:

@@ -193,7 +193,8 @@ def _engine(location: HistoryLocation, read_only: bool, on_wait: Callable[[str],
                 raise
             return engine
 
-        engine = retry_busy(attempt, f"the history catalog {location.describe()}", timeout_s=timeout_s, on_wait=on_wait)
+        engine = retry_busy(attempt, f"the history catalog {location.describe()}", timeout_s=timeout_s, on_wait=on_wait,
+                            server=location.describe())
         _engines[key] = engine
         while len(_engines) > _MAX_ENGINES:
             _engines.popitem(last=False)[1].close()
@@ -208,8 +209,16 @@ def connect(
     if location.kind == "sqlite" and read_only and not location.sqlite_path.exists():
         raise HistoryNotFoundError(str(location.sqlite_path))
     con = _engine(location, read_only, on_wait, timeout_s).cursor()
-    con.execute(init_statements(location, read_only)[-1])
-    if read_only and stored_schema_version(con) is None:
+
+    def enter() -> int | None:
+        con.execute(init_statements(location, read_only)[-1])
+        return stored_schema_version(con)
+
+    # A PostgreSQL catalog's pooled connections outlive a server restart and fail once each: the
+    # first read, retried while the server is away, leaves the pool connected.
+    version = retry_busy(enter, f"reading the history {location.describe()}", timeout_s=timeout_s, on_wait=on_wait,
+                         server=location.describe())
+    if read_only and version is None:
         con.close()
         raise HistoryNotFoundError(f"{location.describe()} (no tables)")
     return con

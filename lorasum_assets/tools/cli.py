@@ -482,6 +482,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if result.all_succeeded else 1
 
 
+def _register_pending_adapters() -> list[tuple[str, str, int, str]]:
+    """Adapters whose run saved them but could not register them (the history server was away)."""
+    from lorasum_assets.store.lake import open_history
+    from lorasum_assets.store.pending import pending_registrations, register_pending
+
+    if not pending_registrations():
+        return []
+    con = open_history(read_only=False)
+    try:
+        return register_pending(con)
+    finally:
+        con.close()
+
+
 def cmd_recover(args: argparse.Namespace) -> int:
     import dagster as dg
 
@@ -489,10 +503,18 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     if not get_env(DAGSTER_HOME_ENV):
         raise SystemExit("lorasum recover: set DAGSTER_HOME to the Dagster instance whose runs to check")
+    adapters = _register_pending_adapters()
     with dg.DagsterInstance.get() as instance:
         released = release_dead_runs(instance)
-    _emit(args, ("run_id", "job_name", "pid"), [(r.run_id, r.job_name, r.pid) for r in released])
-    return 0
+    adapter_header = ("adapter_id", "run_id", "steps", "outcome")
+    if not args.json:
+        print(f"{len(adapters)} adapter(s) saved by a run but not registered:")
+        if adapters:
+            _print_table(adapter_header, adapters)
+        print(f"{len(released)} dead run(s) failed and their pool slots freed:")
+    _emit(args, ("run_id", "job_name", "pid"), [(r.run_id, r.job_name, r.pid) for r in released],
+          {"adapters": [dict(zip(adapter_header, a)) for a in adapters]})
+    return 1 if any(outcome != "registered" for *_, outcome in adapters) else 0
 
 
 def cmd_init_instance(args: argparse.Namespace) -> int:
@@ -591,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("sql", "a DuckDB shell on the history (every table and view), or one query with -c", cmd_sql)
     p.add_argument("-c", dest="command_text", metavar="SQL", help="run this query and exit")
 
-    command("recover", "fail runs whose process died and free their GPU pool slots", cmd_recover)
+    command("recover", "register adapters a run saved but could not record (history server away); fail runs whose "
+            "process died and free their GPU pool slots", cmd_recover)
 
     p = command("init-instance", "initialize the Dagster instance in DAGSTER_HOME once (safe to run concurrently)", cmd_init_instance, ())
     p.add_argument("--config", help="dagster.yaml to install when DAGSTER_HOME has none (e.g. deploy/dagster.yaml)")

@@ -22,7 +22,8 @@ from lorasum_assets.runtime.home import home_subdir, lorasum_home
 from lorasum_assets.settings.config import config_class, resolve, spec_fields
 from lorasum_assets.settings.specs import LauncherSpec, TrainSpec
 from lorasum_assets.settings.versions import code_version
-from lorasum_assets.store.history import record_training_log, register_adapter
+from lorasum_assets.store.history import HistoryUnreachableError
+from lorasum_assets.store.pending import PendingRegistration, record_registration, write_pending
 from lorasum_assets.store.references import AdapterRef, TableRef, version_of
 
 if TYPE_CHECKING:
@@ -227,15 +228,6 @@ def _train_with_accelerate(context, job: TrainingJob, launcher: LauncherSpec, mo
     return outcome
 
 
-def _record_training_log(store: LorasumStore, train_key: str, run_id: str, outcome: "TrainingOutcome") -> None:
-    """Every step and epoch of this run's training under this run's id, the ones a resumed run
-    took over from its checkpoint included; steps already logged live are rewritten as they were."""
-    with store.connect() as con:
-        record_training_log(
-            con, train_key, run_id, steps=outcome.steps, epochs=list(enumerate(outcome.val_losses, start=1)), replace_all=True
-        )
-
-
 @dg.asset(
     group_name="training",
     kinds={"pytorch", "duckdb"},
@@ -266,9 +258,9 @@ def lora_adapter(
         outcome = _train_in_process(context, job, model, store)
     if outcome.total_steps < 1 or not outcome.steps:
         raise RuntimeError(f"training took no optimizer step ({len(job.train_examples)} train examples); no adapter is registered")
-    _record_training_log(store, job.train_key, context.run_id, outcome)
     weights_sha = _checked_weights(job, outcome)
-    training_config = _register(context, store, job, outcome, model, profile.name, weights_sha)
+    registration, training_config = _registration(context, job, outcome, model, profile.name, weights_sha)
+    _register(store, registration)
     shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
     context.instance.add_run_tags(context.run_id, {"lorasum/adapter_id": job.adapter_id})
     base = model.base_ref()
@@ -309,38 +301,51 @@ def _checked_weights(job: TrainingJob, outcome: TrainingOutcome) -> str:
     return weights_sha
 
 
-def _register(context, store, job: TrainingJob, outcome: TrainingOutcome, model, profile_name: str, weights_sha: str) -> dict:
-    """The adapter's row in the registry; returns the training config recorded with it."""
+def _registration(context, job: TrainingJob, outcome: TrainingOutcome, model, profile_name: str, weights_sha: str) -> tuple[PendingRegistration, dict]:
+    """The adapter's registry row with this run's whole training log (steps a resumed run took
+    over from its checkpoint included), and the training config recorded with it."""
     base = model.base_ref()
     choice = model.choice()
     prompt_format = {"use_chat_template": choice.use_chat_template, "prompt_boundary": choice.prompt_boundary}
     training_config = {**asdict(job.spec), **prompt_format, **outcome.launcher_metadata}
-    with store.connect() as con:
-        register_adapter(
-            con,
-            {
-                "adapter_id": job.adapter_id,
-                "run_id": context.run_id,
-                "train_key": job.train_key,
-                "base_model": base.model,
-                "base_revision": base.revision,
-                "base_quantization": base.quantization,
-                "base_fingerprint": base.fingerprint,
-                "profile": profile_name,
-                "config": {**training_config, "quantization": base.quantization},
-                "trainable_params": outcome.trainable_params,
-                "total_params": outcome.total_params,
-                "trainable_percent": 100.0 * outcome.trainable_params / max(outcome.total_params, 1),
-                "final_train_loss": outcome.final_train_loss,
-                "final_val_loss": outcome.final_val_loss,
-                "dataset_hash": job.data_hash,
-                "sha256": weights_sha,
-                "path": str(job.target),
-                "optimizer_steps": outcome.total_steps,
-                "created_at": job.created_at.replace(tzinfo=None),
-            },
-        )
-    return training_config
+    row = {
+        "adapter_id": job.adapter_id,
+        "run_id": context.run_id,
+        "train_key": job.train_key,
+        "base_model": base.model,
+        "base_revision": base.revision,
+        "base_quantization": base.quantization,
+        "base_fingerprint": base.fingerprint,
+        "profile": profile_name,
+        "config": {**training_config, "quantization": base.quantization},
+        "trainable_params": outcome.trainable_params,
+        "total_params": outcome.total_params,
+        "trainable_percent": 100.0 * outcome.trainable_params / max(outcome.total_params, 1),
+        "final_train_loss": outcome.final_train_loss,
+        "final_val_loss": outcome.final_val_loss,
+        "dataset_hash": job.data_hash,
+        "sha256": weights_sha,
+        "path": str(job.target),
+        "optimizer_steps": outcome.total_steps,
+        "created_at": job.created_at.replace(tzinfo=None),
+    }
+    epochs = list(enumerate(outcome.val_losses, start=1))
+    return PendingRegistration(row, list(outcome.steps), epochs), training_config
+
+
+def _register(store: LorasumStore, registration: PendingRegistration) -> None:
+    """Into the history; kept on disk first, so that an adapter whose registration the history
+    server could not take is registered later by ``lorasum recover``."""
+    pending = write_pending(registration)
+    try:
+        with store.connect() as con:
+            record_registration(con, registration)
+    except HistoryUnreachableError as exc:
+        raise HistoryUnreachableError(
+            f"{exc}. The adapter {registration.adapter_id} is saved at {registration.adapter['path']} and waits in "
+            f"{pending}; run `lorasum recover` once the server is back to register it"
+        ) from exc
+    pending.unlink()
 
 
 def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base, weights_sha: str) -> dict:

@@ -45,7 +45,7 @@ class LorasumStore(dg.ConfigurableResource):
             self._prepared = True
         con = connect(location, read_only=False, on_wait=self._report, timeout_s=self.write_timeout_s)
         try:
-            with report_waits(self._report):
+            with report_waits(self._report, server=location.describe()):
                 yield con
         finally:
             con.close()
