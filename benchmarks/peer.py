@@ -165,17 +165,21 @@ def bench_adapter(args) -> str:
     return str(folder)
 
 
-def read_bandwidth(weight_bytes: int) -> float:
-    """Bytes per second this process reads from memory: the best of 5 sums over a bf16 tensor as
-    large as the weights."""
+def read_bandwidth(weight_bytes: int, device: str = "cpu") -> float:
+    """Bytes per second this process reads from ``device``'s memory: the best of 5 sums over a bf16
+    tensor as large as the weights, on the device the model generates on."""
     import torch
 
-    data = torch.ones(weight_bytes // 2, dtype=torch.bfloat16)
+    data = torch.ones(weight_bytes // 2, dtype=torch.bfloat16, device=device)
     data.sum()
     best = float("inf")
     for _ in range(5):
+        if data.is_cuda:
+            torch.cuda.synchronize()
         started = time.perf_counter()
         data.sum()
+        if data.is_cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
     return weight_bytes / best
 
@@ -184,10 +188,11 @@ def with_bound(result: dict, model, rows: int = GENERATE_BATCH) -> dict:
     """``result`` with the memory-bandwidth bound of a decode step of ``rows`` rows: every step reads
     every bf16 weight once, so new tokens/s cannot pass rows x bandwidth / weight bytes."""
     weight_bytes = sum(p.numel() for p in model.parameters()) * 2
-    bandwidth = read_bandwidth(weight_bytes)
+    device = next(model.parameters()).device
+    bandwidth = read_bandwidth(weight_bytes, str(device))
     bound = rows * bandwidth / weight_bytes
     return {**result, "weight_bytes_bf16": weight_bytes, "read_gb_per_s": bandwidth / 1e9, "bound_new_tokens_per_s": bound,
-            "bound_rows": rows, "share_of_bound": result["new_tokens_per_s"] / bound}
+            "bound_rows": rows, "share_of_bound": result["new_tokens_per_s"] / bound, "bound_measured_on": str(device)}
 
 
 def run_generate_ours(args, precision: str = "auto", static_compiled: bool = False, tuned: bool = False, decoder: str = "auto",

@@ -48,6 +48,14 @@ def tiny_model_dir(session_home) -> Path:
 
 
 @pytest.fixture(scope="session")
+def stand_in_dir(session_home) -> Path:
+    """The 4-bit Llama 3.2 stand-in for unsloth/Llama-3.2-3B-Instruct-bnb-4bit, saved prequantized."""
+    from lorasum_assets.ml.tiny_model import build_tiny_llama32_bnb_4bit
+
+    return build_tiny_llama32_bnb_4bit(session_home / "models" / "tiny-llama-3.2-bnb-4bit")
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 

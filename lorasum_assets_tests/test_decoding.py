@@ -86,11 +86,3 @@ def test_auto_takes_the_lorasum_decoder_only_for_greedy_bf16(tiny_model):
     assert chosen_decoder(tiny_model, GenerationSpec(decoder="lorasum"), None) == "lorasum"
     with pytest.raises(ValueError, match="decodes greedily only"):
         chosen_decoder(tiny_model, GenerationSpec(decoder="lorasum", do_sample=True), torch.bfloat16)
-
-
-def test_a_model_it_cannot_run_says_why(tiny_model):
-    tiny_model.model.layers[0].mlp.up_proj = torch.nn.Sequential(tiny_model.model.layers[0].mlp.up_proj)
-    assert decoding.unsupported_reason(tiny_model) == "a projection is a Sequential, not a plain Linear"
-    assert chosen_decoder(tiny_model, GenerationSpec(), torch.bfloat16) == "transformers"
-    with pytest.raises(ValueError, match="cannot generate here: a projection is a Sequential"):
-        chosen_decoder(tiny_model, GenerationSpec(decoder="lorasum"), torch.bfloat16)

@@ -52,6 +52,7 @@ def train_through_dagster(home: Path, training_config: dict):
     return metadata, steps, Path(path), sha
 
 
+@pytest.mark.slow  # two accelerate processes and a third in-process training: 14 s
 def test_two_gloo_processes_through_pipes_match_in_process_training(fresh_home, tmp_path, monkeypatch):
     config = {"epochs": 2, "lora_dropout": 0.1, "mixed_precision": "no"}
     single_home = fresh_home

@@ -210,3 +210,20 @@ def test_progress_gives_no_rate_before_the_second_step_and_reports_a_stall_as_on
     assert lines[1] == "2/100 steps, 1.00 steps/s, ~98 s left"
     assert lines[4] == "5/100 steps, 1.00 steps/s, ~95 s left (after a stall of 150 s)"
     assert lines[5] == "6/100 steps, 1.00 steps/s, ~94 s left"
+
+
+def test_a_process_holds_one_base_model_at_a_time(tiny_model_dir):
+    """Training's own copy is loaded only after the shared base is dropped and its memory given back."""
+    import gc
+    import weakref
+
+    from lorasum_assets.defs.resources import LoraModelResource, ProfileResource
+
+    resource = LoraModelResource(profile=ProfileResource(name="tiny"), model=str(tiny_model_dir), device="cpu")
+    shared = weakref.ref(resource.base_model())
+    said: list[str] = []
+    copy = resource.fresh_model(said.append)
+    gc.collect()
+    assert shared() is None and copy is not None
+    assert said[0] == "released the shared base model before loading another copy"
+    assert resource.base_model() is not copy  # asked for again, the shared base loads anew

@@ -92,6 +92,7 @@ def test_an_adapter_refuses_a_different_base_model_before_any_generation(fresh_h
     assert ok.asset_materializations_for_node("tuned_predictions")[0].metadata["adapter_id"].value == adapter["adapter_id"]
 
 
+@pytest.mark.slow  # five materializations in processes of their own: 19 s
 def test_changed_settings_show_as_unsynced_and_the_loading_profile_does_not(fresh_home, tmp_path):
     from dagster._core.definitions.data_version import CachingStaleStatusResolver
     from dagster._core.loader import LoadingContextForTest

@@ -95,28 +95,13 @@ def test_long_steps_report_progress_in_the_run_log(fresh_home):
     assert materialize_all(instance).success
     messages = [e.user_message for e in instance.all_logs(instance.get_runs()[0].run_id) if e.user_message]
     text = "\n".join(messages)
-    assert "loading the base model of builtin:tiny-llama (none)" in text and "loaded the base model in" in text
+    assert "loading the base model of builtin:tiny-llama\n" in text + "\n"
+    assert any(m.startswith("loaded the base model in ") and m.endswith(": float32 weights, not quantized, on cpu") for m in messages)
     assert "training 22 optimizer steps on 44 examples" in text
     assert any(m.startswith("step 22/22 steps, ") and "s left" in m for m in messages)
     assert "base_predictions: generating 12 summaries" in text and "base_predictions: 12/12 summaries" in text
     assert "tuned_predictions: 12/12 summaries" in text
     assert "scoring 12 base and 12 tuned summaries with all-MiniLM-L6-v2" in text and "scored in" in text
-
-
-def test_two_materializations_leave_two_history_runs(fresh_home):
-    instance = dg.DagsterInstance.ephemeral()
-    assert materialize_all(instance).success
-    second = dg.materialize(
-        [*ALL_ASSETS, *ALL_CHECKS],
-        resources=build_resources(get_profile("tiny")),
-        instance=instance,
-        selection="base_predictions*",
-    )
-    assert second.success
-    con = history_of(fresh_home)
-    assert con.execute("SELECT count(DISTINCT run_id) FROM eval_runs").fetchone()[0] == 2
-    assert con.execute("SELECT count(*) FROM eval_metrics").fetchone()[0] == 42
-    assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 1
 
 
 def test_too_many_quarantined_rows_block_the_run(fresh_home, tmp_path):
@@ -186,3 +171,46 @@ def test_summarize_with_a_trained_adapter_and_a_corrupted_one(fresh_home, tmp_pa
     capsys.readouterr()
     assert main(["summarize", "--adapter", adapter_id, "--file", str(dialogue)]) == 1
     assert f"adapter {adapter_id} is damaged: {path}/adapter_model.safetensors has sha256" in capsys.readouterr().err
+
+
+def test_two_materializations_leave_two_history_runs_each_with_the_engine_that_generated(fresh_home, capsys):
+    import json as json_module
+
+    from lorasum_assets.tools.cli import main
+
+    def forced(decoder: str) -> dict:
+        config = {"config": {"decoder": decoder, "precision": "as_loaded"}}
+        return {"ops": {"base_predictions": config, "tuned_predictions": config}}
+
+    instance = dg.DagsterInstance.ephemeral()
+    first = materialize_all(instance, forced("transformers"))
+    second = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=build_resources(get_profile("tiny")), instance=instance,
+                            run_config=forced("lorasum"), selection=["base_predictions", "tuned_predictions", "bertscore_report"])
+    assert first.success and second.success
+
+    def recorded(result) -> dict:
+        return {e.asset_key.path[-1]: (e.materialization.metadata["engine"].value, e.materialization.metadata["engine_dtype"].value,
+                                       e.materialization.tags["dagster/data_version"])
+                for e in result.get_asset_materialization_events() if e.asset_key.path[-1].endswith("_predictions")}
+
+    a, b = recorded(first), recorded(second)
+    print(f"first run {a}\nsecond run {b}")
+    assert {k: v[:2] for k, v in a.items()} == {"base_predictions": ("transformers", "float32"), "tuned_predictions": ("transformers", "float32")}
+    assert {k: v[:2] for k, v in b.items()} == {"base_predictions": ("lorasum", "float32"), "tuned_predictions": ("lorasum", "float32")}
+    assert all(a[k][2] != b[k][2] for k in a)  # other engine, other data version
+    con = history_of(fresh_home)
+    assert con.execute("SELECT count(DISTINCT run_id) FROM eval_runs").fetchone()[0] == 2
+    assert con.execute("SELECT count(*) FROM eval_metrics").fetchone()[0] == 42
+    assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 1
+    con.close()
+
+    capsys.readouterr()
+    assert main(["report", "--json", "--run", second.run_id]) == 0
+    engines = json_module.loads(capsys.readouterr().out)["engines"]
+    assert engines["base"]["engine"] == engines["tuned"]["engine"] == "lorasum" and engines["base"]["dtype"] == "float32"
+    assert engines["base"]["device"].startswith("cpu: ") and engines["base"]["transformers"]
+    assert main(["compare", first.run_id, second.run_id]) == 0
+    said = capsys.readouterr().out
+    print(said)
+    assert "the runs generated with different engines, so part of any change may be the engine's: base: engine transformers -> lorasum" in said
+    assert "tuned: engine transformers -> lorasum" in said

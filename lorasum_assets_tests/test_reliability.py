@@ -367,16 +367,36 @@ def test_a_killed_generation_step_rematerializes_cleanly(fresh_home, tmp_path):
     assert con.execute("SELECT count(*), count(DISTINCT id) FROM base_predictions").fetchone() == (12, 12)
 
 
-def test_cuda_out_of_memory_in_generation_names_the_knobs(tiny_model, tiny_tokenizer, monkeypatch):
+def test_generation_that_runs_out_of_cuda_memory_halves_its_batch_down_to_one(tiny_model, tiny_tokenizer, monkeypatch):
     import torch
 
     from lorasum_assets.ml.generate import generate
     from lorasum_assets.settings.specs import GenerationSpec
 
-    def out_of_memory(**kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    real_generate, sizes = tiny_model.generate, []
+
+    def fits_two_at_most(**kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_generate(**kwargs)
 
     # model.generate is the path a CUDA model takes; on this CPU decoder auto would take lorasum
-    monkeypatch.setattr(tiny_model, "generate", out_of_memory)
-    with pytest.raises(RuntimeError, match=r"lower the generation batch_size \(now 4\) or max_new_tokens \(now 9\)"):
-        generate(tiny_model, tiny_tokenizer, [[1, 5, 6]], GenerationSpec(max_new_tokens=9, batch_size=4, decoder="transformers"))
+    monkeypatch.setattr(tiny_model, "generate", fits_two_at_most)
+    prompts = [[1, 5 + i, 6, 7] for i in range(7)]
+    spec = GenerationSpec(max_new_tokens=4, batch_size=8, decoder="transformers")
+    said: list[str] = []
+    halved = generate(tiny_model, tiny_tokenizer, prompts, spec, on_progress=said.append)
+    print(f"batch sizes tried {sizes}; said {said}")
+    assert sizes == [7, 4, 2, 2, 2, 1]
+    assert said == ["CUDA ran out of memory generating 7 summaries at once; going on 4 at a time",
+                    "CUDA ran out of memory generating 4 summaries at once; going on 2 at a time"]
+    monkeypatch.setattr(tiny_model, "generate", real_generate)
+    assert [g.text for g in halved] == [g.text for g in generate(tiny_model, tiny_tokenizer, prompts, spec)]
+
+    def never_fits(**kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(tiny_model, "generate", never_fits)
+    with pytest.raises(RuntimeError, match=r"a single prompt: lower the generation batch_size \(now 4\) or max_new_tokens \(now 9\)"):
+        generate(tiny_model, tiny_tokenizer, [[1, 5, 6], [1, 7, 8]], GenerationSpec(max_new_tokens=9, batch_size=4, decoder="transformers"))

@@ -379,25 +379,19 @@ def test_an_nf4_adapter_merges_into_the_dequantized_base(tiny_model_dir, tiny_to
     peft_model = prepare_peft_model(load_model(spec), train)
     train_lora(peft_model, examples(tiny_tokenizer, 8), examples(tiny_tokenizer, 2, "validation"), train, tiny_tokenizer.pad_token_id)
     adapter = save_adapter(peft_model, tiny_tokenizer, tmp_path / "adapter")
-    merged = merge_adapter(spec, str(adapter), tmp_path / "merged")
+    prompts = [e.input_ids[:24] for e in examples(tiny_tokenizer, 4, "validation")]
+    # The tiny model's init (0.2, ten times Llama's) puts the 4-bit kernels and the dequantized
+    # weights a few percent of the largest logit apart; the stand-in of test_recipe.py, at Llama's
+    # own scale, is checked at the default tolerance.
+    merged = merge_adapter(spec, str(adapter), tmp_path / "merged", prompts, tolerance=0.05)
+    # an fp32 checkpoint quantized on load computes in fp32 on a CPU, and so is exported
     assert merged.dequantized and merged.dtype == "float32"
+    print(merged.check.describe())
+    assert merged.check.ok and merged.check.prompts == 4
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert getattr(plain.config, "quantization_config", None) is None
     assert not any(type(m).__name__ == "Linear4bit" for m in plain.modules())
-    from peft import PeftModel
-
-    unmerged = PeftModel.from_pretrained(load_model(spec).dequantize(), str(adapter)).eval()
-    ids = torch.tensor([examples(tiny_tokenizer, 1)[0].input_ids[:32]])
-    with torch.no_grad():
-        merged_logits = plain(input_ids=ids).logits
-        unmerged_logits = unmerged(input_ids=ids).logits
-        four_bit = peft_model.eval()(input_ids=ids).logits
-    # merging is exact on the dequantized weights ...
-    assert torch.allclose(merged_logits, unmerged_logits, atol=1e-4), (merged_logits - unmerged_logits).abs().max()
-    # ... and close to, not the same as, the 4-bit kernels' arithmetic
-    agree = (four_bit.argmax(-1) == merged_logits.argmax(-1)).float().mean().item()
-    print(f"max |4-bit - merged| logit {(four_bit - merged_logits).abs().max():.4f}; top-1 agreement {agree:.3f}")
-    assert agree >= 0.9
+    assert plain.dtype == torch.float32
 
 
 @pytest.mark.parametrize("gpu, native_bf16, expected", [("A100", True, torch.bfloat16), ("T4", False, torch.float16)])
@@ -419,3 +413,30 @@ def test_bf16_only_where_the_gpu_has_it_in_hardware(monkeypatch, gpu, native_bf1
             yield SimpleNamespace(device=SimpleNamespace(type="cuda"))
 
     assert training_autocast_dtype(OnCuda(), "auto") == expected, gpu
+
+
+def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_holds_the_schedule(tiny_model, tiny_tokenizer):
+    """fp16 with the grad scaler (on CPU as on a GPU): an overflow forced into step 3's gradients
+    makes the scaler skip that update; the step is recorded as skipped with no grad norm, the
+    learning rate does not move on, and training finishes."""
+    spec = TrainSpec(epochs=1, batch_size=1, gradient_accumulation_steps=1, learning_rate=1e-3, warmup_ratio=0.0,
+                     lora_dropout=0.0, mixed_precision="fp16", lr_scheduler="cosine")
+    peft_model = prepare_peft_model(tiny_model, spec)
+    backward_passes = 0
+
+    def overflow_on_the_third_backward(grad):
+        nonlocal backward_passes
+        backward_passes += 1
+        return grad * float("inf") if backward_passes == 3 else grad
+
+    lora_b = next(p for n, p in peft_model.named_parameters() if "lora_B" in n)
+    lora_b.register_hook(overflow_on_the_third_backward)
+    result = train_lora(peft_model, examples(tiny_tokenizer, 6), [], spec, tiny_tokenizer.pad_token_id)
+    rows = [(log.step, log.skipped, log.grad_norm is None, f"{log.learning_rate:.3e}") for log in result.steps]
+    print(f"precision {result.precision}; (step, skipped, no grad norm, lr): {rows}")
+    assert result.precision == "fp16"
+    assert [log.step for log in result.steps] == [1, 2, 3, 4, 5, 6] and result.skipped_steps == [3]
+    assert result.steps[2].grad_norm is None and all(log.grad_norm is not None for log in result.steps if not log.skipped)
+    lrs = [log.learning_rate for log in result.steps]
+    assert lrs[3] == lrs[2] != lrs[1]  # step 4 steps with the rate step 3 could not use
+    assert lrs[4] < lrs[3] and all(torch.isfinite(p).all() for p in peft_model.parameters() if p.requires_grad)

@@ -15,10 +15,18 @@ from lorasum_assets_tests.conftest import history_of
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CONFIG = {"ops": {"lora_adapter": {"config": {"epochs": 12, "checkpoint_steps": 4, "logging_steps": 1}}}}
+# The recipe profile (a prequantized 4-bit Llama 3.2, QLoRA, gradient checkpointing, batch 1 x 4)
+# on its stand-in, every sample dialogue, 8 epochs: 11 optimizer steps per epoch.
+RECIPE_RUN_CONFIG = {
+    "ops": {"raw_dialogsum": {"config": {"source": "sample"}}, "filtered_split": {"config": {"modulus": 1}},
+            "lora_adapter": {"config": {"epochs": 8, "checkpoint_steps": 4, "logging_steps": 1}}},
+    "resources": {"model": {"config": {"model": "builtin:tiny-llama-3.2-bnb-4bit"}}},
+}
+CASES = {"tiny": (RUN_CONFIG, 11 * 12), "llama-3.2-3b-qlora": (RECIPE_RUN_CONFIG, 11 * 8)}
 
 
-def materialize(home: Path, selection: str, config_file: Path) -> subprocess.Popen:
-    env = {**os.environ, "LORASUM_HOME": str(home), "LORASUM_PROFILE": "tiny", "DAGSTER_HOME": str(home / "dagster")}
+def materialize(home: Path, selection: str, config_file: Path, profile: str = "tiny") -> subprocess.Popen:
+    env = {**os.environ, "LORASUM_HOME": str(home), "LORASUM_PROFILE": profile, "DAGSTER_HOME": str(home / "dagster")}
     (home / "dagster").mkdir(exist_ok=True)
     return subprocess.Popen(
         [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "lorasum_assets.definitions",
@@ -36,13 +44,15 @@ def logged_steps(home) -> int:
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_and_logs_each_step_once(fresh_home, tmp_path):
+@pytest.mark.parametrize("profile", list(CASES))
+def test_killed_training_resumes_and_logs_each_step_once(fresh_home, tmp_path, profile):
+    run_config, planned = CASES[profile]
     config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(RUN_CONFIG))
-    prep = materialize(fresh_home, "raw_dialogsum,filtered_split,tokenized_dataset", config_file)
+    config_file.write_text(yaml.safe_dump(run_config))
+    prep = materialize(fresh_home, "raw_dialogsum,filtered_split,tokenized_dataset", config_file, profile)
     assert prep.wait(timeout=300) == 0, prep.stdout.read().decode()[-3000:]
 
-    training = materialize(fresh_home, "lora_adapter", config_file)
+    training = materialize(fresh_home, "lora_adapter", config_file, profile)
     checkpoints = fresh_home / "checkpoints"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and training.poll() is None:
@@ -61,13 +71,14 @@ def test_killed_training_resumes_and_logs_each_step_once(fresh_home, tmp_path):
     con.close()
     assert not list((fresh_home / "adapters").glob("*")) if (fresh_home / "adapters").exists() else True
 
-    again = materialize(fresh_home, "lora_adapter", config_file)
+    again = materialize(fresh_home, "lora_adapter", config_file, profile)
     output = again.communicate(timeout=600)[0].decode()
     assert again.returncode == 0, output[-3000:]
     assert "resumed from checkpoint at step" in output
 
     con = history_of(fresh_home)
-    planned = 11 * 12  # ceil(44 / 4) optimizer steps per epoch x 12 epochs
+    print(f"{profile}: killed after {logged_before} logged steps; "
+          f"{next(line for line in output.splitlines() if 'resumed from checkpoint at step' in line).split(' - ')[-1]}")
     assert logged_before >= 8
     assert con.execute("SELECT count(DISTINCT run_id) FROM training_steps").fetchone()[0] == 2
     (resumed_run,) = con.execute("SELECT run_id FROM adapters").fetchone()

@@ -109,6 +109,12 @@ def unsupported_reason(model) -> str | None:
                 return f"a projection is a {type(base).__name__}, not a plain Linear"
             if isinstance(module, BaseTunerLayer) and any(module.use_dora.get(name) for name in module.active_adapters):
                 return "a DoRA adapter is active"
+    applied = {id(module) for layer in inner.model.layers
+               for module in [getattr(layer.self_attn, n) for n in PROJECTIONS] + [getattr(layer.mlp, n) for n in MLP_PROJECTIONS]}
+    applied.add(id(inner.lm_head))
+    for name, module in inner.named_modules():
+        if isinstance(module, BaseTunerLayer) and id(module) not in applied and module.active_adapters and not module.disable_adapters:
+            return f"a LoRA adapter on {name.rsplit('.', 1)[-1]}, which this decoder does not apply"
     return None
 
 

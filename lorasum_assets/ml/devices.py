@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 
@@ -9,3 +11,34 @@ def cuda_has_native_bf16() -> bool:
     """bf16 in hardware (Ampere and newer). ``torch.cuda.is_bf16_supported()`` counts emulation by
     default, so a T4 or V100 would say yes and then run bf16 slowly; those get fp16 instead."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def free_accelerator_memory() -> None:
+    """Give back what dropped models held: collect their reference cycles, then empty CUDA's cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# CPU features that decide what runs fast here (bf16 matmuls, AMX tiles)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def describe_device(device) -> str:
+    """The device as a run records it: the GPU's name, or the CPU's model and its bf16/AMX flags."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    model, flags = "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    present = [flag for flag in CPU_FLAGS if flag in flags]
+    return f"{device.type}: {model} ({' '.join(present) or 'none of ' + '/'.join(CPU_FLAGS)})"

@@ -5,17 +5,55 @@ model card. No dagster.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from lorasum_assets.ml.generate import stop_token_ids
-from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
+from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer, loaded_quantization, pick_device
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+# The largest logit gap a merged export may show against base + adapter, relative to the largest
+# |logit| (docs/export.md has the measurement behind it), and how a parting of greedy paths is judged.
+MERGE_TOLERANCE = 0.02
+CHECK_NEW_TOKENS = 16
+
+
+class MergeCheckError(RuntimeError):
+    """The merged weights do not compute what base + adapter computes; nothing was kept."""
+
+
+@dataclass(frozen=True)
+class MergeCheck:
+    """The export reloaded with plain ``transformers`` against base + adapter, on a few prompts:
+    the reference's greedy path, the merged model's logits along it, and where its own greedy
+    choice would part from it (with the reference's margin there: a near-tie is within tolerance)."""
+
+    prompts: int
+    same_greedy: int
+    max_gap: float
+    partings: list[dict]
+    tolerance: float = MERGE_TOLERANCE
+
+    @property
+    def ok(self) -> bool:
+        return self.max_gap <= self.tolerance and all(p["margin"] <= self.tolerance for p in self.partings)
+
+    def describe(self) -> str:
+        parts = "; ".join(f"prompt {p['prompt']} parts at new token {p['step']} where the top two logits of base + adapter "
+                          f"are {p['margin']:.4f} apart (relative)" for p in self.partings)
+        return (f"greedy outputs identical on {self.same_greedy} of {self.prompts} prompts"
+                + (f" ({parts})" if parts else "")
+                + f"; largest logit gap {self.max_gap:.4f} of the largest logit (tolerance {self.tolerance})")
 
 
 @dataclass(frozen=True)
@@ -23,30 +61,94 @@ class MergedModel:
     folder: Path
     dequantized: bool
     dtype: str
+    check: MergeCheck
 
 
-def merge_adapter(spec: ModelSpec, adapter_path: str, out: Path) -> MergedModel:
-    """Base + adapter merged with ``merge_and_unload`` into ``out``: safetensors weights, the
-    tokenizer and a generation config whose stop ids are the ones lorasum generates with.
+def export_dtype(base) -> torch.dtype:
+    """The dtype the base computes in: a 4-bit base's compute dtype (bf16 or fp16 for a
+    prequantized QLoRA checkpoint such as unsloth's, so the export is 16-bit, never fp32), an
+    unquantized base's own dtype."""
+    held = loaded_quantization(base)
+    if held.method == "none" or not held.compute_dtype:
+        return next(base.parameters()).dtype
+    return getattr(torch, held.compute_dtype)
 
-    A 4-bit base is dequantized first, so the LoRA weights merge into full-precision weights;
-    the result is not bit-identical to the 4-bit model with the adapter applied.
-    """
+
+@torch.no_grad()
+def _greedy_path(model, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """The greedy continuation of ``prompt`` (no stop id) and the logits of each step."""
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+    steps, tokens = [out.logits[0, -1].float()], []
+    for _ in range(new_tokens - 1):
+        tokens.append(int(steps[-1].argmax()))
+        out = model(input_ids=torch.tensor([[tokens[-1]]], device=device), past_key_values=out.past_key_values, use_cache=True)
+        steps.append(out.logits[0, -1].float())
+    tokens.append(int(steps[-1].argmax()))
+    return tokens, torch.stack(steps)
+
+
+@torch.no_grad()
+def compare_with_reference(reference, merged, prompts: list[list[int]], new_tokens: int = CHECK_NEW_TOKENS,
+                           tolerance: float = MERGE_TOLERANCE) -> MergeCheck:
+    same, gap, partings = 0, 0.0, []
+    for index, prompt in enumerate(prompts):
+        tokens, ref_logits = _greedy_path(reference, prompt, new_tokens)
+        device = next(merged.parameters()).device
+        full = torch.tensor([prompt + tokens[:-1]], device=device)
+        ours = merged(input_ids=full).logits[0, len(prompt) - 1 :].float().to(ref_logits.device)
+        scale = ref_logits.abs().max().item()
+        gap = max(gap, (ours - ref_logits).abs().max().item() / scale)
+        chosen = ours.argmax(-1).tolist()
+        parted = next((step for step, (a, b) in enumerate(zip(chosen, tokens, strict=True)) if a != b), None)
+        if parted is None:
+            same += 1
+        else:
+            margin = (ref_logits[parted, tokens[parted]] - ref_logits[parted, chosen[parted]]).item() / scale
+            partings.append({"prompt": index, "step": parted + 1, "margin": margin})
+    return MergeCheck(len(prompts), same, gap, partings, tolerance)
+
+
+def merge_adapter(spec: ModelSpec, adapter_path: str, out: Path, check_prompts: list[list[int]],
+                  tolerance: float = MERGE_TOLERANCE) -> MergedModel:
+    """Base + adapter merged with ``merge_and_unload`` into ``out``: safetensors weights in the
+    dtype the base computes in (a 4-bit base is dequantized first), the tokenizer and a generation config whose stop ids are
+    the ones lorasum generates with. The folder is written aside, reloaded with plain
+    ``transformers`` and compared with base + adapter on ``check_prompts``; it is moved into place
+    only when the comparison is within ``tolerance``, else nothing is left."""
     base = load_model(spec)
     tokenizer = load_tokenizer(spec)
+    dtype = export_dtype(base)
     dequantized = bool(getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None))
     if dequantized:
         base = base.dequantize()
-    merged = PeftModel.from_pretrained(base, adapter_path, is_trainable=False).merge_and_unload()
+    merged = PeftModel.from_pretrained(base, adapter_path, is_trainable=False).merge_and_unload().to(dtype)
     merged.eval()
     stops = stop_token_ids(merged, tokenizer)
     merged.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     merged.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     merged.generation_config.do_sample = False
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return MergedModel(out, dequantized, str(next(merged.parameters()).dtype).replace("torch.", ""))
+    for key in ("temperature", "top_p", "top_k"):
+        setattr(merged.generation_config, key, None)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        del merged, base
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype).to(pick_device(spec)).eval()
+        reference = PeftModel.from_pretrained(load_model(spec), adapter_path, is_trainable=False).eval()
+        check = compare_with_reference(reference, reloaded, check_prompts, tolerance=tolerance)
+        if not check.ok:
+            raise MergeCheckError(f"the merged model does not compute what base + adapter computes: {check.describe()}; "
+                                  f"nothing was written to {out}")
+        out.mkdir(exist_ok=True)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return MergedModel(out, dequantized, str(dtype).replace("torch.", ""), check)
 
 
 def copy_adapter(adapter_path: str, out: Path) -> None:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+import transformers
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lorasum_assets.ml import decoding
+from lorasum_assets.ml.devices import describe_device, free_accelerator_memory
 from lorasum_assets.ml.precision import generation_dtype, weights_in
 from lorasum_assets.ml.progress import DecodingHeartbeat
 from lorasum_assets.settings.specs import GenerationSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,36 @@ class Generation:
     new_tokens: int
     hit_limit: bool
     latency_s: float
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """What generated, as it ran: the engine (``lorasum``: the decoder of ``ml/decoding.py``;
+    ``transformers``: ``model.generate``), the dtype the weights were held in, the device, and the
+    library versions."""
+
+    engine: str
+    dtype: str
+    device: str
+    torch: str
+    transformers: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def short(self) -> str:
+        return f"{self.engine} {self.dtype}"
+
+
+class Generations(list):
+    """The generations in prompt order, and ``engine``: the ``EngineRecord`` of what made them."""
+
+    engine: EngineRecord
+
+
+def engine_record(model, engine: str, dtype) -> EngineRecord:
+    held = str(held_dtype(model, dtype)).replace("torch.", "")
+    return EngineRecord(engine, held, describe_device(next(model.parameters()).device), torch.__version__, transformers.__version__)
 
 
 def has_active_adapter(model) -> bool:
@@ -88,8 +123,9 @@ def generate(
     spec: GenerationSpec,
     on_batch: Callable[[int, int], None] | None = None,
     on_progress: Callable[[str], None] | None = None,
-) -> list[Generation]:
-    """Summaries for ``prompts`` (token ids), in the order given. ``on_batch(done, total)`` follows
+) -> Generations:
+    """Summaries for ``prompts`` (token ids), in the order given, with the record of the engine
+    that made them (``.engine``). ``on_batch(done, total)`` follows
     each batch; ``on_progress`` gets a line every ~10 s while a batch decodes.
 
     Prompts are sorted by length and batched. ``model.generate`` gets left-padded batches that
@@ -98,12 +134,17 @@ def generate(
     batch's wall time shared equally among its rows.
     """
 
-    if not prompts:
-        return []
+    dtype = generation_dtype(model, spec.precision)
+    engine = chosen_decoder(model, spec, dtype)
+    generations = Generations(_generate_with(engine, dtype, model, tokenizer, prompts, spec, on_batch, on_progress) if prompts else [])
+    generations.engine = engine_record(model, engine, dtype)
+    return generations
+
+
+def _generate_with(engine: str, dtype, model, tokenizer, prompts, spec: GenerationSpec, on_batch, on_progress) -> list[Generation]:
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    dtype = generation_dtype(model, spec.precision)
-    if chosen_decoder(model, spec, dtype) == "lorasum":
+    if engine == "lorasum":
         prepared = decoding.prepare(model, held_dtype(model, dtype))  # its own copy of the weights: the model stays as it is
 
         def decode_batch(batch, heartbeat):
@@ -154,30 +195,46 @@ def _generate_batch(model, spec: GenerationSpec, generation_kwargs: dict, batch,
     """The new tokens of every prompt in ``batch``, one left-padded ``model.generate`` call."""
     input_ids, attention_mask = collate_left(batch, generation_kwargs["pad_token_id"])
     device = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), streamer=heartbeat, **generation_kwargs
-            )
-    except torch.cuda.OutOfMemoryError as exc:
-        raise RuntimeError(
-            f"CUDA ran out of memory while generating: lower the generation batch_size (now {spec.batch_size}) "
-            f"or max_new_tokens (now {spec.max_new_tokens}), or set max_prompt_tokens (longest prompt here: "
-            f"{input_ids.shape[1]} tokens)"
-        ) from exc
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), streamer=heartbeat, **generation_kwargs
+        )
     return output[:, input_ids.shape[1] :].cpu().tolist()
 
 
 def _run_batches(tokenizer, prompts, spec, batches, stop_ids, decode_batch, on_batch, on_progress) -> list[Generation]:
-    """``decode_batch(prompts, heartbeat)`` on every batch, its rows cut at their first stop id."""
+    """``decode_batch(prompts, heartbeat)`` on every batch, its rows cut at their first stop id.
+    A batch that runs the GPU out of memory is split in half, and later batches are no larger,
+    down to one prompt at a time; only a single prompt that does not fit fails."""
     results: list[Generation | None] = [None] * len(prompts)
-    done = 0
-    for batch_number, indices in enumerate(batches, start=1):
+    done, limit = 0, spec.batch_size
+    pending = [(number, list(indices)) for number, indices in enumerate(batches, start=1)]
+    while pending:
+        batch_number, indices = pending.pop(0)
+        if len(indices) > limit:
+            pending[:0] = [(batch_number, indices[:limit]), (batch_number, indices[limit:])]
+            continue
         heartbeat = (
             DecodingHeartbeat(on_progress, f"batch {batch_number}/{len(batches)}", spec.max_new_tokens) if on_progress else None
         )
         started = time.perf_counter()
-        rows = decode_batch([prompts[i] for i in indices], heartbeat)
+        try:
+            rows = decode_batch([prompts[i] for i in indices], heartbeat)
+        except torch.cuda.OutOfMemoryError as exc:
+            if len(indices) == 1:
+                raise RuntimeError(
+                    f"CUDA ran out of memory while generating for a single prompt: lower the generation batch_size "
+                    f"(now {spec.batch_size}) or max_new_tokens (now {spec.max_new_tokens}), or set max_prompt_tokens "
+                    f"(this prompt: {len(prompts[indices[0]])} tokens)"
+                ) from exc
+            free_accelerator_memory()
+            limit = (len(indices) + 1) // 2
+            message = f"CUDA ran out of memory generating {len(indices)} summaries at once; going on {limit} at a time"
+            logger.warning(message)
+            if on_progress is not None:
+                on_progress(message)
+            pending.insert(0, (batch_number, indices))
+            continue
         elapsed = time.perf_counter() - started
         for index, row in zip(indices, rows):
             tokens, stopped = cut_at_stop(row, stop_ids)

@@ -16,8 +16,8 @@ from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from lorasum_assets.ml.devices import cuda_has_native_bf16
-from lorasum_assets.ml.tiny_model import build_tiny_model
-from lorasum_assets.settings.specs import DTYPES, QUANTIZATIONS, TINY_MODEL
+from lorasum_assets.ml.tiny_model import build_tiny_llama32_bnb_4bit, build_tiny_model
+from lorasum_assets.settings.specs import DTYPES, QUANTIZATIONS, TINY_LLAMA32_BNB_4BIT, TINY_MODEL, ModelChoice
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,22 @@ class ModelSpec:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be one of {DTYPES}, got {self.compute_dtype!r}")
+
+
+def model_spec(choice: ModelChoice, *, device: str = "auto", local_files_only: bool = False, cache_dir: str | None = None,
+               token: str | None = None) -> ModelSpec:
+    """How to load a profile's model choice: the one way the model resource and the CLI build it."""
+    return ModelSpec(
+        model=choice.model,
+        revision=choice.revision,
+        quantization=choice.quantization,
+        compute_dtype=choice.compute_dtype,
+        device=device,
+        trust_remote_code=choice.trust_remote_code,
+        local_files_only=local_files_only,
+        cache_dir=cache_dir,
+        token=token,
+    )
 
 
 def pick_device(spec: ModelSpec) -> str:
@@ -111,8 +127,9 @@ def resolve_model_path(spec: ModelSpec) -> str:
     """A hub id or a local folder that ``from_pretrained`` can load."""
     cache = Path(spec.cache_dir or ".")
     if spec.model == TINY_MODEL:
-
         return str(build_tiny_model(cache / "tiny-llama"))
+    if spec.model == TINY_LLAMA32_BNB_4BIT:
+        return str(build_tiny_llama32_bnb_4bit(cache / "tiny-llama-3.2-bnb-4bit"))
     if spec.model.startswith(GGUF_PREFIX):
         package, gguf_file = split_gguf_model(spec.model)
         return str(convert_gguf(package, gguf_file, cache / Path(gguf_file).stem))
@@ -138,32 +155,106 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def is_prequantized(path: str, spec: ModelSpec) -> bool:
+class IneffectiveSettingError(ValueError):
+    """A model setting that the checkpoint would silently override."""
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a model's weights are held: ``method`` is ``nf4``, ``fp4`` or ``none`` (or another
+    ``quant_method`` a checkpoint names); ``compute_dtype`` is what its 4-bit layers compute in."""
+
+    method: str
+    compute_dtype: str | None = None
+    double_quant: bool = False
+
+    def describe(self) -> str:
+        if self.method == "none":
+            return f"{self.compute_dtype} weights, not quantized"
+        extras = ", double quantization" if self.double_quant else ""
+        return f"{self.method} (compute dtype {self.compute_dtype}{extras})"
+
+
+def checkpoint_quantization(path: str, spec: ModelSpec) -> Quantization | None:
+    """The quantization a prequantized checkpoint carries in its config.json, or None."""
     config = AutoConfig.from_pretrained(path, **_common_kwargs(spec))
     quant = getattr(config, "quantization_config", None)
-    return bool(quant)
+    if not quant:
+        return None
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit"):
+        return Quantization(quant.get("bnb_4bit_quant_type", "fp4"), str(quant.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", ""),
+                            bool(quant.get("bnb_4bit_use_double_quant")))
+    return Quantization(str(quant.get("quant_method", "unknown")))
+
+
+def check_settings_take_effect(spec: ModelSpec, prequantized: Quantization | None) -> None:
+    """Refuse, before anything loads, a quantization or compute dtype the checkpoint would override."""
+    if prequantized is None:
+        return
+    where = f"{spec.model} is saved prequantized, {prequantized.describe()}"
+    if spec.quantization != prequantized.method:
+        raise IneffectiveSettingError(
+            f"{where}: quantization {spec.quantization!r} cannot take effect (the weights load as they were saved); "
+            f"set quantization: {prequantized.method}, or use an unquantized checkpoint of the model"
+        )
+    if spec.compute_dtype not in ("auto", prequantized.compute_dtype):
+        raise IneffectiveSettingError(
+            f"{where}: compute_dtype {spec.compute_dtype!r} cannot take effect; set compute_dtype: auto "
+            f"(or {prequantized.compute_dtype}), or use an unquantized checkpoint of the model"
+        )
+
+
+def planned_quantization(spec: ModelSpec) -> Quantization:
+    """How the model will load: a prequantized checkpoint's own quantization and compute dtype
+    (after refusing settings that cannot take effect), else the settings'. Reads config.json only."""
+    path = resolve_model_path(spec)
+    try:
+        prequantized = checkpoint_quantization(path, spec)
+    except OSError:  # not downloaded yet: the load itself will check
+        prequantized = None
+    check_settings_take_effect(spec, prequantized)
+    if prequantized is not None:
+        return prequantized
+    dtype = str(pick_dtype(spec, pick_device(spec))).replace("torch.", "")
+    return Quantization(spec.quantization, dtype, spec.quantization == "nf4")
+
+
+def loaded_quantization(model) -> Quantization:
+    """Read from the loaded model's layers, not from any setting."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        quant_state = getattr(weight, "quant_state", None)
+        if weight is not None and weight.__class__.__name__ == "Params4bit" and quant_state is not None:
+            compute = getattr(module, "compute_dtype", None) or quant_state.dtype
+            return Quantization(str(getattr(weight, "quant_type", "fp4")), str(compute).replace("torch.", ""), bool(quant_state.nested))
+    dtype = next(model.parameters()).dtype
+    return Quantization("none", str(dtype).replace("torch.", ""))
 
 
 def load_model(spec: ModelSpec):
-    """The base model, in eval mode, on the chosen device; 4-bit NF4 when asked."""
+    """The base model, in eval mode, on the chosen device; 4-bit NF4 when asked, or as a
+    prequantized checkpoint was saved (in its own compute dtype)."""
 
     path = resolve_model_path(spec)
+    prequantized = checkpoint_quantization(path, spec)
+    check_settings_take_effect(spec, prequantized)
     device = pick_device(spec)
     dtype = pick_dtype(spec, device)
+    if prequantized is not None and prequantized.compute_dtype and spec.compute_dtype == "auto":
+        dtype = getattr(torch, prequantized.compute_dtype)
     kwargs = _common_kwargs(spec)
     kwargs["dtype"] = dtype
     if Path(path).is_dir() or not spec.model.startswith(GGUF_PREFIX):
         kwargs["use_safetensors"] = True
-    if spec.quantization == "nf4":
-        if is_prequantized(path, spec):
-            logger.info("%s carries its own quantization config; loading it as is", path)
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-            )
+    if spec.quantization == "nf4" and prequantized is None:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if spec.quantization != "none":
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if spec.quantization == "none":

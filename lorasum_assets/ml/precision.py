@@ -26,16 +26,25 @@ def training_autocast_dtype(model, mixed_precision: str = "auto"):
     ``auto``: bf16 on GPUs that have it in hardware, fp16 (with the grad scaler) on older GPUs, bf16 on CPUs with native bf16
     (faster per step at the same loss; figures in docs/performance.md), else fp32.
     """
-    device = next(model.parameters()).device
+    return autocast_dtype_on(next(model.parameters()).device.type, mixed_precision)
+
+
+def autocast_dtype_on(device_type: str, mixed_precision: str = "auto"):
+    """``training_autocast_dtype`` for a model on ``device_type`` (``cpu``, ``cuda``), known before it loads."""
     if mixed_precision == "no":
         return None
     if mixed_precision in ("bf16", "fp16"):
         return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
     if mixed_precision != "auto":
         raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {mixed_precision!r}")
-    if device.type != "cuda":
+    if device_type != "cuda":
         return torch.bfloat16 if cpu_has_fast_bf16() else None
     return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
+
+
+def precision_name(dtype) -> str:
+    """``bf16``, ``fp16`` or ``fp32`` (no autocast), as runs record it."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def autocast_cast_weights(model) -> list:

@@ -13,9 +13,19 @@ class StepLog:
     epoch: float
     loss: float
     learning_rate: float
-    grad_norm: float
+    grad_norm: float | None  # None when the step was skipped, or its gradients were not finite
     label_tokens: int
     seconds: float
+    skipped: bool = False  # the fp16 grad scaler found overflowed gradients: no update, the schedule held
+
+
+def step_summary(log: StepLog) -> str:
+    """A step's figures for the run log."""
+    if log.skipped:
+        return (f"loss {log.loss:.4f}, skipped: the fp16 grad scaler found overflowed gradients, so nothing was "
+                f"updated and the learning rate holds at {log.learning_rate:.2e}, epoch {log.epoch:.2f}")
+    norm = "not finite" if log.grad_norm is None else f"{log.grad_norm:.3f}"
+    return f"loss {log.loss:.4f}, lr {log.learning_rate:.2e}, grad_norm {norm}, epoch {log.epoch:.2f}"
 
 
 @dataclass
@@ -29,6 +39,11 @@ class TrainResult:
     real_tokens: int = 0
     padded_tokens: int = 0
     seconds: float = 0.0
+    precision: str = "fp32"  # the autocast dtype training ran under (fp32: none)
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        return [log.step for log in self.steps if log.skipped]
 
     @property
     def final_train_loss(self) -> float | None:

@@ -28,7 +28,7 @@ from lorasum_assets.ml.distributed import label_token_count, micro_batch_seed, r
 from lorasum_assets.ml.loss import LabelLossModule, evaluate_loss
 from lorasum_assets.ml.model_setup import training_attention, use_attention
 from lorasum_assets.ml.modeling import count_parameters
-from lorasum_assets.ml.precision import frozen_weights_in, training_autocast_dtype
+from lorasum_assets.ml.precision import frozen_weights_in, precision_name, training_autocast_dtype
 from lorasum_assets.ml.progress import StepLog, TrainResult
 from lorasum_assets.settings.specs import TrainSpec
 
@@ -101,8 +101,10 @@ class _TrainingLoop:
         self.total_steps = self.result.total_steps = planned_steps(len(self.train_examples), spec)
         self.optimizer, self.scheduler, self.trainable = build_optimizer(model, spec, self.total_steps)
         self.autocast_dtype = training_autocast_dtype(model, spec.mixed_precision)
-        on_cuda = next(model.parameters()).device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 and on_cuda else None
+        self.result.precision = precision_name(self.autocast_dtype)
+        device_type = next(model.parameters()).device.type
+        # fp16 gradients overflow without loss scaling, on a GPU and on a CPU alike
+        self.scaler = torch.amp.GradScaler(device_type) if self.autocast_dtype == torch.float16 else None
         loss_module = LabelLossModule(model, self.autocast_dtype, spec.completion_only_logits)
         self.runner = self.accelerator.prepare_model(loss_module) if self.world > 1 else loss_module
 
@@ -153,10 +155,10 @@ class _TrainingLoop:
                 step_started = time.perf_counter()
                 window_loss, label_tokens = self._accumulate(window)
                 self._busy = True  # the optimizer step and its log entry: no checkpoint of half of them
-                grad_norm, learning_rate = self._optimizer_step()
+                grad_norm, learning_rate, skipped = self._optimizer_step()
                 log = StepLog(
                     step=self.step, epoch=round(self.step / self.per_epoch, 4), loss=window_loss, learning_rate=learning_rate,
-                    grad_norm=grad_norm, label_tokens=label_tokens, seconds=time.perf_counter() - step_started,
+                    grad_norm=grad_norm, label_tokens=label_tokens, seconds=time.perf_counter() - step_started, skipped=skipped,
                 )
                 self.result.steps.append(log)
                 self._busy = False
@@ -194,21 +196,27 @@ class _TrainingLoop:
         (window_loss,) = reduce_sum(self.accelerator, [window_loss])
         return window_loss, label_tokens
 
-    def _optimizer_step(self) -> tuple[float, float]:
-        """Clip, step and schedule; returns the gradient norm and the learning rate it stepped with."""
+    def _optimizer_step(self) -> tuple[float | None, float, bool]:
+        """Clip, step and schedule; returns the gradient norm (None when not finite), the learning
+        rate it stepped with, and whether the grad scaler skipped the update for overflowed
+        gradients. A skipped step does not advance the learning-rate schedule."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.spec.max_grad_norm))
         learning_rate = self.scheduler.get_last_lr()[0]
+        skipped = False
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            skipped = self.scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if not skipped:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return grad_norm, learning_rate
+        return (grad_norm if math.isfinite(grad_norm) and not skipped else None), learning_rate, skipped
 
     def _after_step(self, log: StepLog, on_step, on_epoch) -> bool:
         """Report the step, validate at the end of an epoch, checkpoint; True when the epoch is over."""

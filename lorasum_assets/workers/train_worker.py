@@ -19,7 +19,8 @@ from pathlib import Path
 from lorasum_assets.ml.adapter_files import save_adapter, sha256_file
 from lorasum_assets.ml.batching import TrainExample
 from lorasum_assets.ml.model_setup import prepare_peft_model
-from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
+from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer, loaded_quantization
+from lorasum_assets.ml.progress import step_summary
 from lorasum_assets.ml.train import train_lora
 from lorasum_assets.settings.env import HF_TOKEN_ENV, get_env
 from lorasum_assets.settings.specs import TrainSpec
@@ -103,7 +104,9 @@ def run(job_path: Path, summary_path: Path | None = None) -> None:
     spec: TrainSpec = job["spec"]
     with accelerator.main_process_first():  # the first process builds or converts cached weights alone
         tokenizer = load_tokenizer(model_spec)
-        peft_model = prepare_peft_model(load_model(model_spec), spec)
+        base = load_model(model_spec)
+        quantization = loaded_quantization(base)
+        peft_model = prepare_peft_model(base, spec)
 
     with contextlib.ExitStack() as stack:
         pipes = None
@@ -114,7 +117,7 @@ def run(job_path: Path, summary_path: Path | None = None) -> None:
 
         def on_step(log) -> None:
             pipes.log.info(
-                f"step {log.step}: loss {log.loss:.4f}, lr {log.learning_rate:.2e}, grad_norm {log.grad_norm:.3f}, epoch {log.epoch:.2f}"
+                f"step {log.step}: {step_summary(log)}"
             )
 
         def on_epoch(epoch: int, val_loss: float | None) -> None:
@@ -134,7 +137,7 @@ def run(job_path: Path, summary_path: Path | None = None) -> None:
         if pipes is None:
             return
         adapter_dir = save_adapter(peft_model, tokenizer, Path(job["adapter_dir"]))
-        _report(pipes, accelerator, result, sha256_file(adapter_dir / "adapter_model.safetensors"), summary_path)
+        _report(pipes, accelerator, result, sha256_file(adapter_dir / "adapter_model.safetensors"), summary_path, quantization)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _report(pipes, accelerator, result, weights_sha: str, summary_path: Path | None) -> None:
+def _report(pipes, accelerator, result, weights_sha: str, summary_path: Path | None, quantization) -> None:
     """The result (steps, losses, parameter counts) as a Pipes message, and the run's figures as
     materialization metadata; ``summary_path`` gets them as JSON too (benchmarks read it)."""
     if result.resumed_from_step:
@@ -162,6 +165,8 @@ def _report(pipes, accelerator, result, weights_sha: str, summary_path: Path | N
             "resumed_from_step": result.resumed_from_step,
             "steps": [asdict(s) for s in result.steps],
             "val_losses": result.val_losses,
+            "precision": result.precision,
+            "quantization": asdict(quantization),
         }
     )
     metadata = {

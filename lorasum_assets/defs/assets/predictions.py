@@ -68,18 +68,29 @@ def _prompts(store, tokenizer, upstream: TableRef, spec: GenerationSpec, choice:
     return dialogues, [ids for ids, _ in encoded], sum(1 for _, cut in encoded if cut)
 
 
-def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_parts, budget, truncated) -> dg.Output[TableRef]:
+def what_ran(base, tokenizer) -> dict:
+    """How the base model generating was held, read from the model itself, and the ids it stopped on."""
+    from lorasum_assets.ml.generate import stop_token_ids
+    from lorasum_assets.ml.modeling import loaded_quantization
+
+    held = loaded_quantization(base)
+    return {"base_quantization": held.method, "base_compute_dtype": held.compute_dtype, "stop_ids": stop_token_ids(base, tokenizer)}
+
+
+def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_parts, budget, truncated, ran: dict) -> dg.Output[TableRef]:
     rows = [
         (spec.split, d.id, g.text, g.new_tokens, g.hit_limit, g.latency_s, adapter_id)
         for d, g in zip(dialogues, outputs, strict=True)
     ]
+    engine = outputs.engine
     content_hash = version_of(*[(r[1], r[2]) for r in rows])
-    version = version_of(content_hash, *version_parts)
+    # which engine generated, in which dtype, is part of what these predictions are
+    version = version_of(content_hash, *version_parts, engine.engine, engine.dtype)
     with store.connect() as con:
         write_materialization(con, asset, context.run_id, {asset: (PREDICTION_COLUMNS, rows)}, content_hash, version)
     seconds = sum(g.latency_s for g in outputs)
     new_tokens = sum(g.new_tokens for g in outputs)
-    details = {"split": spec.split, "adapter_id": adapter_id, "generation": asdict(spec)}
+    details = {"split": spec.split, "adapter_id": adapter_id, "generation": asdict(spec), "engine": engine.as_dict()}
     ref = TableRef(asset, context.run_id, len(rows), content_hash, version, details)
     return dg.Output(
         ref,
@@ -95,6 +106,11 @@ def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_
             "first_prediction": outputs[0].text,
             "max_prompt_tokens": budget,
             "prompts_truncated": truncated,
+            "engine": engine.engine,
+            "engine_dtype": engine.dtype,
+            **ran,
+            "device": engine.device,
+            "versions": f"torch {engine.torch}, transformers {engine.transformers}",
         },
         data_version=dg.DataVersion(version),
     )
@@ -130,7 +146,7 @@ def base_predictions(
     outputs = generate(base, tokenizer, prompts, spec, *_progress(context, "base_predictions", len(prompts)))
     return _write(
         context, store, "base_predictions", spec, dialogues, outputs, None, (model.base_ref(), asdict(spec), upstream.data_version),
-        budget, truncated,
+        budget, truncated, what_ran(base, tokenizer),
     )
 
 
@@ -163,7 +179,7 @@ def tuned_predictions(
     generated = generate_for_adapter(context, model, store, adapter, upstream, spec, "tuned_predictions")
     return _write(
         context, store, "tuned_predictions", spec, generated.dialogues, generated.outputs, adapter.adapter_id,
-        (adapter.data_version, asdict(spec), upstream.data_version), generated.budget, generated.truncated,
+        (adapter.data_version, asdict(spec), upstream.data_version), generated.budget, generated.truncated, generated.ran,
     )
 
 
@@ -173,6 +189,7 @@ class AdapterGenerations:
     outputs: list
     budget: int
     truncated: int
+    ran: dict
 
 
 def generate_for_adapter(context, model, store, adapter: AdapterRef, upstream: TableRef, spec: GenerationSpec, label: str) -> AdapterGenerations:
@@ -192,4 +209,4 @@ def generate_for_adapter(context, model, store, adapter: AdapterRef, upstream: T
     budget = prompt_budget(spec, base)
     dialogues, prompts, truncated = _prompts(store, tokenizer, upstream, spec, model.choice(), budget)
     outputs = generate_with_adapter(base, adapter.path, tokenizer, prompts, spec, *_progress(context, label, len(prompts)))
-    return AdapterGenerations(dialogues, outputs, budget, truncated)
+    return AdapterGenerations(dialogues, outputs, budget, truncated, what_ran(base, tokenizer))

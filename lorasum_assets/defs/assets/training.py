@@ -16,7 +16,7 @@ from lorasum_assets.defs.assets.plots import table as table_value
 from lorasum_assets.defs.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.defs.resources.preflight import RunPreflightResource
 from lorasum_assets.ml.adapter_files import lora_b_all_zero, save_adapter, sha256_file
-from lorasum_assets.ml.progress import Progress, StepLog
+from lorasum_assets.ml.progress import Progress, StepLog, step_summary
 from lorasum_assets.runtime.deployment import gpu_op_tags, training_gpus
 from lorasum_assets.runtime.home import home_subdir, lorasum_home
 from lorasum_assets.settings.config import config_class, resolve, spec_fields
@@ -79,6 +79,13 @@ class TrainingOutcome:
     seconds: float
     launcher_metadata: dict = field(default_factory=dict)
     reported_sha256: str | None = None  # what an external training process says it wrote
+    # what ran, read from the loaded model and the training loop: {method, compute_dtype, double_quant}
+    quantization: dict = field(default_factory=dict)
+    precision: str = "fp32"
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        return [log.step for log in self.steps if log.skipped]
 
     @property
     def final_train_loss(self) -> float | None:
@@ -102,7 +109,8 @@ class TrainingCurves:
     def step(self, log: StepLog) -> None:
         self.writer.add_scalar("train/loss", log.loss, log.step)
         self.writer.add_scalar("train/learning_rate", log.learning_rate, log.step)
-        self.writer.add_scalar("train/grad_norm", log.grad_norm, log.step)
+        if log.grad_norm is not None:
+            self.writer.add_scalar("train/grad_norm", log.grad_norm, log.step)
 
     def validation(self, step: int, val_loss: float | None) -> None:
         if val_loss is not None:
@@ -115,7 +123,9 @@ class TrainingCurves:
 def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcome:
     from lorasum_assets.ml.batching import planned_steps
     from lorasum_assets.ml.checkpoints import complete_checkpoints
+    from lorasum_assets.ml.devices import free_accelerator_memory
     from lorasum_assets.ml.model_setup import prepare_peft_model
+    from lorasum_assets.ml.modeling import loaded_quantization
     from lorasum_assets.ml.train import train_lora
 
     run_id = context.run_id
@@ -133,7 +143,7 @@ def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcom
         progress = progress or Progress(total, "steps")
         last_step = log.step
         context.log.info(
-            f"step {progress.line(log.step)}: loss {log.loss:.4f}, lr {log.learning_rate:.2e}, grad_norm {log.grad_norm:.3f}, epoch {log.epoch:.2f}"
+            f"step {progress.line(log.step)}: {step_summary(log)}"
         )
         curves.step(log)
         history_log.put(("step", log))
@@ -149,7 +159,9 @@ def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcom
         context.log.info(f"resuming from the checkpoint at {saved[-1].name.replace('-', ' ')} of {total} ({saved[-1]}), "
                          "left by an earlier run with the same settings, data and base model")
     tokenizer = model.tokenizer(context.log.info)
-    peft_model = prepare_peft_model(model.fresh_model(context.log.info), job.spec)
+    base = model.fresh_model(context.log.info)
+    quantization = asdict(loaded_quantization(base))
+    peft_model = prepare_peft_model(base, job.spec)
     try:
         result = train_lora(
             peft_model,
@@ -167,6 +179,8 @@ def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcom
     if result.resumed_from_step:
         context.log.info(f"resumed from checkpoint at step {result.resumed_from_step} of {result.total_steps}")
     save_adapter(peft_model, tokenizer, job.target)
+    del peft_model, base
+    free_accelerator_memory()  # the trained copy goes before generation loads the shared base
     return TrainingOutcome(
         steps=result.steps,
         val_losses=result.val_losses,
@@ -177,6 +191,8 @@ def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcom
         padding_efficiency=round(result.real_tokens / max(result.padded_tokens, 1), 4),
         seconds=result.seconds,
         launcher_metadata={"launcher": "in_process", "world_size": 1},
+        quantization=quantization,
+        precision=result.precision,
     )
 
 
@@ -220,6 +236,8 @@ def _train_with_accelerate(context, job: TrainingJob, launcher: LauncherSpec, mo
             k: metadata[k] for k in ("launcher", "world_size", "distributed_type", "backend", "real_tokens_per_second")
         },
         reported_sha256=metadata.get("sha256") or "missing",
+        quantization=reported["quantization"],
+        precision=reported["precision"],
     )
     curves = TrainingCurves(context.run_id)  # the worker processes report their steps at the end
     for log in outcome.steps:
@@ -276,7 +294,10 @@ def _plan(context, spec: TrainSpec, model, store, upstream: TableRef, profile_na
         val_examples, val_hash = _read_examples(con, upstream, "validation")
     data_hash = hashlib.sha256((train_hash + val_hash).encode()).hexdigest()
     base = model.base_ref()
-    train_key = spec.fingerprint(data_hash, f"{base.model}@{base.revision}:{base.quantization}:{base.fingerprint}")
+    held, precision = model.planned_quantization(), model.planned_precision(spec.mixed_precision)
+    train_key = spec.fingerprint(
+        data_hash, f"{base.model}@{base.revision}:{base.quantization}:{held.compute_dtype}:{precision}:{base.fingerprint}"
+    )
     created_at = datetime.now(UTC)
     adapter_id = f"{profile_name}-{created_at:%Y%m%d-%H%M%S}-{context.run_id[:8]}"
     return TrainingJob(
@@ -305,19 +326,24 @@ def _registration(context, job: TrainingJob, outcome: TrainingOutcome, model, pr
     """The adapter's registry row with this run's whole training log (steps a resumed run took
     over from its checkpoint included), and the training config recorded with it."""
     base = model.base_ref()
+    loaded = outcome.quantization
+    if loaded["method"] != base.quantization:
+        raise RuntimeError(f"the base model loaded as {loaded['method']}, but this run planned {base.quantization} "
+                           f"(its train key and checkpoints say so); not registering the adapter")
     choice = model.choice()
     prompt_format = {"use_chat_template": choice.use_chat_template, "prompt_boundary": choice.prompt_boundary}
-    training_config = {**asdict(job.spec), **prompt_format, **outcome.launcher_metadata}
+    ran = {"compute_dtype": loaded["compute_dtype"], "double_quant": loaded["double_quant"], "precision": outcome.precision}
+    training_config = {**asdict(job.spec), **prompt_format, **outcome.launcher_metadata, **ran}
     row = {
         "adapter_id": job.adapter_id,
         "run_id": context.run_id,
         "train_key": job.train_key,
         "base_model": base.model,
         "base_revision": base.revision,
-        "base_quantization": base.quantization,
+        "base_quantization": loaded["method"],
         "base_fingerprint": base.fingerprint,
         "profile": profile_name,
-        "config": {**training_config, "quantization": base.quantization},
+        "config": {**training_config, "quantization": loaded["method"]},
         "trainable_params": outcome.trainable_params,
         "total_params": outcome.total_params,
         "trainable_percent": 100.0 * outcome.trainable_params / max(outcome.total_params, 1),
@@ -358,7 +384,10 @@ def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base,
         "train_key": job.train_key,
         "base_model": base.model,
         "base_fingerprint": base.fingerprint,
-        "quantization": base.quantization,
+        "quantization": outcome.quantization["method"],
+        "compute_dtype": outcome.quantization["compute_dtype"],
+        "precision": outcome.precision,
+        "skipped_steps": outcome.skipped_steps,
         **outcome.launcher_metadata,
         "trainable_params": outcome.trainable_params,
         "total_params": outcome.total_params,
@@ -376,7 +405,8 @@ def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base,
         metadata["loss_curve"] = line_plot({"train loss": (steps, losses)}, "Training loss", "optimizer step", "loss")
         metadata["loss_curve_points"] = table_value(
             ("step", "loss", "learning_rate", "grad_norm"),
-            [(log.step, round(log.loss, 5), float(f"{log.learning_rate:.3g}"), round(log.grad_norm, 5)) for log in outcome.steps],
+            [(log.step, round(log.loss, 5), float(f"{log.learning_rate:.3g}"), None if log.grad_norm is None else round(log.grad_norm, 5))
+             for log in outcome.steps],
         )
         metadata["tensorboard"] = dg.MetadataValue.path(str(home_subdir("tensorboard", context.run_id)))
     return metadata

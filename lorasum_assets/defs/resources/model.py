@@ -51,20 +51,10 @@ class _ModelResourceBase(dg.ConfigurableResource):
         return resolve(self.profile.get().model, self)
 
     def spec(self) -> "ModelSpec":
-        from lorasum_assets.ml.modeling import ModelSpec
+        from lorasum_assets.ml.modeling import model_spec
 
-        choice = self.choice()
-        return ModelSpec(
-            model=choice.model,
-            revision=choice.revision,
-            quantization=choice.quantization,
-            compute_dtype=choice.compute_dtype,
-            device=self.device,
-            trust_remote_code=choice.trust_remote_code,
-            local_files_only=self.local_files_only,
-            cache_dir=str(home_subdir("models")),
-            token=self.hf_token,
-        )
+        return model_spec(self.choice(), device=self.device, local_files_only=self.local_files_only,
+                          cache_dir=str(home_subdir("models")), token=self.hf_token)
 
     def base_ref(self) -> BaseModelRef:
         """Which base this is, down to a fingerprint of its weight and tokenizer files."""
@@ -72,20 +62,36 @@ class _ModelResourceBase(dg.ConfigurableResource):
             from lorasum_assets.ml.modeling import model_fingerprint
 
             spec = self.spec()
-            self._base_ref = BaseModelRef(spec.model, spec.revision, spec.quantization, model_fingerprint(spec))
+            quantization = self.planned_quantization().method
+            self._base_ref = BaseModelRef(spec.model, spec.revision, quantization, model_fingerprint(spec))
         return self._base_ref
+
+    def planned_precision(self, mixed_precision: str) -> str:
+        """The precision training will run in on this resource's device (``bf16``, ``fp16``, ``fp32``)."""
+        from lorasum_assets.ml.modeling import pick_device
+        from lorasum_assets.ml.precision import autocast_dtype_on, precision_name
+
+        return precision_name(autocast_dtype_on(pick_device(self.spec()).split(":")[0], mixed_precision))
+
+    def planned_quantization(self):
+        """How the base will load (a prequantized checkpoint's own quantization), read from its
+        config alone; refuses a setting the checkpoint would override, before anything loads."""
+        from lorasum_assets.ml.modeling import planned_quantization
+
+        return planned_quantization(self.spec())
 
     def _loading(self, what: str, log: Callable[[str], None] | None, load: Callable[[], Any]) -> Any:
         if log is None:
             return load()
-        from lorasum_assets.ml.modeling import GGUF_PREFIX
+        from lorasum_assets.ml.modeling import GGUF_PREFIX, loaded_quantization
 
         spec = self.spec()
         note = " (the GGUF file is converted once, then cached)" if spec.model.startswith(GGUF_PREFIX) else ""
-        log(f"loading the {what} of {spec.model} ({spec.quantization}){note}")
+        log(f"loading the {what} of {spec.model}{note}")
         started = time.perf_counter()
         loaded = load()
-        log(f"loaded the {what} in {time.perf_counter() - started:.1f} s")
+        held = "" if what == "tokenizer" else f": {loaded_quantization(loaded).describe()}, on {next(loaded.parameters()).device}"
+        log(f"loaded the {what} in {time.perf_counter() - started:.1f} s{held}")
         return loaded
 
     def tokenizer(self, log: Callable[[str], None] | None = None):
@@ -101,16 +107,32 @@ class _ModelResourceBase(dg.ConfigurableResource):
         from lorasum_assets.ml.modeling import load_model
 
         if self._base is None:
+            from lorasum_assets.ml.devices import free_accelerator_memory
+
+            free_accelerator_memory()  # what a training copy or another step left behind in this process
             self._base = self._loading("base model", log, lambda: load_model(self.spec()))
         if has_active_adapter(self._base):
             raise RuntimeError("the cached base model has an active LoRA adapter; base predictions would be contaminated")
         return self._base
 
     def fresh_model(self, log: Callable[[str], None] | None = None):
-        """A new copy of the base model, for training to change as it needs."""
+        """A new copy of the base model, for training to change as it needs. The shared base is
+        dropped first, so one process never holds two copies (it is loaded again when asked for)."""
         from lorasum_assets.ml.modeling import load_model
 
+        self.release_base(log)
         return self._loading("base model (a copy to train)", log, lambda: load_model(self.spec()))
+
+    def release_base(self, log: Callable[[str], None] | None = None) -> None:
+        """Drop the shared base and give its memory back (to CUDA too)."""
+        if self._base is None:
+            return
+        from lorasum_assets.ml.devices import free_accelerator_memory
+
+        self._base = None
+        free_accelerator_memory()
+        if log is not None:
+            log("released the shared base model before loading another copy")
 
 
 LoraModelResource = config_class(
