@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality dialogsum   base vs LoRA-tuned, the table of docs/results.md
     python -m benchmarks.quality bf16        does generating in bf16 change the summaries? (fp32 vs bf16)
-    python -m benchmarks.quality decoder     does the lorasum decoder change them? (generate vs lorasum, bf16)
+    python -m benchmarks.quality decoder     is the lorasum decoder non-inferior to generate? (bf16)
 
 Both train on the first ``--train`` DialogSum dev dialogues; ``python -m benchmarks.quality COMMAND
 --help`` gives each one's options. Without the DialogSum files they measure nothing and exit 2.
@@ -11,6 +11,7 @@ Both train on the first ``--train`` DialogSum dev dialogues; ``python -m benchma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -147,13 +148,38 @@ def decoder_generation(argv: list[str]) -> int:
     return compare_generation("decoder", argv, "generation_quality-decoder.json")
 
 
+MARGIN = 0.01  # named before anything runs: the candidate may lose at most this much, CI included
+
+
+@contextlib.contextmanager
+def degraded(model, how: str):
+    """The candidate made worse on purpose, to show the check can fail: ``fp8`` rounds every weight
+    matrix to float8 (e4m3) and back while the block runs."""
+    import torch
+
+    if how == "none":
+        yield
+        return
+    saved = [(p, p.data) for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name]
+    for param, data in saved:
+        param.data = data.to(torch.float8_e4m3fn).to(data.dtype)
+    try:
+        yield
+    finally:
+        for param, data in saved:
+            param.data = data
+
+
 def compare_generation(command: str, argv: list[str], output: str) -> int:
     """Trains one adapter on the first ``--train`` dev dialogues (one epoch, the project's own loop),
     then summarizes ``--test`` test dialogues (spread evenly over the split) with the base and the
     tuned model, once with each side of ``COMPARISONS[command]``. For base and tuned it prints
     BERTScore F1 (MiniLM) and ROUGE-L, the paired 95% bootstrap CI of candidate − reference per
-    dialogue, whether that CI holds 0 (the check passes), how many outputs are identical, and the
-    new tokens per second of each. Exits 2 without the DialogSum files, 1 when a check fails."""
+    dialogue and a non-inferiority verdict with the margin ``--margin`` (default 0.01, named before
+    it runs): the CI's lower bound must be at least −margin, and the CI must be narrower than the
+    margin, else it cannot decide and says how many dialogues would. Also how many outputs are
+    identical and the new tokens per second of each. ``--degrade fp8`` makes the candidate worse on
+    purpose. Exits 2 without the DialogSum files, 1 when a check fails, 3 when one cannot decide."""
     (reference, reference_settings), (candidate, candidate_settings) = COMPARISONS[command]
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.quality {command}",
                                      description=f"{candidate} against {reference}: " + compare_generation.__doc__.split("\n")[0])
@@ -162,6 +188,8 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
     parser.add_argument("--train", type=int, default=200)
     parser.add_argument("--test", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--margin", type=float, default=MARGIN, help="the most the candidate may lose, CI included")
+    parser.add_argument("--degrade", choices=("none", "fp8"), default="none", help="make the candidate worse on purpose")
     args = parser.parse_args(argv)
     if not Path(args.data, "dialogsum.dev.jsonl").exists():
         print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)
@@ -175,7 +203,7 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
     from lorasum_assets.ml.model_setup import prepare_peft_model
     from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.prompts import encode_prompt
-    from lorasum_assets.ml.stats import paired_bootstrap_ci
+    from lorasum_assets.ml.stats import non_inferiority
     from lorasum_assets.ml.train import train_lora
     from lorasum_assets.settings.specs import BertScoreSpec, GenerationSpec, TrainSpec
 
@@ -201,10 +229,11 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
         gen_spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=16, **settings)
         for model_name in ("base", "tuned"):
             started = time.perf_counter()
-            if model_name == "base":
-                out = generate(base_model, tokenizer, prompts, gen_spec)
-            else:
-                out = generate_with_adapter(base_model, str(adapter_dir), tokenizer, prompts, gen_spec)
+            with degraded(base_model, args.degrade if side == candidate else "none"):
+                if model_name == "base":
+                    out = generate(base_model, tokenizer, prompts, gen_spec)
+                else:
+                    out = generate_with_adapter(base_model, str(adapter_dir), tokenizer, prompts, gen_spec)
             seconds = time.perf_counter() - started
             outputs[(model_name, side)] = [g.text for g in out]
             rates[(model_name, side)] = sum(g.new_tokens for g in out) / seconds
@@ -214,9 +243,11 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
     print(f"\nSmolLM2-135M, adapter trained on {args.train} dev dialogues ({trained.total_steps} steps); "
           f"{len(test)} test dialogues; {args.max_new_tokens} new tokens; machine {platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}\n")
-    print(f"| model | metric | {reference} | {candidate} | {candidate} − {reference} (paired 95% CI) | CI holds 0 |\n"
+    print(f"non-inferiority margin {args.margin} (named before the run); candidate {candidate}"
+          + (f", degraded on purpose ({args.degrade})" if args.degrade != "none" else "") + "\n")
+    print(f"| model | metric | {reference} | {candidate} | {candidate} − {reference} (paired 95% CI) | verdict |\n"
           "|---|---|---|---|---|---|")
-    rows, passed = [], True
+    rows, verdicts = [], []
     for model_name in ("base", "tuned"):
         scores = {}
         for side in (reference, candidate):
@@ -224,27 +255,30 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
             scores[side] = {"BERTScore F1": scorer(texts, references)[2], "ROUGE-L": rouge_scores(texts, references)["rougeL"]}
         for metric in ("BERTScore F1", "ROUGE-L"):
             before, after = scores[reference][metric], scores[candidate][metric]
-            delta = paired_bootstrap_ci(after, before, n_resamples=2000, seed=0)
-            holds = delta.low <= 0.0 <= delta.high
-            passed &= holds
+            check = non_inferiority(after, before, margin=args.margin)
+            verdicts.append(check)
             print(f"| {model_name} | {metric} | {sum(before) / len(before):.4f} | {sum(after) / len(after):.4f} | "
-                  f"{delta.mean:+.4f} [{delta.low:+.4f}, {delta.high:+.4f}] | {'yes' if holds else 'NO'} |")
+                  f"{check.change.mean:+.4f} [{check.change.low:+.4f}, {check.change.high:+.4f}] | {check.verdict()} |")
             rows.append({"model": model_name, "metric": metric, reference: before, candidate: after,
-                         "delta": [delta.mean, delta.low, delta.high], "holds_zero": holds})
+                         "delta": [check.change.mean, check.change.low, check.change.high], "verdict": check.verdict()})
+    passed = all(v.passed for v in verdicts)
+    undecided = not passed and all(v.passed or not v.decided for v in verdicts)
     print()
     for model_name in ("base", "tuned"):
         same = sum(a == b for a, b in zip(outputs[(model_name, reference)], outputs[(model_name, candidate)]))
         speedup = rates[(model_name, candidate)] / rates[(model_name, reference)]
         print(f"{model_name}: {same}/{len(test)} outputs identical; new tokens/s {reference} {rates[(model_name, reference)]:.1f}, "
               f"{candidate} {rates[(model_name, candidate)]:.1f} ({speedup:.2f}x)")
-    print(f"\nquality check: {'passed' if passed else 'FAILED'} (every paired CI of {candidate} − {reference} holds 0)")
+    outcome = "passed" if passed else ("cannot decide" if undecided else "FAILED")
+    print(f"\nquality check: {outcome} (non-inferiority of {candidate} to {reference}, margin {args.margin}, "
+          "on BERTScore F1 and ROUGE-L, base and tuned)")
     out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / output).write_text(json.dumps(
         {"args": vars(args), "rows": rows, "passed": passed,
          "texts": {f"{m}/{p}": t for (m, p), t in outputs.items()},
          "new_tokens_per_s": {f"{m}/{p}": r for (m, p), r in rates.items()}}, indent=2))
-    return 0 if passed else 1
+    return 0 if passed else (3 if undecided else 1)
 
 
 if __name__ == "__main__":

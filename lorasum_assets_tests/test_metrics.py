@@ -95,3 +95,20 @@ def test_an_undefined_percentage_reads_n_a():
     assert percent_difference(0.0, 0.25) == "n/a"  # ROUGE-2 of a base that shares no bigram
     assert percent_difference(float("nan"), 0.25) == "n/a"
     assert percent_difference(0.5, 0.75) == "+50.00%"
+
+
+def test_the_non_inferiority_check_passes_fails_and_refuses_to_decide_as_it_should():
+    import numpy as np
+
+    from lorasum_assets.ml.stats import non_inferiority
+
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(0.3, 0.9, size=400)
+    same = non_inferiority(reference + rng.normal(0, 0.005, size=400), reference)
+    degraded = non_inferiority(reference - 0.03 + rng.normal(0, 0.005, size=400), reference)  # a 3-point loss
+    noisy = non_inferiority(reference[:40] + rng.normal(0, 0.2, size=40), reference[:40])
+    print(same.verdict(), degraded.verdict(), noisy.verdict(), sep="\n")
+    assert same.decided and same.passed and same.verdict().startswith("non-inferior")
+    assert degraded.decided and not degraded.passed and degraded.verdict().startswith("FAILED")
+    assert not noisy.decided and not noisy.passed and noisy.verdict().startswith("cannot decide")
+    assert noisy.examples_needed() > 40

@@ -1,6 +1,7 @@
 """The whole graph on the tiny model, into a temporary home."""
 
 import json
+import re
 
 import dagster as dg
 import pytest
@@ -98,6 +99,11 @@ def test_long_steps_report_progress_in_the_run_log(fresh_home):
     assert "loading the base model of builtin:tiny-llama\n" in text + "\n"
     assert any(m.startswith("loaded the base model in ") and m.endswith(": float32 weights, not quantized, on cpu") for m in messages)
     assert "training 22 optimizer steps on 44 examples" in text
+    # a log in plain words: no markdown escapes, losses to 4 decimals
+    assert not re.search(r"\\[|\[\]()*_-]", text), re.search(r".{40}\\[|\[\]()*_-].{40}", text)
+    assert all(re.fullmatch(r"epoch \d+: validation loss \d+\.\d{4}", m) for m in messages if m.startswith("epoch "))
+    report = next(m for m in messages if m.startswith("base vs tuned on "))
+    assert "BERTScore F1" in report and "|" not in report
     assert any(m.startswith("step 22/22 steps, ") and "s left" in m for m in messages)
     assert "base_predictions: generating 12 summaries" in text and "base_predictions: 12/12 summaries" in text
     assert "tuned_predictions: 12/12 summaries" in text

@@ -74,6 +74,11 @@ def tuned_f1_not_below_base(context: dg.AssetCheckExecutionContext, store: Loras
     )
 
 
+def _figure(value: float | None) -> float | None:
+    """A score as a person reads it: 4 significant digits."""
+    return None if value is None else float(f"{value:.4g}")
+
+
 def compare_with_previous_best(con, run_id: str, metric: str) -> tuple[bool, dict]:
     """Whether run ``run_id``'s tuned ``metric`` (its CI's upper end) reaches the best earlier run's
     value on the same dataset and scorer, and the figures that decided it."""
@@ -82,10 +87,11 @@ def compare_with_previous_best(con, run_id: str, metric: str) -> tuple[bool, dic
         return False, {"reason": f"no {metric} in run {run_id}"}
     value, ci_low, ci_high, dataset_hash, scorer_hash = values["tuned"]
     best = best_other_tuned(con, metric, dataset_hash, scorer_hash, run_id)
-    metadata = {"run_id": run_id, "metric": metric, "value": value, "ci_low": ci_low, "ci_high": ci_high, "scorer_hash": scorer_hash}
+    metadata = {"run_id": run_id, "metric": metric, "value": _figure(value), "ci_low": _figure(ci_low), "ci_high": _figure(ci_high),
+                "scorer_hash": scorer_hash}
     if best is None:
         return True, {**metadata, "previous_best": "none (first run on this dataset and scorer)"}
-    metadata.update(previous_best_run=best[0], previous_best_adapter=str(best[1]), previous_best_value=best[2])
+    metadata.update(previous_best_run=best[0], previous_best_adapter=str(best[1]), previous_best_value=_figure(best[2]))
     return ci_high >= best[2], metadata
 
 

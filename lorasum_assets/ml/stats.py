@@ -40,3 +40,45 @@ def percent_difference(base: float | None, tuned: float | None, digits: int = 2)
     if not base or tuned is None or not math.isfinite(base) or not math.isfinite(tuned):
         return "n/a"
     return f"{100.0 * (tuned - base) / base:+.{digits}f}%"
+
+
+@dataclass(frozen=True)
+class NonInferiority:
+    """A non-inferiority verdict on paired scores: ``candidate`` is no worse than ``reference`` by
+    more than ``margin`` when the lower bound of the paired 95% CI of candidate − reference is at
+    least −margin. It can only decide when the CI is narrower than the margin (its half-width below
+    it); otherwise it says so, and how many examples would do."""
+
+    change: Interval
+    margin: float
+    examples: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.change.high - self.change.low) / 2
+
+    @property
+    def decided(self) -> bool:
+        return self.half_width < self.margin
+
+    @property
+    def passed(self) -> bool:
+        return self.decided and self.change.low >= -self.margin
+
+    def examples_needed(self) -> int:
+        """About how many examples make the CI's half-width 80% of the margin (it shrinks as 1/sqrt(n))."""
+        return math.ceil(self.examples * (self.half_width / (0.8 * self.margin)) ** 2)
+
+    def verdict(self) -> str:
+        ci = f"{self.change.mean:+.4f} [{self.change.low:+.4f}, {self.change.high:+.4f}]"
+        if not self.decided:
+            return (f"cannot decide: the CI {ci} is ±{self.half_width:.4f} wide, not narrower than the margin "
+                    f"{self.margin}; about {self.examples_needed()} examples would decide")
+        if self.passed:
+            return f"non-inferior: the CI {ci} lies above −{self.margin}"
+        return f"FAILED: the CI {ci} reaches below −{self.margin}"
+
+
+def non_inferiority(candidate: Sequence[float], reference: Sequence[float], margin: float = 0.01,
+                    n_resamples: int = 2000, seed: int = 0) -> NonInferiority:
+    return NonInferiority(paired_bootstrap_ci(candidate, reference, n_resamples, seed), margin, len(candidate))

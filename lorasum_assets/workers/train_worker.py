@@ -121,7 +121,7 @@ def run(job_path: Path, summary_path: Path | None = None) -> None:
             )
 
         def on_epoch(epoch: int, val_loss: float | None) -> None:
-            pipes.log.info(f"epoch {epoch}: validation loss {val_loss}")
+            pipes.log.info(f"epoch {epoch}: validation loss {'none (no validation examples)' if val_loss is None else f'{val_loss:.4f}'}")
 
         result = train_lora(
             peft_model,

@@ -8,7 +8,7 @@ import dagster as dg
 
 from lorasum_assets import __version__
 from lorasum_assets.defs.assets.data import dataset_of, read_dialogues, require
-from lorasum_assets.defs.assets.plots import histogram, markdown_table
+from lorasum_assets.defs.assets.plots import histogram, markdown_table, text_table
 from lorasum_assets.defs.assets.plots import table as table_value
 from lorasum_assets.defs.resources import BertScorerResource, LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.ml.stats import percent_difference
@@ -219,7 +219,7 @@ def bertscore_report(
     scoring, report = _score(context, scorer, inputs, spec)
     _write_history(context, store, spec=spec, profile_name=profile.name, base_model=model.choice().model, inputs=inputs,
                    refs=refs, scoring=scoring, report=report)
-    context.log.info(f"base vs tuned on {len(inputs.dialogues)} {inputs.split} dialogues:\n{markdown_table(REPORT_HEADER, report_rows(report))}")
+    context.log.info(f"base vs tuned on {len(inputs.dialogues)} {inputs.split} dialogues:\n{text_table(REPORT_HEADER, report_rows(report))}")
     version = version_of([(m["model"], m["metric"], m["reference_set"], m["value"]) for m in report.metrics], scoring.hash)
     details = {"adapter_id": inputs.adapter_id, "split": inputs.split, "generation": inputs.generation}
     ref = TableRef("bertscore_report", context.run_id, len(report.metrics), version, version, details)

@@ -149,7 +149,7 @@ def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcom
         history_log.put(("step", log))
 
     def on_epoch(epoch: int, val_loss: float | None) -> None:
-        context.log.info(f"epoch {epoch}: validation loss {val_loss}")
+        context.log.info(f"epoch {epoch}: validation loss {'none (no validation examples)' if val_loss is None else f'{val_loss:.4f}'}")
         curves.validation(last_step, val_loss)
         history_log.put(("epoch", (epoch, val_loss)))
 
