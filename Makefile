@@ -71,11 +71,12 @@ demo: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dg launch --job train_and_evaluate
 	$(BIN)/lorasum report
 
+# -rs lists every skip with its reason: which generation engines a host could not run, for one
 test: setup
-	$(BIN)/python -m pytest -m "not slow and not browser"
+	$(BIN)/python -m pytest -m "not slow and not browser" -rs
 
 test-slow: setup
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow -rs
 
 # Needs Debian's chromium (apt-get install chromium); Playwright drives it, no browser download.
 test-browser: setup

@@ -373,6 +373,9 @@ def main() -> int:
 
     import torch
 
+    from lorasum_assets.ml.devices import describe_device
+
+    print(f"host: {describe_device('cpu')}; device {describe_device(args.device) if args.device != 'cpu' else 'cpu'}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}; "
           f"{args.train} training and {args.generate} test dialogues ({'bundled sample' if args.sample else 'DialogSum'}); "
           f"{args.repeats} repeats, median (min-max)\n")
@@ -410,6 +413,14 @@ def main() -> int:
         same = sum(a == b for a, b in zip(results[ours_variant][0]["texts"], peer_texts))
         print(f"| {label} | {spread(ours)} | {spread(peer)} | {statistics.median(ours) / statistics.median(peer):.2f}x |")
         print(f"| … outputs identical to the peer's | {same}/{len(peer_texts)} | | |")
+    # the peer at its best: whichever of plain bf16 generate's own settings made the most new tokens/s
+    plain = {v: statistics.median(r["new_tokens_per_s"] for r in results[v])
+             for v in ("generate-plain-bf16", "generate-plain-bf16-static-cache", "generate-plain-bf16-eager") if v in results}
+    if "generate-ours" in results and plain:
+        best = max(plain, key=plain.get)
+        ours = [r["new_tokens_per_s"] for r in results["generate-ours"]]
+        print(f"| generation new tokens/s, base: ours vs plain bf16 generate at its best setting of those run ({best}) | "
+              f"{spread(ours)} | {spread([r['new_tokens_per_s'] for r in results[best]])} | {statistics.median(ours) / plain[best]:.2f}x |")
     for other, label in (("generate-lookup", "prompt lookup outputs identical to ours (both bf16)"),
                          ("generate-llama-cpp", "llama.cpp outputs identical to ours")):
         if other in results and "generate-ours" in results:

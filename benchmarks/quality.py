@@ -153,16 +153,23 @@ MARGIN = 0.01  # named before anything runs: the candidate may lose at most this
 
 @contextlib.contextmanager
 def degraded(model, how: str):
-    """The candidate made worse on purpose, to show the check can fail: ``fp8`` rounds every weight
-    matrix to float8 (e4m3) and back while the block runs."""
+    """The candidate made worse on purpose, to show the check can fail, while the block runs:
+    ``fp8`` rounds every weight matrix to float8 e4m3 (3 mantissa bits) and back, ``fp8-e5m2`` to
+    e5m2 (2 bits), ``attention-scale`` makes attention's scale 10% too large (the query rows x1.1)."""
     import torch
 
     if how == "none":
         yield
         return
-    saved = [(p, p.data) for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name]
-    for param, data in saved:
-        param.data = data.to(torch.float8_e4m3fn).to(data.dtype)
+    if how == "attention-scale":
+        saved = [(p, p.data) for name, p in model.named_parameters() if name.endswith("q_proj.weight")]
+        for param, data in saved:
+            param.data = data * 1.1
+    else:
+        kind = torch.float8_e4m3fn if how == "fp8" else torch.float8_e5m2
+        saved = [(p, p.data) for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name]
+        for param, data in saved:
+            param.data = data.to(kind).to(data.dtype)
     try:
         yield
     finally:
@@ -178,7 +185,7 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
     dialogue and a non-inferiority verdict with the margin ``--margin`` (default 0.01, named before
     it runs): the CI's lower bound must be at least −margin, and the CI must be narrower than the
     margin, else it cannot decide and says how many dialogues would. Also how many outputs are
-    identical and the new tokens per second of each. ``--degrade fp8`` makes the candidate worse on
+    identical and the new tokens per second of each. ``--degrade`` makes the candidate worse on
     purpose. Exits 2 without the DialogSum files, 1 when a check fails, 3 when one cannot decide."""
     (reference, reference_settings), (candidate, candidate_settings) = COMPARISONS[command]
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.quality {command}",
@@ -189,7 +196,8 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
     parser.add_argument("--test", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--margin", type=float, default=MARGIN, help="the most the candidate may lose, CI included")
-    parser.add_argument("--degrade", choices=("none", "fp8"), default="none", help="make the candidate worse on purpose")
+    parser.add_argument("--degrade", choices=("none", "fp8", "fp8-e5m2", "attention-scale"), default="none",
+                        help="make the candidate worse on purpose")
     args = parser.parse_args(argv)
     if not Path(args.data, "dialogsum.dev.jsonl").exists():
         print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)

@@ -38,3 +38,33 @@ def test_first_run_passes(fresh_home):
     passed, metadata = run_check("r1")
     assert passed and metadata["previous_best"] == "none (first run on this dataset and scorer)"
     assert metadata["run_id"] == "r1" and metadata["value"] == 0.7
+
+
+def test_an_empty_summary_is_a_warning_and_a_failed_check_naming_the_dialogue(fresh_home, monkeypatch):
+    import dagster as dg
+
+    import lorasum_assets.ml.generate as generation
+    from lorasum_assets.defs.assets import ALL_ASSETS
+    from lorasum_assets.defs.checks import ALL_CHECKS
+    from lorasum_assets.defs.resources.factory import build_resources
+    from lorasum_assets.settings.profiles import get_profile
+
+    real = generation.generate
+
+    def first_summary_empty(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[0] = generation.Generation("", 0, False, out[0].latency_s)
+        return out
+
+    monkeypatch.setattr(generation, "generate", first_summary_empty)
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=build_resources(get_profile("tiny")), instance=instance,
+                            selection=["raw_dialogsum", "filtered_split", "base_predictions"])
+    assert result.success
+    [evaluation] = [e for e in result.get_asset_check_evaluations() if e.asset_key.path[-1] == "base_predictions"]
+    warnings = [e.user_message for e in instance.all_logs(result.run_id) if e.level == 30 and "summaries are empty" in e.user_message]
+    print(evaluation.description, warnings, sep="\n")
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
+    assert evaluation.description.startswith("1 of 12 base_predictions summaries are empty: ")
+    empty_id = evaluation.description.split(": ")[1].split(";")[0]
+    assert warnings == [f"1 of 12 summaries are empty: {empty_id}; the check summaries_not_empty names them too"]

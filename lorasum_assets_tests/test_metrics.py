@@ -112,3 +112,6 @@ def test_the_non_inferiority_check_passes_fails_and_refuses_to_decide_as_it_shou
     assert degraded.decided and not degraded.passed and degraded.verdict().startswith("FAILED")
     assert not noisy.decided and not noisy.passed and noisy.verdict().startswith("cannot decide")
     assert noisy.examples_needed() > 40
+    narrow_but_below = non_inferiority(reference - 0.0105 + rng.normal(0, 0.01, size=400), reference)
+    assert narrow_but_below.width < 0.01 and narrow_but_below.change.high > -0.01 and not narrow_but_below.passed
+    assert narrow_but_below.verdict().startswith("FAILED")

@@ -1,7 +1,7 @@
 import pytest
 
 from lorasum_assets.settings.profiles import DEFAULT_PROFILE, PROFILES, UnknownProfileError, get_profile, with_overrides
-from lorasum_assets.settings.specs import NOTEBOOK_TARGET_MODULES, TrainSpec
+from lorasum_assets.settings.specs import TrainSpec
 
 
 def test_default_profile_is_the_embedded_smollm2(monkeypatch):
@@ -22,18 +22,6 @@ def test_unknown_profile_lists_the_valid_ones():
     assert "gpt-17" in message
     for name in PROFILES:
         assert name in message
-
-
-def test_notebook_profile_carries_the_notebook_recipe():
-    profile = get_profile("llama-3.2-3b-qlora")
-    spec = profile.training
-    assert (spec.lora_r, spec.lora_alpha, spec.lora_dropout) == (16, 32, 0.1)
-    assert spec.target_modules == NOTEBOOK_TARGET_MODULES
-    assert (spec.learning_rate, spec.lr_scheduler, spec.batch_size, spec.gradient_accumulation_steps, spec.epochs) == (2e-4, "cosine", 1, 4, 5)
-    assert spec.gradient_checkpointing and spec.warmup_ratio == 0.1 and spec.weight_decay == 0.01 and spec.max_grad_norm == 1.0
-    assert profile.model.quantization == "nf4" and profile.data.source == "hub" and profile.filter.modulus == 100
-    assert profile.scorer.model == "roberta-large" and profile.scorer.num_layers == 17
-    assert profile.generation.max_new_tokens == 150 and not profile.generation.do_sample
 
 
 def test_overrides_change_only_the_given_fields():

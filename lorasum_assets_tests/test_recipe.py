@@ -135,6 +135,11 @@ def test_the_recipe_profile_runs_the_whole_graph_on_the_4_bit_stand_in(recipe_ru
           f"compute_dtype {trained['compute_dtype']}, precision {trained['precision']}, skipped steps {trained['skipped_steps']}; "
           f"promotion {decision}")
     assert recorded == ("nf4", "nf4", "bfloat16", precision, True)
+    # the notebook's recipe, as the run recorded it ran (not as the profile lists it)
+    ran = {k: config[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_scheduler",
+                                  "batch_size", "gradient_accumulation_steps", "epochs")}
+    assert ran == {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                   "learning_rate": 2e-4, "lr_scheduler": "cosine", "batch_size": 1, "gradient_accumulation_steps": 4, "epochs": 5}
     assert (trained["quantization"], trained["compute_dtype"], trained["precision"]) == ("nf4", "bfloat16", precision)
     assert decision, "promoted_adapter decided nothing"
 

@@ -8,9 +8,10 @@ import dagster as dg
 
 from lorasum_assets.defs.assets.data import raw_dialogsum, tokenized_dataset
 from lorasum_assets.defs.assets.evaluation import bertscore_report
+from lorasum_assets.defs.assets.predictions import base_predictions, tuned_predictions
 from lorasum_assets.defs.resources import LorasumStore
 from lorasum_assets.defs.resources.lineage import reference_in_lineage
-from lorasum_assets.store.queries import best_other_tuned, label_mask_counts, quarantine_reasons, report_values
+from lorasum_assets.store.queries import best_other_tuned, empty_predictions, label_mask_counts, quarantine_reasons, report_values
 from lorasum_assets.store.references import TableRef
 
 
@@ -116,4 +117,25 @@ def tuned_not_worse_than_previous_best(
     return dg.AssetCheckResult(passed=passed, severity=severity, metadata=metadata)
 
 
-ALL_CHECKS = [quarantine_share_within_limit, labels_end_with_eos, tuned_f1_not_below_base, tuned_not_worse_than_previous_best]
+def _summaries_not_empty(asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
+    name = asset.key.path[-1]
+
+    @dg.asset_check(asset=asset, name="summaries_not_empty", description="Every dialogue got a summary; an empty one is named.")
+    def check(context: dg.AssetCheckExecutionContext, store: LorasumStore) -> dg.AssetCheckResult:
+        ref = _reference(context, asset)
+        if ref is None:
+            return _no_reference(dg.AssetCheckSeverity.WARN)
+        with store.connect() as con:
+            empty, rows = empty_predictions(con, name, ref.run_id)
+        description = None
+        if empty:
+            description = (f"{len(empty)} of {rows} {name} summaries are empty: {', '.join(empty[:10])}"
+                           + (" …" if len(empty) > 10 else "") + "; they score 0 and pull the mean down")
+        return dg.AssetCheckResult(passed=not empty, severity=dg.AssetCheckSeverity.WARN, description=description,
+                                   metadata={"empty": len(empty), "rows": rows, "empty_ids": ", ".join(empty[:10]) or "none"})
+
+    return check
+
+
+ALL_CHECKS = [quarantine_share_within_limit, labels_end_with_eos, tuned_f1_not_below_base, tuned_not_worse_than_previous_best,
+              _summaries_not_empty(base_predictions), _summaries_not_empty(tuned_predictions)]

@@ -44,39 +44,40 @@ def percent_difference(base: float | None, tuned: float | None, digits: int = 2)
 
 @dataclass(frozen=True)
 class NonInferiority:
-    """A non-inferiority verdict on paired scores: ``candidate`` is no worse than ``reference`` by
-    more than ``margin`` when the lower bound of the paired 95% CI of candidate − reference is at
-    least −margin. It can only decide when the CI is narrower than the margin (its half-width below
-    it); otherwise it says so, and how many examples would do."""
+    """A non-inferiority verdict on paired scores, with ``margin`` named before the run: the
+    candidate passes when the lower bound of the paired 95% CI of candidate − reference is at least
+    −margin; it fails when the CI lies wholly below −margin, or is narrower than the margin and
+    still reaches below it. A wider CI that reaches below −margin cannot decide; it says so, and
+    about how many examples would."""
 
     change: Interval
     margin: float
     examples: int
 
     @property
-    def half_width(self) -> float:
-        return (self.change.high - self.change.low) / 2
-
-    @property
-    def decided(self) -> bool:
-        return self.half_width < self.margin
+    def width(self) -> float:
+        return self.change.high - self.change.low
 
     @property
     def passed(self) -> bool:
-        return self.decided and self.change.low >= -self.margin
+        return self.change.low >= -self.margin
+
+    @property
+    def decided(self) -> bool:
+        return self.passed or self.change.high < -self.margin or self.width < self.margin
 
     def examples_needed(self) -> int:
-        """About how many examples make the CI's half-width 80% of the margin (it shrinks as 1/sqrt(n))."""
-        return math.ceil(self.examples * (self.half_width / (0.8 * self.margin)) ** 2)
+        """About how many examples make the CI 80% of the margin wide (it narrows as 1/sqrt(n))."""
+        return math.ceil(self.examples * (self.width / (0.8 * self.margin)) ** 2)
 
     def verdict(self) -> str:
         ci = f"{self.change.mean:+.4f} [{self.change.low:+.4f}, {self.change.high:+.4f}]"
-        if not self.decided:
-            return (f"cannot decide: the CI {ci} is ±{self.half_width:.4f} wide, not narrower than the margin "
-                    f"{self.margin}; about {self.examples_needed()} examples would decide")
         if self.passed:
             return f"non-inferior: the CI {ci} lies above −{self.margin}"
-        return f"FAILED: the CI {ci} reaches below −{self.margin}"
+        if self.decided:
+            return f"FAILED: the CI {ci} reaches below −{self.margin}"
+        return (f"cannot decide: the CI {ci} is {self.width:.4f} wide, not narrower than the margin {self.margin}, "
+                f"and reaches below −{self.margin}; about {self.examples_needed()} examples would decide")
 
 
 def non_inferiority(candidate: Sequence[float], reference: Sequence[float], margin: float = 0.01,

@@ -86,6 +86,13 @@ def label_mask_counts(con, run_id: str) -> tuple[int, int]:
     ).fetchone()
 
 
+def empty_predictions(con, asset: str, run_id: str) -> tuple[list[str], int]:
+    """(ids whose summary is empty, all rows) of one predictions materialization."""
+    rows = con.execute(f"SELECT id, trim(coalesce(prediction, '')) = '' FROM {rows_table(asset)} WHERE run_id = ? ORDER BY id",
+                       [run_id]).fetchall()
+    return [i for i, empty in rows if empty], len(rows)
+
+
 def report_values(con, run_id: str, metric: str) -> dict[str, tuple]:
     """model -> (value, ci_low, ci_high, dataset_hash, scorer_hash) of one evaluation and metric."""
     rows = con.execute(

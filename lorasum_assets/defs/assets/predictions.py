@@ -88,6 +88,10 @@ def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_
     version = version_of(content_hash, *version_parts, engine.engine, engine.dtype)
     with store.connect() as con:
         write_materialization(con, asset, context.run_id, {asset: (PREDICTION_COLUMNS, rows)}, content_hash, version)
+    empty = [d.id for d, g in zip(dialogues, outputs, strict=True) if not g.text]
+    if empty:
+        context.log.warning(f"{len(empty)} of {len(outputs)} summaries are empty: {', '.join(empty[:10])}"
+                            + (" …" if len(empty) > 10 else "") + "; the check summaries_not_empty names them too")
     seconds = sum(g.latency_s for g in outputs)
     new_tokens = sum(g.new_tokens for g in outputs)
     details = {"split": spec.split, "adapter_id": adapter_id, "generation": asdict(spec), "engine": engine.as_dict()}

@@ -56,8 +56,8 @@ def reference_in_lineage(instance: dg.DagsterInstance, asset_key: dg.AssetKey, r
 
 
 class LineageIOManager(dg.ConfigurableIOManager):
-    """Stores each asset's reference in its materialization's metadata and loads, for each input,
-    the reference of the upstream materialization in the run's lineage (see the module doc)."""
+    """Each asset reads exactly what its upstream wrote in this run's lineage (the same run, or the
+    run that materialized the upstream for it), never the newest rows someone else wrote."""
 
     def handle_output(self, context: dg.OutputContext, obj: TableRef | AdapterRef | None) -> None:
         if obj is not None:

@@ -23,12 +23,12 @@ if TYPE_CHECKING:
 
 
 class _ModelResourceBase(dg.ConfigurableResource):
-    """Base model and tokenizer, loaded lazily once per process and run.
+    """The base model and its tokenizer, loaded when a step first needs them.
 
-    Its model fields are those of ``ModelChoice``; unset ones come from the run's profile.
-    ``model`` is a hub id, a local folder, ``builtin:tiny-llama`` or ``gguf:<package>/<file>``.
-    The cached base is only ever used without an adapter in play; training loads its own copy
-    because k-bit preparation changes the model it is given.
+    Every field left unset takes the run's profile's value. ``model`` is a Hugging Face hub id, a
+    local folder, ``builtin:tiny-llama``, ``builtin:tiny-llama-3.2-bnb-4bit`` or
+    ``gguf:<package>/<file>``. Predictions use one shared copy, never with an adapter left in it;
+    training loads a copy of its own after that one is released.
     """
 
     profile: ProfileResource

@@ -32,10 +32,10 @@ def evaluates_an_existing_adapter(run: dg.DagsterRun) -> bool:
 
 
 class RunPreflightResource(dg.ConfigurableResource):
-    """Required by the steps in the ``lorasum_gpu`` pool, so it is set up when the run starts:
+    """Checks made when a run starts, before its GPU steps wait for a slot:
 
-    - frees the pool slots of runs whose process died (``lorasum_assets/runtime/dead_runs.py``), before
-      this run waits for one;
+    - frees the ``lorasum_gpu`` pool slots of earlier runs whose process died (killed, or out of
+      memory), so this run does not wait for them forever;
     - in a run that evaluates an existing adapter, checks that the adapter exists and fits the
       run's base model, before any generation starts.
     """
