@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import torch
@@ -24,21 +25,28 @@ def free_accelerator_memory() -> None:
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def describe_device(device) -> str:
-    """The device as a run records it: the GPU's name, or the CPU's model and its bf16/AMX flags."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    model, flags = "unknown CPU", set()
+@functools.cache
+def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and its feature flags, read once from /proc/cpuinfo."""
+    model, flags = "unknown CPU", frozenset()
     try:
         for line in open("/proc/cpuinfo", encoding="utf-8"):
             key, _, value = line.partition(":")
             if key.strip() == "model name" and model == "unknown CPU":
                 model = value.strip()
             elif key.strip() == "flags":
-                flags = set(value.split())
+                flags = frozenset(value.split())
                 break
     except OSError:
         pass
+    return model, flags
+
+
+def describe_device(device) -> str:
+    """The device as a run records it: the GPU's name, or the CPU's model and its bf16/AMX flags."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    model, flags = cpu_model_and_flags()
     present = [flag for flag in CPU_FLAGS if flag in flags]
     return f"{device.type}: {model} ({' '.join(present) or 'none of ' + '/'.join(CPU_FLAGS)})"

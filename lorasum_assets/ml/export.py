@@ -119,7 +119,7 @@ def merge_adapter(spec: ModelSpec, adapter_path: str, out: Path, check_prompts: 
     base = load_model(spec)
     tokenizer = load_tokenizer(spec)
     dtype = export_dtype(base)
-    dequantized = bool(getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None))
+    dequantized = loaded_quantization(base).method != "none"
     if dequantized:
         base = base.dequantize()
     merged = PeftModel.from_pretrained(base, adapter_path, is_trainable=False).merge_and_unload().to(dtype)

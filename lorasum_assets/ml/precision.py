@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
-from lorasum_assets.ml.devices import cuda_has_native_bf16
+from lorasum_assets.ml.devices import cpu_model_and_flags, cuda_has_native_bf16
 from lorasum_assets.ml.model_setup import is_quantized
 
 
 def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls run about twice as fast as fp32 on this CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = cpu_model_and_flags()[1]
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

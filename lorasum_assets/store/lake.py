@@ -212,7 +212,7 @@ def connect(
 
     def enter() -> int | None:
         con.execute(init_statements(location, read_only)[-1])
-        return stored_schema_version(con)
+        return stored_schema_version(con) if read_only or location.kind == "postgres" else None
 
     # A PostgreSQL catalog's pooled connections outlive a server restart and fail once each: the
     # first read, retried while the server is away, leaves the pool connected.

@@ -39,6 +39,7 @@ class _ModelResourceBase(dg.ConfigurableResource):
     _base: Any = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)
     _base_ref: Any = PrivateAttr(default=None)
+    _planned: Any = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         if context.instance is not None and context.dagster_run is not None:
@@ -76,9 +77,11 @@ class _ModelResourceBase(dg.ConfigurableResource):
     def planned_quantization(self):
         """How the base will load (a prequantized checkpoint's own quantization), read from its
         config alone; refuses a setting the checkpoint would override, before anything loads."""
-        from lorasum_assets.ml.modeling import planned_quantization
+        if self._planned is None:
+            from lorasum_assets.ml.modeling import planned_quantization
 
-        return planned_quantization(self.spec())
+            self._planned = planned_quantization(self.spec())
+        return self._planned
 
     def _loading(self, what: str, log: Callable[[str], None] | None, load: Callable[[], Any]) -> Any:
         if log is None:
