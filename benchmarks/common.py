@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -90,6 +92,16 @@ def run_whole_graph(tree, env: dict[str, str], models=None) -> float:
     return seconds
 
 
+def print_host() -> None:
+    """The line every benchmark prints before its figures: the CPU's model and its bf16/AMX flags
+    (speeds differ by CPU kind), the cores, and torch."""
+    import torch
+
+    from lorasum_assets.ml.devices import describe_device
+
+    print(f"host: {describe_device('cpu')}; {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
+
+
 def run_command(commands: dict[str, Callable[[list[str]], int]], usage: str, argv: list[str] | None = None) -> int:
     """``python -m benchmarks.X COMMAND [options]``: the command's function on the options, or
     ``usage`` (the module's docstring) and exit 2 without a known command."""
@@ -97,6 +109,8 @@ def run_command(commands: dict[str, Callable[[list[str]], int]], usage: str, arg
     if not argv or argv[0] not in commands:
         print(usage, file=sys.stderr)
         return 2
+    if "--worker" not in argv:
+        print_host()
     return commands[argv[0]](argv[1:])
 
 

@@ -39,6 +39,7 @@ from benchmarks.common import (
     ROOT,
     add_data_arguments,
     dialogsum_splits,
+    print_host,
     print_result,
     run_interleaved,
     run_whole_graph,
@@ -169,6 +170,7 @@ def main() -> int:
     if args.worker:
         print_result(run_variant(args, args.worker))
         return 0
+    print_host()
 
     variants = args.variants.split(",")
     passthrough = [f"--data={args.data}", f"--model={args.model}", f"--device={args.device}", f"--cache={args.cache}",

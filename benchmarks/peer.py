@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,12 +28,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import RESULTS, add_data_arguments, print_result, run_interleaved, spread
+from benchmarks.common import RESULTS, add_data_arguments, print_host, print_result, run_interleaved, spread
 
 VARIANTS = ("train-ours", "train-ours-torch-dropout", "train-trl", "generate-ours", "generate-plain-bf16", "generate-ours-tuned",
             "generate-plain-bf16-tuned", "generate-ours-transformers", "prefill-ours", "prefill-plain-bf16", "generate-ours-fp32",
             "generate-plain", "generate-lookup", "generate-static-compiled", "generate-llama-cpp", "generate-plain-bf16-eager",
-            "generate-plain-bf16-static-cache")
+            "generate-plain-bf16-static-cache", "generate-plain-bf16-static-cache-tuned")
 GENERATE_BATCH = 16  # one batch of every test prompt for the plain peers; ours plans its own batches up to this size
 
 
@@ -333,6 +332,7 @@ WORKERS = {"train-ours": run_train_ours, "train-ours-torch-dropout": lambda args
            "generate-plain-bf16-static-cache": lambda args: run_generate_plain(args, "bf16", cache="static"),
            "generate-ours-tuned": lambda args: run_generate_ours(args, tuned=True),
            "generate-plain-bf16-tuned": lambda args: run_generate_plain(args, "bf16", tuned=True),
+           "generate-plain-bf16-static-cache-tuned": lambda args: run_generate_plain(args, "bf16", cache="static", tuned=True),
            "generate-ours-transformers": lambda args: run_generate_ours(args, decoder="transformers"),
            "prefill-ours": lambda args: run_generate_ours(args, max_new_tokens=1),
            "prefill-plain-bf16": lambda args: run_generate_plain(args, "bf16", max_new_tokens=1),
@@ -371,12 +371,10 @@ def main() -> int:
     if results is None:
         return 1
 
-    import torch
-
     from lorasum_assets.ml.devices import describe_device
 
-    print(f"host: {describe_device('cpu')}; device {describe_device(args.device) if args.device != 'cpu' else 'cpu'}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}; "
+    print_host()
+    print(f"device {describe_device(args.device) if args.device != 'cpu' else 'cpu'}; "
           f"{args.train} training and {args.generate} test dialogues ({'bundled sample' if args.sample else 'DialogSum'}); "
           f"{args.repeats} repeats, median (min-max)\n")
     print("| measure | ours | peer | ours / peer |\n|---|---|---|---|")
@@ -414,13 +412,16 @@ def main() -> int:
         print(f"| {label} | {spread(ours)} | {spread(peer)} | {statistics.median(ours) / statistics.median(peer):.2f}x |")
         print(f"| … outputs identical to the peer's | {same}/{len(peer_texts)} | | |")
     # the peer at its best: whichever of plain bf16 generate's own settings made the most new tokens/s
-    plain = {v: statistics.median(r["new_tokens_per_s"] for r in results[v])
-             for v in ("generate-plain-bf16", "generate-plain-bf16-static-cache", "generate-plain-bf16-eager") if v in results}
-    if "generate-ours" in results and plain:
-        best = max(plain, key=plain.get)
-        ours = [r["new_tokens_per_s"] for r in results["generate-ours"]]
-        print(f"| generation new tokens/s, base: ours vs plain bf16 generate at its best setting of those run ({best}) | "
-              f"{spread(ours)} | {spread([r['new_tokens_per_s'] for r in results[best]])} | {statistics.median(ours) / plain[best]:.2f}x |")
+    for ours_variant, peer_settings, side in (
+        ("generate-ours", ("generate-plain-bf16", "generate-plain-bf16-static-cache", "generate-plain-bf16-eager"), "base"),
+        ("generate-ours-tuned", ("generate-plain-bf16-tuned", "generate-plain-bf16-static-cache-tuned"), "tuned"),
+    ):
+        plain = {v: statistics.median(r["new_tokens_per_s"] for r in results[v]) for v in peer_settings if v in results}
+        if ours_variant in results and plain:
+            best = max(plain, key=plain.get)
+            ours = [r["new_tokens_per_s"] for r in results[ours_variant]]
+            print(f"| generation new tokens/s, {side}: ours vs plain bf16 generate at its best setting of those run ({best}) | "
+                  f"{spread(ours)} | {spread([r['new_tokens_per_s'] for r in results[best]])} | {statistics.median(ours) / plain[best]:.2f}x |")
     for other, label in (("generate-lookup", "prompt lookup outputs identical to ours (both bf16)"),
                          ("generate-llama-cpp", "llama.cpp outputs identical to ours")):
         if other in results and "generate-ours" in results:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, add_data_arguments
+from benchmarks.common import RESULTS, add_data_arguments, print_host
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -53,6 +53,8 @@ def main() -> int:
     if not Path(args.data, "dialogsum.dev.jsonl").exists():
         print(f"no DialogSum files in {args.data}: nothing measured", file=sys.stderr)
         return 2
+
+    print_host()
 
     import torch
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import RESULTS, add_data_arguments, dialogsum_splits, training_examples
+from benchmarks.common import RESULTS, add_data_arguments, dialogsum_splits, print_host, training_examples
 
 NOTEBOOK_PAD = 512
 LEVERS = {
@@ -239,6 +239,7 @@ def main() -> int:
     out_dir = RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     args.adapter_dir = str(out_dir / "speed-adapter")
+    print_host()
 
     import torch
 
