@@ -84,8 +84,10 @@ def test_an_adapter_refuses_a_different_base_model_before_any_generation(fresh_h
     assert f"this run's base model is {other_base}@main (fingerprint" in line
     assert not [e for e in failed.all_events if e.event_type == dg.DagsterEventType.STEP_START]  # nothing generated
 
-    # with no adapter named, the default is the newest adapter trained on the run's base: there is none
+    # with no adapter named, or `auto` as the Launchpad shows it, the default is the newest adapter
+    # trained on the run's base: there is none
     assert "no registered adapter was trained on" in error_text(evaluate())
+    assert "no registered adapter was trained on" in error_text(evaluate("auto"))
     # on the base it was trained on, the same adapter evaluates
     ok = materialize(instance, EVALUATION,
                      {"ops": {"tuned_predictions": {"config": {"adapter_id": adapter["adapter_id"]}}}})

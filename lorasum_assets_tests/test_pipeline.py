@@ -67,19 +67,27 @@ def test_whole_graph_materializes_on_the_tiny_model(materialized):
     assert all(0.0 <= v <= 1.0 for m, _, v in report if m != "delta")
 
     curve = result.asset_materializations_for_node("lora_adapter")[0].metadata["loss_curve_points"].value
-    rates = [r.data["learning_rate"] for r in curve.records]
+    rates = [r.data["lr"] for r in curve.records]
     assert rates and all(rate == float(f"{rate:.3g}") for rate in rates)  # 0.00497, not 0.004974553604702332
 
     report_meta = result.asset_materializations_for_node("bertscore_report")[0].metadata
-    assert "report_markdown" not in report_meta  # the table is shown once
-    table = report_meta["report"].value  # laid out as a table in the UI
-    assert [c.name for c in table.schema.columns] == ["metric", "base", "tuned", "tuned − base", "sig.", "% diff"]
-    assert all(c.description for c in table.schema.columns)
-    assert [r.data["metric"] for r in table.records] == [
-        "BERTScore P", "BERTScore R", "BERTScore F1", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum"]
-    f1 = next(r.data for r in table.records if r.data["metric"] == "BERTScore F1")
-    low, high = (float(x) for x in f1["tuned − base"].split("[")[1].rstrip("]").split(","))
-    assert f1["sig."] == ("▲" if low > 0 else "▼" if high < 0 else "–")
+    metric_names = ["BERTScore P", "BERTScore R", "BERTScore F1", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum"]
+    tables = [k for k, v in report_meta.items() if isinstance(v, dg.TableMetadataValue)]
+    assert tables == metric_names  # one table per metric, laid out in the UI; no figure repeated elsewhere
+    assert not [k for k in report_meta if k.startswith(("base_", "tuned_"))]
+    for name in metric_names:
+        table = report_meta[name].value
+        assert [c.name for c in table.schema.columns] == ["", "mean [95% CI]"] and all(c.description for c in table.schema.columns)
+        assert [r.data[""] for r in table.records] == ["base", "tuned", "change", "% diff"]
+    f1 = {r.data[""]: r.data["mean [95% CI]"] for r in report_meta["BERTScore F1"].value.records}
+    mean, ci = f1["change"].split(" [")
+    low, high = (float(x) for x in ci.split("]")[0].split(","))
+    assert f1["change"].endswith("▲" if low > 0 else "▼" if high < 0 else "]")
+    # the figures a person charts across runs, rounded as in the table
+    assert report_meta["BERTScore F1 change"].value == float(mean)
+    assert report_meta["BERTScore F1 base"].value == float(f1["base"].split(" [")[0])
+    histogram = report_meta["F1 change per dialogue"].value
+    assert histogram.startswith("![BERTScore F1 change per dialogue](data:image/png;base64,") and len(histogram) < 1000
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["quarantine_share_within_limit"] and checks["labels_end_with_eos"]
 

@@ -8,7 +8,7 @@ import dagster as dg
 
 from lorasum_assets.defs.assets.data import raw_dialogsum, tokenized_dataset
 from lorasum_assets.defs.assets.evaluation import bertscore_report
-from lorasum_assets.defs.assets.predictions import base_predictions, tuned_predictions
+from lorasum_assets.defs.assets.predictions import base_predictions, empty_summaries, tuned_predictions
 from lorasum_assets.defs.resources import LorasumStore
 from lorasum_assets.defs.resources.lineage import reference_in_lineage
 from lorasum_assets.store.queries import best_other_tuned, empty_predictions, label_mask_counts, quarantine_reasons, report_values
@@ -129,8 +129,7 @@ def _summaries_not_empty(asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition
             empty, rows = empty_predictions(con, name, ref.run_id)
         description = None
         if empty:
-            description = (f"{len(empty)} of {rows} {name} summaries are empty: {', '.join(empty[:10])}"
-                           + (" …" if len(empty) > 10 else "") + "; they score 0 and pull the mean down")
+            description = f"{empty_summaries(empty, rows, name + ' summaries')}; they score 0 and pull the mean down"
         return dg.AssetCheckResult(passed=not empty, severity=dg.AssetCheckSeverity.WARN, description=description,
                                    metadata={"empty": len(empty), "rows": rows, "empty_ids": ", ".join(empty[:10]) or "none"})
 

@@ -15,9 +15,10 @@ evaluate = dg.define_asset_job(
     "evaluate",
     selection=dg.AssetSelection.assets("base_predictions", "tuned_predictions", "bertscore_report"),
     description=(
-        "After a first train_and_evaluate run: re-score an existing adapter; set ops.tuned_predictions.config.adapter_id (default: the production adapter of "
-        "the run's base model and dataset, else the newest adapter trained on it). The adapter is checked when the run "
-        "starts, before any generation. Promotes nothing."
+        "After a first train_and_evaluate run: re-score an existing adapter. Materialize all ▾ → Open launchpad, and set "
+        "ops.tuned_predictions.config.adapter_id to its id (auto: the production adapter of the run's base model and dataset, "
+        "else the newest adapter trained on it). The adapter is checked when the run starts, before any generation. "
+        "Promotes nothing."
     ),
     tags=run_tags(),
 )

@@ -25,7 +25,7 @@ def step_summary(log: StepLog) -> str:
         return (f"loss {log.loss:.4f}, skipped: the fp16 grad scaler found overflowed gradients, so nothing was "
                 f"updated and the learning rate holds at {log.learning_rate:.2e}, epoch {log.epoch:.2f}")
     norm = "not finite" if log.grad_norm is None else f"{log.grad_norm:.3f}"
-    return f"loss {log.loss:.4f}, lr {log.learning_rate:.2e}, grad_norm {norm}, epoch {log.epoch:.2f}"
+    return f"loss {log.loss:.4f}, lr {log.learning_rate:.2e}, grad norm {norm}, epoch {log.epoch:.2f}"
 
 
 @dataclass

@@ -25,6 +25,15 @@ def lorasum_home() -> Path:
     return home
 
 
+def from_home(path: Path | str) -> str:
+    """``path`` written from ``$LORASUM_HOME`` when it lies in the home, as a shell expands it: short
+    enough for the UI's metadata, where a long absolute path does not wrap."""
+    try:
+        return f"${HOME_ENV}/{Path(path).resolve().relative_to(home_path())}"
+    except ValueError:
+        return str(path)
+
+
 LEGACY_DATABASE = "lorasum.duckdb"
 
 

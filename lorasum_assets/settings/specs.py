@@ -87,6 +87,12 @@ class FilterSpec:
     random_sample: int | None = setting(None, "A seeded random sample of this many rows per split instead of the modulus rule.", ge=1)
     seed: int = setting(42, "Seed of random_sample.")
 
+    def describe(self) -> str:
+        """The rule in plain words, for the run log and the UI."""
+        rule = (f"a random sample of {self.random_sample} dialogues per split (seed {self.seed})" if self.random_sample
+                else f"the dialogues whose index in their split has index % {self.modulus} == {self.offset}")
+        return rule + (f", at most {self.max_rows_per_split} per split" if self.max_rows_per_split else "")
+
 
 @dataclass(frozen=True)
 class TokenizeSpec:

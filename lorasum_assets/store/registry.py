@@ -55,13 +55,17 @@ def production_adapter(con, key) -> AdapterRef | None:
     return find_adapter(con, adapter_id) if adapter_id else None
 
 
+# What the evaluate job's Launchpad shows by default: the choice described in ``choose_adapter``.
+AUTO_ADAPTER = "auto"
+
+
 def choose_adapter(
     con, base: BaseModelRef, adapter_id: str | None, from_lineage: AdapterRef | None, production: AdapterRef | None = None
 ) -> AdapterRef:
-    """The adapter an evaluation applies: the one asked for by id, else the one trained in the
-    run's own lineage, else the production adapter, else the newest one trained on this base
-    model. It must fit ``base``."""
-    if adapter_id:
+    """The adapter an evaluation applies: the one asked for by id, else (no id, or ``auto``) the one
+    trained in the run's own lineage, else the production adapter, else the newest one trained on
+    this base model. It must fit ``base``."""
+    if adapter_id and adapter_id != AUTO_ADAPTER:
         ref = find_adapter(con, adapter_id)
         if ref is None:
             raise AdapterChoiceError(f"no adapter with id {adapter_id!r} in the registry; `lorasum adapters` lists them")

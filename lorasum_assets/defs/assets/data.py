@@ -22,7 +22,7 @@ DIALOGUE_COLUMNS = ("split", "id", "dialogue", "references", "topic", "source_in
 TOKENIZED_COLUMNS = ("split", "id", "input_ids", "attention_mask", "labels", "n_tokens", "prompt_tokens", "label_tokens", "truncated")
 
 RawDataConfig = config_class("RawDataConfig", DataSpec, "Where DialogSum comes from.")
-FilterConfig = config_class("FilterConfig", FilterSpec, "The notebook keeps index % 100 == 0 of each split.")
+FilterConfig = config_class("FilterConfig", FilterSpec, "Which dialogues of each split are kept: by default 1 in 100 (index % 100 == 0).")
 TokenizeConfig = config_class("TokenizeConfig", TokenizeSpec, "How training examples are tokenized.")
 
 
@@ -91,26 +91,26 @@ def raw_dialogsum(
     kept, quarantined = loaded.kept_counts(), loaded.quarantined_counts()
     reasons = Counter(q.reason.split(":")[0] for q in loaded.quarantined)
     table = markdown_table(
-        ["split", "rows in", "kept", "quarantined"],
+        ["split", "in", "kept", "quarantined"],
         [(s, loaded.rows_in[s], kept[s], quarantined[s]) for s in loaded.rows_in],
     )
     context.log.info(f"{loaded.source}: {sum(loaded.rows_in.values())} rows in, {sum(kept.values())} kept, {sum(quarantined.values())} quarantined")
     ref = TableRef(
-        "raw_dialogsum", context.run_id, len(loaded.dialogues), content_hash, version,
+        "raw_dialogsum", context.run_id, len(loaded.dialogues), version, version,
         {"source": loaded.source, "rows_quarantined": sum(quarantined.values()), "max_quarantine_share": data.max_quarantine_share},
     )
     return dg.Output(
         ref,
         metadata={
             "source": loaded.source,
-            "content_hash": content_hash,
+            "content_hash_prefix": content_hash[:16],
             "dagster/row_count": len(loaded.dialogues),
             "rows_in": sum(loaded.rows_in.values()),
             "rows_kept": sum(kept.values()),
             "rows_quarantined": sum(quarantined.values()),
             "quarantine_reasons": dict(reasons),
             "max_quarantine_share": data.max_quarantine_share,
-            "counts": dg.MetadataValue.md(table),
+            "rows per split": dg.MetadataValue.md(table),
         },
         data_version=dg.DataVersion(version),
     )
@@ -120,7 +120,7 @@ def raw_dialogsum(
     group_name="data",
     kinds={"python", "duckdb"},
     code_version=code_version(__name__),
-    description="The notebook's subset: per split, rows whose index satisfies index % modulus == offset.",
+    description="The dialogues kept of each split: those whose index satisfies index % modulus == offset (1 in 100 by default), or a seeded sample.",
 )
 def filtered_split(
     context: dg.AssetExecutionContext,
@@ -141,19 +141,20 @@ def filtered_split(
     counts = Counter(d.split for d in kept)
     ids = {split: [d.id for d in kept if d.split == split] for split in counts}
     context.instance.add_run_tags(context.run_id, {"lorasum/dataset_hash": content_hash[:16]})
-    context.log.info(f"filter {spec}: kept {dict(counts)} of {len(dialogues)} dialogues")
+    per_split = ", ".join(f"{n} {split}" for split, n in counts.items())
+    context.log.info(f"kept {spec.describe()}: {per_split}, {sum(counts.values())} of {len(dialogues)} dialogues")
     return dg.Output(
         TableRef(
-            "filtered_split", context.run_id, len(kept), content_hash, content_hash[:16],
+            "filtered_split", context.run_id, len(kept), content_hash[:16], content_hash[:16],
             {"rows_per_split": dict(counts), "source": upstream.details.get("source")},
         ),
         metadata={
             "dagster/row_count": len(kept),
-            "filter": str(spec),
+            "filter": spec.describe(),
             "rows_per_split": dict(counts),
             "rows_in": len(dialogues),
             "ids": dg.MetadataValue.json({k: v[:200] for k, v in ids.items()}),
-            "content_hash": content_hash,
+            "content_hash_prefix": content_hash[:16],
         },
         data_version=dg.DataVersion(content_hash[:16]),
     )
@@ -235,9 +236,10 @@ def tokenized_dataset(
         "p95": sorted(lengths)[int(0.95 * (len(lengths) - 1))],
     }
     truncated = sum(1 for r in rows if r[8])
-    context.log.info(f"tokenized {len(rows)} rows (max_length {spec.max_length}): {truncated} truncated, {len(rejected)} rejected; lengths {stats}")
+    context.log.info(f"tokenized {len(rows)} rows (max_length {spec.max_length}): {truncated} truncated, {len(rejected)} rejected; "
+                     f"tokens per example: mean {stats['mean']}, min {stats['min']}, p95 {stats['p95']}, max {stats['max']}")
     return dg.Output(
-        TableRef("tokenized_dataset", context.run_id, len(rows), content_hash, content_hash[:16], {"max_length": spec.max_length}),
+        TableRef("tokenized_dataset", context.run_id, len(rows), content_hash[:16], content_hash[:16], {"max_length": spec.max_length}),
         metadata={
             "dagster/row_count": len(rows),
             "rows_per_split": dict(Counter(r[0] for r in rows)),
@@ -248,8 +250,8 @@ def tokenized_dataset(
             "prompt_boundary": boundary,
             "token_length_stats": stats,
             "label_tokens": sum(r[7] for r in rows),
-            "token_length_histogram": histogram(lengths, "Tokens per example", "tokens"),
-            "content_hash": content_hash,
+            "token_length_histogram": histogram(lengths, "Tokens per example", "tokens per example", "examples"),
+            "content_hash_prefix": content_hash[:16],
         },
         data_version=dg.DataVersion(content_hash[:16]),
     )

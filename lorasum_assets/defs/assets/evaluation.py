@@ -23,18 +23,11 @@ from lorasum_assets.store.references import TableRef, version_of
 ReportConfig = config_class("ReportConfig", ReportSpec, "Bootstrap settings of the confidence intervals.")
 
 
-# Short headers (the UI does not wrap them) so the table fits the asset page at 1440 px; what each
-# column means is in the table's schema and the asset's description.
-REPORT_COLUMNS = {
-    "metric": "the metric",
-    "base": "the base model's mean over the examples [95% bootstrap CI]",
-    "tuned": "the tuned model's mean [95% bootstrap CI]",
-    "tuned − base": "the mean per-example difference [paired 95% bootstrap CI]",
-    "sig.": "▲ or ▼ when the paired CI lies wholly above or below 0, else –",
-    "% diff": "tuned vs base in percent of base",
-}
-REPORT_HEADER = tuple(REPORT_COLUMNS)
-# Names as papers print them: short enough that the table fits the asset page at 1440 px.
+# The run log's table, as plain aligned text narrow enough (62 characters) not to wrap in the run
+# log's message column of a 1280 px window: the means, and the change with its paired 95% CI,
+# marked ▲/▼ when that CI excludes 0. The metric tables in the metadata add each side's CI.
+REPORT_HEADER = ("metric", "base", "tuned", "change [95% CI]", "% diff")
+# Names as papers print them; each names its table in the report's metadata.
 METRIC_LABELS = {
     "bertscore_precision": "BERTScore P", "bertscore_recall": "BERTScore R", "bertscore_f1": "BERTScore F1",
     "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
@@ -55,20 +48,27 @@ def significance_mark(delta: dict) -> str:
     return "–"
 
 
-def report_rows(report) -> list[tuple]:
+def change_with_mark(delta: dict) -> str:
+    """The change with its paired CI, and ▲/▼ when the CI lies wholly above or below 0."""
+    mark = significance_mark(delta)
+    return _with_ci(delta, signed=True) + ("" if mark == "–" else f" {mark}")
+
+
+def _sides(report, metric: str) -> tuple[dict, dict, dict]:
+    """Base, tuned and the paired change (tuned − base) of one metric, each with its CI."""
     from lorasum_assets.ml.report import metric_value
 
-    """The notebook's two tables (scores, and the tuned-vs-base percentage difference) as one, with
-    CIs; three decimals, and each CI beside its value so the browser wraps it under the value."""
+    return tuple(metric_value(report, side, metric) for side in ("base", "tuned", "delta"))
+
+
+def report_rows(report) -> list[tuple]:
+    """The notebook's two tables (scores, and the tuned-vs-base percentage difference) as one: the
+    run log's table."""
     rows = []
     for metric in METRICS:
-        base = metric_value(report, "base", metric)
-        tuned = metric_value(report, "tuned", metric)
-        delta = metric_value(report, "delta", metric)
-        rows.append((
-            METRIC_LABELS[metric], _with_ci(base), _with_ci(tuned), _with_ci(delta, signed=True),
-            significance_mark(delta), percent_difference(base["value"], tuned["value"], digits=1),
-        ))
+        base, tuned, delta = _sides(report, metric)
+        rows.append((METRIC_LABELS[metric], f"{base['value']:.3f}", f"{tuned['value']:.3f}", change_with_mark(delta),
+                     percent_difference(base["value"], tuned["value"], digits=1)))
     return rows
 
 
@@ -165,30 +165,45 @@ def _write_history(context, store, *, spec: ReportSpec, profile_name: str, base_
         write_evaluation(con, evaluation, metrics, _example_rows(run_id, inputs, report, scoring.hash), scope=scope)
 
 
+# Each metric's table has one value column, so that it fits the metadata's value column of the
+# Dagster UI (about 320 px in a 1280 px window with the right-hand panel open) and each CI stays on
+# one line. The rows' meaning is in the table's schema ("Show schema").
+METRIC_TABLE_COLUMNS = {
+    "": "base and tuned: the model's mean over the examples; change: tuned − base per example, averaged; "
+        "% diff: the change in percent of base",
+    "mean [95% CI]": "mean [95% bootstrap CI]; for change the CI is paired, with ▲ or ▼ when it lies wholly above or below 0",
+}
+
+
+def metric_table_rows(report, metric: str) -> list[tuple[str, str]]:
+    base, tuned, delta = _sides(report, metric)
+    return [("base", _with_ci(base)), ("tuned", _with_ci(tuned)), ("change", change_with_mark(delta)),
+            ("% diff", percent_difference(base["value"], tuned["value"], digits=1))]
+
+
 def _report_metadata(inputs: ScoredInputs, report, scorer_hash: str) -> dict:
-    from lorasum_assets.ml.report import metric_value
+    """Each figure once: a table per metric, the F1 change per dialogue as a plot, five examples,
+    and the F1 means a person charts across runs (rounded as in the tables)."""
 
     dialogues = inputs.dialogues
     f1_base, f1_tuned = report.per_example["base"]["bertscore_f1"], report.per_example["tuned"]["bertscore_f1"]
     deltas = [t - b for t, b in zip(f1_tuned, f1_base)]
     side_by_side = markdown_table(
-        ["id", "dialogue (start)", "reference", "base", "tuned", "F1 Δ"],
-        [(d.id, d.dialogue[:160] + "…", d.references[0], inputs.base[d.id][0], inputs.tuned[d.id][0], deltas[i])
+        ["id", "dialogue (start)", "reference", "base", "tuned", "F1 change"],
+        [(d.id, d.dialogue[:160] + "…", d.references[0], inputs.base[d.id][0], inputs.tuned[d.id][0], f"{deltas[i]:+.3f}")
          for i, d in list(enumerate(dialogues))[:5]],
     )
-    metadata = {
-        "dagster/row_count": len(report.metrics),
-        "n_examples": len(dialogues),
-        "adapter_id": inputs.adapter_id,
-        "scorer_hash": scorer_hash,
-        "empty_predictions": report.empty_predictions,
-        "report": table_value(REPORT_HEADER, report_rows(report), descriptions=REPORT_COLUMNS),
-        "examples": dg.MetadataValue.md(side_by_side),
-        "f1_delta_histogram": histogram(deltas, "Per-example BERTScore F1, tuned − base", "F1 delta", bins=20),
-    }
-    for model_name in ("base", "tuned"):
-        for metric in METRICS:
-            metadata[f"{model_name}_{metric}"] = round(metric_value(report, model_name, metric)["value"], 4)
+    metadata: dict = {"dagster/row_count": len(report.metrics)}
+    for metric in METRICS:
+        metadata[METRIC_LABELS[metric]] = table_value(tuple(METRIC_TABLE_COLUMNS), metric_table_rows(report, metric),
+                                                      descriptions=METRIC_TABLE_COLUMNS)
+    # Keys with spaces: the UI's key column wraps them, where a long snake_case key widens it.
+    metadata["F1 change per dialogue"] = histogram(
+        deltas, "BERTScore F1 change per dialogue", "BERTScore F1, tuned − base", "dialogues")
+    metadata["examples"] = dg.MetadataValue.md(side_by_side)
+    for name, score in zip(("base", "tuned", "change"), _sides(report, "bertscore_f1")):
+        metadata[f"BERTScore F1 {name}"] = round(score["value"], 3)
+    metadata.update({"n_examples": len(dialogues), "split": inputs.split, "adapter_id": inputs.adapter_id, "scorer": scorer_hash})
     return metadata
 
 
@@ -197,8 +212,9 @@ def _report_metadata(inputs: ScoredInputs, report, scorer_hash: str) -> dict:
     kinds={"python", "duckdb"},
     code_version=code_version(__name__),
     description=(
-        "BERTScore P/R/F1 and ROUGE of base and tuned on the same examples, one history row set per run. In the report "
-        "table each score is mean [95% bootstrap CI]; tuned − base has the paired CI, and sig. marks ▲/▼ when it excludes 0."
+        "BERTScore P/R/F1 and ROUGE of base and tuned on the same examples, one history row set per run. Each metric's "
+        "table gives base and tuned as mean [95% bootstrap CI] and their change with its paired CI, marked ▲/▼ when "
+        "that CI excludes 0."
     ),
 )
 def bertscore_report(

@@ -20,21 +20,23 @@ from lorasum_assets.settings.versions import code_version
 from lorasum_assets.store.history import write_materialization
 from lorasum_assets.store.promotions import AliasKey
 from lorasum_assets.store.references import AdapterRef, TableRef, version_of
-from lorasum_assets.store.registry import choose_adapter, production_adapter
+from lorasum_assets.store.registry import AUTO_ADAPTER, choose_adapter, production_adapter
 
 PREDICTION_COLUMNS = ("split", "id", "prediction", "new_tokens", "hit_limit", "latency_s", "adapter_id")
 
-GenerationConfig = config_class("GenerationConfig", GenerationSpec, "Greedy by default, as in the notebook.")
+GenerationConfig = config_class("GenerationConfig", GenerationSpec, "How the summaries are generated: greedy by default.")
 TunedGenerationConfig = config_class(
     "TunedGenerationConfig",
     GenerationSpec,
-    "Greedy by default, as in the notebook.",
+    "Which adapter, and how the summaries are generated: greedy by default.",
     adapter_id=(
         str | None,
         Field(
-            default=None,
-            description="Evaluate this registered adapter. Default: the adapter trained in this run, else the "
-            "production adapter of this base model and dataset, else the newest adapter trained on this base model.",
+            # A default with a value, so that the Launchpad shows the field ready to edit.
+            default=AUTO_ADAPTER,
+            description="The registered adapter to evaluate, by id (`lorasum adapters` lists them). auto: the adapter "
+            "trained in this run, else the production adapter of this base model and dataset, else the newest adapter "
+            "trained on this base model.",
         ),
     ),
 )
@@ -77,6 +79,12 @@ def what_ran(base, tokenizer) -> dict:
     return {"base_quantization": held.method, "base_compute_dtype": held.compute_dtype, "stop_ids": stop_token_ids(base, tokenizer)}
 
 
+def empty_summaries(empty: list[str], rows: int, what: str = "summaries") -> str:
+    """How many summaries are empty (blank once trimmed, as the history's query counts them),
+    naming the first ten."""
+    return f"{len(empty)} of {rows} {what} are empty: {', '.join(empty[:10])}" + (" …" if len(empty) > 10 else "")
+
+
 def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_parts, budget, truncated, ran: dict) -> dg.Output[TableRef]:
     rows = [
         (spec.split, d.id, g.text, g.new_tokens, g.hit_limit, g.latency_s, adapter_id)
@@ -88,10 +96,9 @@ def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_
     version = version_of(content_hash, *version_parts, engine.engine, engine.dtype)
     with store.connect() as con:
         write_materialization(con, asset, context.run_id, {asset: (PREDICTION_COLUMNS, rows)}, content_hash, version)
-    empty = [d.id for d, g in zip(dialogues, outputs, strict=True) if not g.text]
+    empty = [d.id for d, g in zip(dialogues, outputs, strict=True) if not g.text.strip()]
     if empty:
-        context.log.warning(f"{len(empty)} of {len(outputs)} summaries are empty: {', '.join(empty[:10])}"
-                            + (" …" if len(empty) > 10 else "") + "; the check summaries_not_empty names them too")
+        context.log.warning(f"{empty_summaries(empty, len(outputs))}; the check summaries_not_empty names them too")
     seconds = sum(g.latency_s for g in outputs)
     new_tokens = sum(g.new_tokens for g in outputs)
     details = {"split": spec.split, "adapter_id": adapter_id, "generation": asdict(spec), "engine": engine.as_dict()}

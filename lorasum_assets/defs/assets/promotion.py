@@ -9,7 +9,6 @@ when the paired 95% CI on the metric lies wholly above the margin (``ml/promotio
 import dagster as dg
 
 from lorasum_assets.defs.assets.data import require
-from lorasum_assets.defs.assets.plots import markdown_table
 from lorasum_assets.defs.assets.predictions import generate_for_adapter
 from lorasum_assets.defs.assets.training import GPU_POOL
 from lorasum_assets.defs.resources import BertScorerResource, LoraModelResource, LorasumStore, ProfileResource
@@ -99,23 +98,17 @@ def promoted_adapter(
     with store.connect() as con:
         holder = current_adapter(con, key)
     context.instance.add_run_tags(context.run_id, {"lorasum/promoted": "true" if row["moved"] else "false"})
-    figures = "n/a" if row["delta"] is None else f"{row['delta']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
-    summary = markdown_table(
-        ["decision", "challenger", "compared with", f"{rule.metric} change (paired 95% CI)", "margin", f"{rule.alias} now"],
-        [(row["decision"], row["adapter_id"], row["compared_with"], figures, f"{rule.margin:g}", holder or "none")],
-    )
+    # Key and value rows of the UI's metadata table, in reading order: the decision stacked this
+    # way fits a 1280 px window, where one table of six columns did not. The reason carries the
+    # figures (the change with its paired CI, and the margin), so they appear once.
     return dg.MaterializeResult(
         metadata={
             "decision": row["decision"],
-            "promoted": bool(row["moved"]),
             "reason": row["reason"],
             "challenger": row["adapter_id"],
             "compared_with": row["compared_with"] or "none",
             f"{rule.alias}_adapter": holder or "none",
             "previous_adapter": row["previous_adapter_id"] or "none",
-            "metric": rule.metric,
-            "margin": rule.margin,
-            "summary": dg.MetadataValue.md(summary),
         },
         data_version=dg.DataVersion(f"{row['promotion_id']}"),
     )

@@ -18,7 +18,7 @@ from lorasum_assets.defs.resources.preflight import RunPreflightResource
 from lorasum_assets.ml.adapter_files import lora_b_all_zero, save_adapter, sha256_file
 from lorasum_assets.ml.progress import Progress, StepLog, step_summary
 from lorasum_assets.runtime.deployment import gpu_op_tags, training_gpus
-from lorasum_assets.runtime.home import home_subdir, lorasum_home
+from lorasum_assets.runtime.home import from_home, home_subdir, lorasum_home
 from lorasum_assets.settings.config import config_class, resolve, spec_fields
 from lorasum_assets.settings.specs import LauncherSpec, TrainSpec
 from lorasum_assets.settings.versions import code_version
@@ -379,11 +379,10 @@ def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base,
     losses = [log.loss for log in outcome.steps]
     metadata = {
         "adapter_id": job.adapter_id,
-        "path": dg.MetadataValue.path(str(job.target)),
-        "sha256": weights_sha,
+        "path": from_home(job.target),
+        "sha256_prefix": weights_sha[:16],
         "train_key": job.train_key,
         "base_model": base.model,
-        "base_fingerprint": base.fingerprint,
         "quantization": outcome.quantization["method"],
         "compute_dtype": outcome.quantization["compute_dtype"],
         "precision": outcome.precision,
@@ -394,9 +393,8 @@ def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base,
         "trainable_percent": round(100.0 * outcome.trainable_params / max(outcome.total_params, 1), 4),
         "optimizer_steps": outcome.total_steps,
         "resumed_from_step": outcome.resumed_from_step,
-        "first_train_loss": losses[0] if losses else None,
-        "final_train_loss": outcome.final_train_loss,
-        "val_losses": [v for v in outcome.val_losses if v is not None],
+        "final_train_loss": None if outcome.final_train_loss is None else round(outcome.final_train_loss, 4),
+        "val_losses": [round(v, 4) for v in outcome.val_losses if v is not None],
         "padding_efficiency": outcome.padding_efficiency,
         "train_seconds": round(outcome.seconds, 2),
         "config": dg.MetadataValue.json(asdict(job.spec)),
@@ -404,9 +402,10 @@ def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base,
     if steps:
         metadata["loss_curve"] = line_plot({"train loss": (steps, losses)}, "Training loss", "optimizer step", "loss")
         metadata["loss_curve_points"] = table_value(
-            ("step", "loss", "learning_rate", "grad_norm"),
-            [(log.step, round(log.loss, 5), float(f"{log.learning_rate:.3g}"), None if log.grad_norm is None else round(log.grad_norm, 5))
+            ("step", "loss", "lr", "grad norm"),
+            [(log.step, round(log.loss, 4), float(f"{log.learning_rate:.3g}"), None if log.grad_norm is None else float(f"{log.grad_norm:.4g}"))
              for log in outcome.steps],
+            descriptions={"loss": "training loss of the optimizer step", "lr": "learning rate", "grad norm": "gradient norm before clipping"},
         )
-        metadata["tensorboard"] = dg.MetadataValue.path(str(home_subdir("tensorboard", context.run_id)))
+        metadata["tensorboard"] = from_home(home_subdir("tensorboard", context.run_id))
     return metadata
