@@ -73,7 +73,7 @@ demo: setup $(DAGSTER_HOME)/dagster.yaml
 
 # -rs lists every skip with its reason: which generation engines a host could not run, for one
 test: setup
-	$(BIN)/python -m pytest -m "not slow and not browser" -rs
+	$(BIN)/python -m pytest -m "not slow and not browser" -rs --durations=12
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -rs

@@ -1,10 +1,12 @@
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
+from dagster._utils.schedules import cron_string_iterator  # the iterator Dagster's daemon ticks with
 
-from lorasum_assets.defs.schedules import DEFAULT_RETRAIN_CRON, InvalidCronError, build_retrain_schedule
+from lorasum_assets.defs.schedules import InvalidCronError, build_retrain_schedule
 from lorasum_assets.defs.sensors import record_run_failures, retrain_on_data_change
 from lorasum_assets.ml.data import load_local
 from lorasum_assets_tests.conftest import history_of
@@ -13,7 +15,10 @@ from lorasum_assets_tests.conftest import history_of
 def test_schedule_is_weekly_and_stopped_by_default(monkeypatch):
     monkeypatch.delenv("LORASUM_RETRAIN_CRON", raising=False)
     schedule = build_retrain_schedule()
-    assert schedule.cron_schedule == DEFAULT_RETRAIN_CRON == "0 3 * * 1"
+    start = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    ticks = cron_string_iterator(start, schedule.cron_schedule, schedule.execution_timezone or "UTC")
+    first, second = next(ticks), next(ticks)
+    assert second - first == timedelta(days=7) and first.hour == 3  # weekly, at night
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     assert schedule.job_name == "train_and_evaluate"
 

@@ -87,10 +87,9 @@ def test_filter_is_the_notebooks_and_deterministic():
     loaded = normalise(read_sample(), "sample")
     kept = filter_split(loaded.dialogues, FilterSpec(modulus=10))
     assert [d.source_index for d in kept if d.split == "train"] == [0, 10, 20, 30, 40]
-    assert filter_split(loaded.dialogues, FilterSpec(modulus=10)) == kept
-    sample_a = filter_split(loaded.dialogues, FilterSpec(random_sample=3, seed=7))
-    sample_b = filter_split(loaded.dialogues, FilterSpec(random_sample=3, seed=7))
-    assert sample_a == sample_b and len(sample_a) == 9
+    seeded = [filter_split(loaded.dialogues, FilterSpec(random_sample=3, seed=seed)) for seed in (7, 7, 8)]
+    assert seeded[0] == seeded[1] and len(seeded[0]) == 9  # a seed picks the same rows again
+    assert {d.id for d in seeded[0]} != {d.id for d in seeded[2]}  # and another seed picks others
     capped = filter_split(loaded.dialogues, FilterSpec(modulus=1, max_rows_per_split=2))
     assert len(capped) == 6
     with pytest.raises(ValueError):

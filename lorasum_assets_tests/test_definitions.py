@@ -53,16 +53,19 @@ def test_gpu_steps_share_a_pool_and_the_job_runs_in_process():
 
 
 def test_resources_follow_the_profile_and_each_run_can_pick_another():
-    from lorasum_assets.defs.resources import BertScorerResource, LoraModelResource, ProfileResource
+    import dataclasses
 
-    llama = ProfileResource(name="llama-3.2-3b-qlora")
-    choice = LoraModelResource(profile=llama).choice()
-    assert choice.model == "unsloth/Llama-3.2-3B-Instruct-bnb-4bit" and choice.quantization == "nf4"
-    assert choice.trust_remote_code is False
-    scorer = BertScorerResource(profile=llama).spec()
-    assert scorer.model == "roberta-large" and scorer.num_layers == 17
-    # a run's resource config overrides single fields of its profile
-    assert LoraModelResource(profile=llama, quantization="none").choice().quantization == "none"
+    from lorasum_assets.defs.resources import BertScorerResource, LoraModelResource, ProfileResource
+    from lorasum_assets.settings.profiles import get_profile
+
+    name = "llama-3.2-3b-qlora"
+    profile = get_profile(name)
+    assert LoraModelResource(profile=ProfileResource(name=name)).choice() == profile.model
+    assert BertScorerResource(profile=ProfileResource(name=name)).spec() == profile.scorer
+    # a run's resource config overrides single fields of its profile, and only those
+    overridden = LoraModelResource(profile=ProfileResource(name=name), quantization="none").choice()
+    assert profile.model.quantization != "none"
+    assert overridden == dataclasses.replace(profile.model, quantization="none")
 
 
 def test_every_setting_is_defined_once_and_settable_per_run():

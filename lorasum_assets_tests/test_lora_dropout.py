@@ -64,11 +64,10 @@ def test_lora_layers_get_packed_bits_dropout_on_cpu_unless_torch_is_asked_for(ti
 
     packed, plain, none = prepared(), prepared(lora_dropout_mask="torch"), prepared(lora_dropout=0.0)
     assert [type(d) for d in lora_dropouts(packed)] == [PackedBitsDropout] * 8  # q/k/v/o in 2 layers
-    assert {d.p for d in lora_dropouts(packed)} == {0.1}
+    assert {d.p for d in lora_dropouts(packed)} == {TrainSpec().lora_dropout}
     assert [type(d) for d in lora_dropouts(plain)] == [torch.nn.Dropout] * 8
     assert [type(d) for d in lora_dropouts(none)] == [torch.nn.Identity] * 8
     assert get_peft_model_state_dict(packed).keys() == get_peft_model_state_dict(plain).keys()
-    assert packed.peft_config["default"].lora_dropout == 0.1
     assert lora_dropout_mask_for(torch.nn.Linear(2, 2, device="meta")) == "torch"  # not a CPU model
 
 

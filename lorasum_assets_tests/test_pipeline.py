@@ -1,5 +1,6 @@
 """The whole graph on the tiny model, into a temporary home."""
 
+import hashlib
 import json
 import re
 
@@ -49,7 +50,7 @@ def test_whole_graph_materializes_on_the_tiny_model(materialized):
     files = {p.name for p in Path(path).iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
     assert json.loads((Path(path) / "adapter_config.json").read_text())["r"] == get_profile("tiny").training.lora_r
-    assert len(sha) == 64
+    assert sha == hashlib.sha256((Path(path) / "adapter_model.safetensors").read_bytes()).hexdigest()  # the weights' own hash
 
     losses = [r[0] for r in con.execute("SELECT loss FROM training_steps ORDER BY step").fetchall()]
     assert len(losses) == con.execute("SELECT count(*) FROM training_steps").fetchone()[0] > 2

@@ -8,7 +8,6 @@ import pytest
 from lorasum_assets.ml.batching import TrainExample, collate_right
 from lorasum_assets.ml.prompts import (
     IGNORE_INDEX,
-    PROMPT_TEMPLATE,
     SummaryTooLongError,
     encode_example,
     encode_prompt,
@@ -109,9 +108,8 @@ def test_summary_is_never_truncated(tiny_tokenizer):
 
 def test_prompt_is_the_notebooks():
     assert render_prompt("D", boundary="notebook") == "Summarize the following conversation.\n\nD\n\nSummary: "
-    assert PROMPT_TEMPLATE.format(dialogue="X") == render_prompt("X", boundary="notebook")
     # the natural boundary moves the space to the summary's side: the text is the same
-    assert render_prompt("D") + " They met." == PROMPT_TEMPLATE.format(dialogue="D") + "They met."
+    assert render_prompt("D") + " They met." == "Summarize the following conversation.\n\nD\n\nSummary: They met."
 
 
 def test_chat_template_wrapping_is_stable(tiny_tokenizer):

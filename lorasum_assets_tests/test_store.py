@@ -165,7 +165,7 @@ def test_a_version_1_database_keeps_its_rows_when_tables_become_run_scoped(tmp_p
     con.execute("""INSERT INTO filtered_split VALUES ('test', 'a', 'hi', ['s'], 't', 0), ('test', 'b', 'yo', ['s'], 't', 1)""")
     con.execute("INSERT INTO tuned_predictions VALUES ('test', 'a', 'p', 1, false, 0.1, 'ad1', 'run-9')")
     con.execute("INSERT INTO training_steps VALUES ('k', 'run-9', 1, 0.1, 2.0, 1e-4, 0.5, 10, 0.1, now())")
-    assert migrate_file(con) == LEGACY_VERSION == 2
+    assert migrate_file(con) == LEGACY_VERSION
     assert con.execute("SELECT run_id, count(*) FROM filtered_split_by_run GROUP BY ALL").fetchall() == [("legacy", 2)]
     assert con.execute("SELECT count(*) FROM filtered_split").fetchone()[0] == 2  # the view shows the kept rows
     assert con.execute("SELECT run_id, adapter_id FROM tuned_predictions").fetchall() == [("run-9", "ad1")]
@@ -248,7 +248,7 @@ def test_a_v3_history_gains_the_promotion_registry_and_keeps_its_rows(fresh_home
     assert made.stdout.strip() == "3"
 
     con = open_history()  # a reader of the newer lorasum adds what v4 brings
-    assert con.execute("SELECT max(version) FROM lorasum.schema_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert con.execute("SELECT max(version) FROM lorasum.schema_version").fetchone()[0] == SCHEMA_VERSION
     assert con.execute("SELECT run_id, adapter_id FROM eval_runs").fetchall() == [("v3-run", "ad-v3")]
     assert con.execute("SELECT count(*) FROM promotions").fetchone()[0] == 0
     assert con.execute("SELECT count(*) FROM production_adapters").fetchone()[0] == 0
