@@ -19,6 +19,7 @@ bundled sample) is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,6 +36,22 @@ VARIANTS = ("train-ours", "train-ours-torch-dropout", "train-trl", "generate-our
             "generate-plain", "generate-lookup", "generate-static-compiled", "generate-llama-cpp", "generate-plain-bf16-eager",
             "generate-plain-bf16-static-cache", "generate-plain-bf16-static-cache-tuned")
 GENERATE_BATCH = 16  # one batch of every test prompt for the plain peers; ours plans its own batches up to this size
+
+
+# Set by --profile: the profiler that ``measured()`` runs over each worker's timed section only.
+PROFILER = None
+
+
+@contextlib.contextmanager
+def measured():
+    """The section a worker times; under ``--profile``, also the only section profiled."""
+    if PROFILER is not None:
+        PROFILER.start()
+    try:
+        yield
+    finally:
+        if PROFILER is not None:
+            PROFILER.stop()
 
 
 def load_data(args):
@@ -81,7 +98,8 @@ def run_train_ours(args, lora_dropout_mask: str = "auto") -> dict:
     training = train_spec(args, lora_dropout_mask)
     peft_model = prepare_peft_model(load_model(spec), training)
     marks = [time.perf_counter()]
-    result = train_lora(peft_model, [TrainExample(e.input_ids, e.labels) for e in examples], [], training, tokenizer.pad_token_id, on_epoch=lambda epoch, _: marks.append(time.perf_counter()))
+    with measured():
+        result = train_lora(peft_model, [TrainExample(e.input_ids, e.labels) for e in examples], [], training, tokenizer.pad_token_id, on_epoch=lambda epoch, _: marks.append(time.perf_counter()))
     epoch_tokens = sum(len(e.input_ids) for e in examples)
     losses = [s.loss for s in result.steps]
     half = len(losses) // 2
@@ -127,7 +145,8 @@ def run_train_trl(args) -> dict:
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=lora, callbacks=[EpochTimer()])
-    trainer.train()
+    with measured():
+        trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     half = len(losses) // 2
     epoch_tokens = sum(len(e.input_ids) for e in examples)
@@ -214,10 +233,11 @@ def run_generate_ours(args, precision: str = "auto", static_compiled: bool = Fal
     generation = GenerationSpec(max_new_tokens=max_new_tokens, batch_size=GENERATE_BATCH, precision=precision,
                                 decoder="transformers" if static_compiled else decoder)
     started = time.perf_counter()
-    if adapter:
-        out = generate_with_adapter(model, adapter, tokenizer, ids, generation)
-    else:
-        out = generate(model, tokenizer, ids, generation)
+    with measured():
+        if adapter:
+            out = generate_with_adapter(model, adapter, tokenizer, ids, generation)
+        else:
+            out = generate(model, tokenizer, ids, generation)
     seconds = time.perf_counter() - started
     result = {"seconds": seconds, "new_tokens_per_s": sum(g.new_tokens for g in out) / seconds, "texts": [g.text for g in out]}
     return with_bound(result, model)
@@ -283,7 +303,7 @@ def run_generate_plain(args, dtype: str = "as_loaded", tuned: bool = False, max_
     stops = stop_token_ids(model, tokenizer)
     started = time.perf_counter()
     input_ids, attention_mask = collate_left(ids, tokenizer.pad_token_id)
-    with torch.inference_mode():
+    with measured(), torch.inference_mode():
         output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     seconds = time.perf_counter() - started
@@ -340,6 +360,52 @@ WORKERS = {"train-ours": run_train_ours, "train-ours-torch-dropout": lambda args
            "generate-static-compiled": lambda args: run_generate_ours(args, "auto", static_compiled=True)}
 
 
+# Where a profile's time goes: each op's self time falls in the first category whose name part it contains.
+OP_CATEGORIES = (
+    ("attention (sdpa, softmax, bmm)", ("attention", "softmax", "bmm")),
+    ("matmul (linear, mm, addmm)", ("linear", "addmm", "aten::mm", "matmul", "mkldnn")),
+    ("dropout masks and random numbers", ("dropout", "bernoulli", "random", "uniform", "randint", "bitwise", "lora_dropout")),
+    ("copies and casts (copy_, to, cat, clone)", ("copy", "aten::to", "cat", "clone", "contiguous", "stack", "index")),
+    ("elementwise and reductions", ("mul", "add", "sub", "div", "pow", "rsqrt", "mean", "sum", "silu", "neg", "where",
+                                    "exp", "norm", "sqrt", "max", "argmax", "fill", "zero", "sign", "lerp")),
+)
+
+
+def op_category(name: str) -> str:
+    return next((label for label, parts in OP_CATEGORIES if any(part in name for part in parts)), "other ops")
+
+
+def profile_variants(args, variants: list[str]) -> int:
+    """Each variant once in this process, its timed section (training: both epochs) under torch's
+    profiler (CPU, self time per op): the share of its ops' time by category and its top ops, so
+    that two engines' time can be set side by side."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    print_host()
+    global PROFILER
+    for variant in variants:
+        torch.manual_seed(args.seed)
+        PROFILER = profiler = profile(activities=[ProfilerActivity.CPU])
+        result = WORKERS[variant](args)
+        PROFILER = None
+        events = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
+        ops_s = sum(e.self_cpu_time_total for e in events) / 1e6
+        shares: dict[str, float] = {}
+        for event in events:
+            category = op_category(event.key)
+            shares[category] = shares.get(category, 0.0) + event.self_cpu_time_total / 1e6
+        rate = {k: round(v, 1) for k, v in result.items() if k in ("tokens_per_s", "new_tokens_per_s", "seconds", "epoch2_s")}
+        print(f"\n## {variant}: {ops_s:.1f} s in torch ops in its timed section, under the profiler ({rate}, slowed by the profiler)\n")
+        print("| category | seconds | share of op time |\n|---|---|---|")
+        for category, seconds in sorted(shares.items(), key=lambda item: -item[1]):
+            print(f"| {category} | {seconds:.2f} | {100 * seconds / ops_s:.1f}% |")
+        print("\n| op | calls | self seconds | share |\n|---|---|---|---|")
+        for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+            print(f"| {event.key} | {event.count} | {event.self_cpu_time_total / 1e6:.2f} | {100 * event.self_cpu_time_total / 1e6 / ops_s:.1f}% |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_arguments(parser)
@@ -353,6 +419,8 @@ def main() -> int:
     parser.add_argument("--output", default="peer.json", help="file name of the JSON under benchmarks/results")
     parser.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout of both trainers (the recipe's 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="training seed of both trainers")
+    parser.add_argument("--profile", action="store_true",
+                        help="run each variant once in this process under torch's profiler and print where its time goes (no timing table)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.sample and not Path(args.data, "dialogsum.dev.jsonl").exists():
@@ -363,6 +431,8 @@ def main() -> int:
         return 0
 
     variants = args.variants.split(",")
+    if args.profile:
+        return profile_variants(args, variants)
     passthrough = [f"--data={args.data}", f"--model={args.model}", f"--train={args.train}", f"--generate={args.generate}",
                    f"--device={args.device}", f"--cache={args.cache}", f"--lora-dropout={args.lora_dropout}",
                    f"--seed={args.seed}",
