@@ -273,6 +273,7 @@ def test_packing_gives_the_same_loss_as_padding(tiny_model, tiny_tokenizer):
     assert float(token_loss_sum(peft_model, leaky, None)[0]) != pytest.approx(float(padded), rel=1e-4)
 
 
+@pytest.mark.slow  # compile_layers is opt-in, and compiling takes 20 s of the default suite's 6 minutes
 def test_compiled_layers_train_like_eager_ones_and_save_the_same_keys(tiny_model_dir, tiny_tokenizer, tmp_path):
     from safetensors.torch import load_file
 
