@@ -387,8 +387,10 @@ def profile_variants(args, variants: list[str]) -> int:
     for variant in variants:
         torch.manual_seed(args.seed)
         PROFILER = profiler = profile(activities=[ProfilerActivity.CPU])
-        result = WORKERS[variant](args)
-        PROFILER = None
+        try:
+            result = WORKERS[variant](args)
+        finally:
+            PROFILER = None
         events = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
         ops_s = sum(e.self_cpu_time_total for e in events) / 1e6
         shares: dict[str, float] = {}

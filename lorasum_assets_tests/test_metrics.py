@@ -80,7 +80,8 @@ def test_the_paired_ci_is_of_the_per_example_change():
     values = [0.1, 0.5, 0.9, 0.4, 0.6]
     delta = paired_bootstrap_ci([v + 0.1 for v in values], values)  # every example moved by exactly +0.1
     assert delta.low == pytest.approx(0.1) and delta.high == pytest.approx(0.1)
-    unpaired_width = bootstrap_ci([v + 0.1 for v in values]).high - bootstrap_ci([v + 0.1 for v in values]).low
+    unpaired = bootstrap_ci([v + 0.1 for v in values])
+    unpaired_width = unpaired.high - unpaired.low
     assert unpaired_width > 0.2  # the same scores treated as unpaired would hide the change in spread
     with pytest.raises(ValueError, match="same examples"):
         paired_bootstrap_ci([0.1, 0.2], [0.1])
