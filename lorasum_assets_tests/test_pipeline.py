@@ -209,7 +209,6 @@ def test_two_materializations_leave_two_history_runs_each_with_the_engine_that_g
                 for e in result.get_asset_materialization_events() if e.asset_key.path[-1].endswith("_predictions")}
 
     a, b = recorded(first), recorded(second)
-    print(f"first run {a}\nsecond run {b}")
     assert {k: v[:2] for k, v in a.items()} == {"base_predictions": ("transformers", "float32"), "tuned_predictions": ("transformers", "float32")}
     assert {k: v[:2] for k, v in b.items()} == {"base_predictions": ("lorasum", "float32"), "tuned_predictions": ("lorasum", "float32")}
     assert all(a[k][2] != b[k][2] for k in a)  # other engine, other data version
@@ -222,10 +221,11 @@ def test_two_materializations_leave_two_history_runs_each_with_the_engine_that_g
     capsys.readouterr()
     assert main(["report", "--json", "--run", second.run_id]) == 0
     engines = json_module.loads(capsys.readouterr().out)["engines"]
+    print(f"report --json engines: {json_module.dumps(engines)}")
     assert engines["base"]["engine"] == engines["tuned"]["engine"] == "lorasum" and engines["base"]["dtype"] == "float32"
     assert engines["base"]["device"].startswith("cpu: ") and engines["base"]["transformers"]
     assert main(["compare", first.run_id, second.run_id]) == 0
     said = capsys.readouterr().out
-    print(said)
+    print(f"first run {a}\nsecond run {b}\n{said}")
     assert "the runs generated with different engines, so part of any change may be the engine's: base: engine transformers -> lorasum" in said
     assert "tuned: engine transformers -> lorasum" in said
