@@ -129,7 +129,7 @@ COMPARISONS = {  # command: (reference, candidate), each a label and the Generat
 def bf16_generation(argv: list[str]) -> int:
     """Does generating in bf16 change the quality of the summaries? fp32 against bf16 on real DialogSum.
 
-        python -m benchmarks.quality bf16 [--test 64] [--train 200] [--data ../shared/dialogsum]
+        python -m benchmarks.quality bf16 [--test 64 | --pool all] [--train 200] [--data ../shared/dialogsum]
 
     See ``compare_generation``; both sides decode with ``model.generate``. Writes
     benchmarks/results/generation_quality.json.
@@ -188,6 +188,13 @@ def degraded(model, how: str):
     finally:
         for param, data in saved:
             param.data = data
+
+
+def dialogue_counts(compared: dict[str, list], args: argparse.Namespace) -> str:
+    if args.pool == "test":
+        return f"{len(compared['base'])} test dialogues"
+    return (f"base on {len(compared['base'])} dialogues (every test and dev one), tuned on {len(compared['tuned'])} "
+            f"(all but the {args.train} dev dialogues its adapter trained on)")
 
 
 def compare_generation(command: str, argv: list[str], output: str) -> int:
@@ -311,13 +318,6 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
          "texts": {f"{m}/{p}": t for (m, p), t in outputs.items()},
          "new_tokens_per_s": {f"{m}/{p}": r for (m, p), r in rates.items()}}, indent=2))
     return 0 if passed else (3 if undecided else 1)
-
-
-def dialogue_counts(compared: dict[str, list], args: argparse.Namespace) -> str:
-    if args.pool == "test":
-        return f"{len(compared['base'])} test dialogues"
-    return (f"base on {len(compared['base'])} dialogues (every test and dev one), tuned on {len(compared['tuned'])} "
-            f"(all but the {args.train} dev dialogues its adapter trained on)")
 
 
 if __name__ == "__main__":
