@@ -257,7 +257,9 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
     adapter_dir = save_adapter(peft_model, tokenizer, Path(args.cache).parent / "quality-adapter")
     del peft_model
 
-    prompts = {name: [encode_prompt(tokenizer, d.dialogue)[0] for d in dialogues] for name, dialogues in compared.items()}
+    distinct = {d.id: d for dialogues in compared.values() for d in dialogues}  # the tuned pool is within the base one
+    encoded = {dialogue_id: encode_prompt(tokenizer, d.dialogue)[0] for dialogue_id, d in distinct.items()}
+    prompts = {name: [encoded[d.id] for d in dialogues] for name, dialogues in compared.items()}
     references = {name: [d.references for d in dialogues] for name, dialogues in compared.items()}
     base_model = load_model(spec)
     outputs, rates = {}, {}
