@@ -5,7 +5,7 @@ from pathlib import Path
 
 ML = Path(__file__).resolve().parents[1] / "lorasum_assets" / "ml"
 # (module, imported package): optional heavy dependencies imported where they are needed, with a reason
-LAZY_IMPORTS_ALLOWED = {("readers", "datasets")}
+LAZY_IMPORTS_ALLOWED = {("readers", "datasets"), ("model_setup", "bitsandbytes")}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -17,6 +17,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from lorasum_assets.ml.generate import stop_token_ids
+from lorasum_assets.ml.model_setup import restore_4bit_layout
 from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer, loaded_quantization, pick_device
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -121,6 +122,7 @@ def merge_adapter(spec: ModelSpec, adapter_path: str, out: Path, check_prompts: 
     dtype = export_dtype(base)
     dequantized = loaded_quantization(base).method != "none"
     if dequantized:
+        restore_4bit_layout(base)
         base = base.dequantize()
     merged = PeftModel.from_pretrained(base, adapter_path, is_trainable=False).merge_and_unload().to(dtype)
     merged.eval()

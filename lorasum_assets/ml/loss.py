@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lorasum_assets.ml.batching import TrainExample, collate_right
 from lorasum_assets.ml.distributed import reduce_sum
+from lorasum_assets.ml.model_setup import evaluating
 from lorasum_assets.ml.precision import training_autocast_dtype
 from lorasum_assets.ml.prompts import IGNORE_INDEX
 
@@ -67,17 +68,14 @@ def evaluate_loss(
     if not examples:
         return None
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))[rank::world]
-    with torch.no_grad():
+    with evaluating(model), torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = collate_right([examples[i] for i in order[start : start + batch_size]], pad_id)
             loss, n = token_loss_sum(model, batch, training_autocast_dtype(model, mixed_precision))
             total += float(loss)
             count += n
-    model.train(was_training)
     total, count = reduce_sum(accelerator, [total, count])
     return total / max(count, 1)
 

@@ -26,7 +26,7 @@ from lorasum_assets.ml.batching import TrainExample, collate_packed, collate_rig
 from lorasum_assets.ml.checkpoints import complete_checkpoints, load_checkpoint, save_checkpoint
 from lorasum_assets.ml.distributed import label_token_count, micro_batch_seed, reduce_sum, window_share
 from lorasum_assets.ml.loss import LabelLossModule, evaluate_loss
-from lorasum_assets.ml.model_setup import training_attention, use_attention
+from lorasum_assets.ml.model_setup import restore_4bit_layout, training_attention, use_attention
 from lorasum_assets.ml.modeling import count_parameters
 from lorasum_assets.ml.precision import frozen_weights_in, precision_name, training_autocast_dtype
 from lorasum_assets.ml.progress import StepLog, TrainResult
@@ -95,6 +95,7 @@ class _TrainingLoop:
 
     def _setup(self) -> None:
         spec, model = self.spec, self.model
+        restore_4bit_layout(model)  # a model that generated or validated before it trains
         torch.manual_seed(spec.seed)
         self.result.trainable_params, self.result.total_params = count_parameters(model)
         self.per_epoch = steps_per_epoch(len(self.train_examples), spec)
