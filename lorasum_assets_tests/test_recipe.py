@@ -62,23 +62,49 @@ def test_the_stand_in_is_shaped_like_llama_3_2_and_saved_prequantized_as_unsloth
         assert torch.equal(first(prompt).logits, second(prompt).logits)  # a prequantized reload is exact
 
 
-@pytest.mark.parametrize("quantization, compute_dtype, refused", [
-    ("none", "auto", "quantization 'none' cannot take effect"),
-    ("nf4", "float16", "compute_dtype 'float16' cannot take effect"),
-])
-def test_a_setting_the_prequantized_checkpoint_would_override_is_refused_before_loading(stand_in_dir, monkeypatch, quantization, compute_dtype, refused):
+def test_a_quantization_the_prequantized_checkpoint_would_override_is_refused_before_loading(stand_in_dir, monkeypatch):
     import transformers
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
-    spec = ModelSpec(model=str(stand_in_dir), quantization=quantization, compute_dtype=compute_dtype, device="cpu")
+    spec = ModelSpec(model=str(stand_in_dir), quantization="none", device="cpu")
     for attempt in (planned_quantization, load_model):
         with pytest.raises(IneffectiveSettingError) as refusal:
             attempt(spec)
         print(refusal.value)
-        assert f"is saved prequantized, nf4 (compute dtype bfloat16, double quantization): {refused}" in str(refusal.value)
+        assert "is saved prequantized, nf4 (compute dtype bfloat16, double quantization): quantization 'none' cannot take effect" in str(refusal.value)
+
+
+def test_fp16_compute_takes_effect_on_the_bf16_prequantized_checkpoint(stand_in_dir):
+    """What a T4 needs: the notebook's fp16 on unsloth's checkpoint, whose config says bf16."""
+    spec = ModelSpec(model=str(stand_in_dir), quantization="nf4", compute_dtype="float16", device="cpu")
+    model = load_model(spec)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert str(planned_quantization(spec)) == str(loaded_quantization(model)) == (
+        "Quantization(method='nf4', compute_dtype='float16', double_quant=True)")
+    assert len(layers) == 14 and {m.weight.quant_state.dtype for m in layers} == {torch.float16}  # dequantized to fp16
+    with torch.no_grad():
+        model(torch.tensor([[1, 40, 41, 42]]))  # bitsandbytes sets a layer's compute dtype from its first input unless it is pinned
+    assert {m.compute_dtype for m in layers} == {torch.float16}
+    assert model.model.embed_tokens.weight.dtype == torch.float16
+    # what a run records is read from the layers, through the LoRA wrappers too
+    from lorasum_assets.ml.model_setup import prepare_peft_model
+    from lorasum_assets.settings.specs import TrainSpec
+
+    assert loaded_quantization(prepare_peft_model(model, TrainSpec())).compute_dtype == "float16"
+
+
+@pytest.mark.parametrize("gpu, native_bf16, expected", [("A100", True, "bfloat16"), ("T4", False, "float16"), ("cpu", None, "bfloat16")])
+def test_a_gpu_without_bf16_computes_the_bf16_checkpoint_in_fp16(stand_in_dir, monkeypatch, gpu, native_bf16, expected):
+    from lorasum_assets.ml import modeling
+
+    monkeypatch.setattr(modeling, "cuda_has_native_bf16", lambda: native_bf16)
+    spec = ModelSpec(model=str(stand_in_dir), quantization="nf4", device="cpu" if gpu == "cpu" else "cuda")
+    prequantized = modeling.checkpoint_quantization(str(stand_in_dir), spec)
+    assert str(modeling.compute_dtype_for(spec, prequantized, spec.device)) == f"torch.{expected}"
+    assert planned_quantization(spec).compute_dtype == expected
 
 
 def _materialize(home: Path, dagster_home: Path, run_config: dict) -> str:

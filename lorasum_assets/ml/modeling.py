@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -189,60 +189,86 @@ def checkpoint_quantization(path: str, spec: ModelSpec) -> Quantization | None:
 
 
 def check_settings_take_effect(spec: ModelSpec, prequantized: Quantization | None) -> None:
-    """Refuse, before anything loads, a quantization or compute dtype the checkpoint would override."""
+    """Refuse, before anything loads, a quantization the checkpoint would override. (A compute
+    dtype does take effect on a prequantized checkpoint: ``load_model`` sets it on every 4-bit layer.)"""
     if prequantized is None:
         return
-    where = f"{spec.model} is saved prequantized, {prequantized.describe()}"
     if spec.quantization != prequantized.method:
         raise IneffectiveSettingError(
-            f"{where}: quantization {spec.quantization!r} cannot take effect (the weights load as they were saved); "
-            f"set quantization: {prequantized.method}, or use an unquantized checkpoint of the model"
+            f"{spec.model} is saved prequantized, {prequantized.describe()}: quantization {spec.quantization!r} cannot take "
+            f"effect (the weights load as they were saved); set quantization: {prequantized.method}, or use an unquantized "
+            "checkpoint of the model"
         )
-    if spec.compute_dtype not in ("auto", prequantized.compute_dtype):
-        raise IneffectiveSettingError(
-            f"{where}: compute_dtype {spec.compute_dtype!r} cannot take effect; set compute_dtype: auto "
-            f"(or {prequantized.compute_dtype}), or use an unquantized checkpoint of the model"
-        )
+
+
+def compute_dtype_for(spec: ModelSpec, prequantized: Quantization | None, device: str):
+    """The dtype the model computes in: the one asked for; else a prequantized checkpoint's own,
+    except that a GPU without bf16 in hardware (T4, V100) computes in fp16 rather than in emulated
+    bf16; else ``pick_dtype``'s."""
+    if spec.compute_dtype != "auto" or prequantized is None or not prequantized.compute_dtype:
+        return pick_dtype(spec, device)
+    saved = getattr(torch, prequantized.compute_dtype)
+    if saved == torch.bfloat16 and device.startswith("cuda") and not cuda_has_native_bf16():
+        return torch.float16
+    return saved
+
+
+def set_compute_dtype(model, dtype) -> int:
+    """Make a 4-bit model compute in ``dtype``: each 4-bit layer, pinned so that bitsandbytes does
+    not switch it to its first input's dtype, and the unquantized weights (embeddings, norms, a
+    separate LM head) held in it, which ``from_pretrained`` leaves in the checkpoint's dtype.
+    Returns how many 4-bit layers it set."""
+    layers = [m for m in model.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None and hasattr(m, "compute_dtype")]
+    for layer in layers:
+        layer.compute_dtype = dtype
+        layer.compute_type_is_set = True
+        layer.weight.quant_state.dtype = dtype  # what dequantizing gives: no bf16 on the way either
+    for param in model.parameters():
+        if param.__class__.__name__ != "Params4bit" and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return len(layers)
 
 
 def planned_quantization(spec: ModelSpec) -> Quantization:
-    """How the model will load: a prequantized checkpoint's own quantization and compute dtype
-    (after refusing settings that cannot take effect), else the settings'. Reads config.json only."""
+    """How the model will load: a prequantized checkpoint's own quantization (after refusing a
+    quantization that cannot take effect), else the settings', with the compute dtype
+    ``load_model`` will set. Reads config.json only."""
     path = resolve_model_path(spec)
     try:
         prequantized = checkpoint_quantization(path, spec)
     except OSError:  # not downloaded yet: the load itself will check
         prequantized = None
     check_settings_take_effect(spec, prequantized)
+    dtype = str(compute_dtype_for(spec, prequantized, pick_device(spec))).replace("torch.", "")
     if prequantized is not None:
-        return prequantized
-    dtype = str(pick_dtype(spec, pick_device(spec))).replace("torch.", "")
+        return replace(prequantized, compute_dtype=dtype) if prequantized.compute_dtype else prequantized
     return Quantization(spec.quantization, dtype, spec.quantization == "nf4")
 
 
 def loaded_quantization(model) -> Quantization:
-    """Read from the loaded model's layers, not from any setting."""
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        quant_state = getattr(weight, "quant_state", None)
-        if weight is not None and weight.__class__.__name__ == "Params4bit" and quant_state is not None:
-            compute = getattr(module, "compute_dtype", None) or quant_state.dtype
-            return Quantization(str(getattr(weight, "quant_type", "fp4")), str(compute).replace("torch.", ""), bool(quant_state.nested))
+    """Read from the loaded model's 4-bit layers themselves (not a LoRA wrapper, which shows its
+    base layer's weight but computes nothing of its own), not from any setting."""
+    quantized = [m for m in model.modules() if getattr(m, "weight", None).__class__.__name__ == "Params4bit"
+                 and getattr(m.weight, "quant_state", None) is not None]
+    if quantized:
+        layer = next((m for m in quantized if getattr(m, "compute_dtype", None) is not None), quantized[0])
+        weight, quant_state = layer.weight, layer.weight.quant_state
+        compute = getattr(layer, "compute_dtype", None) or quant_state.dtype
+        return Quantization(str(getattr(weight, "quant_type", "fp4")), str(compute).replace("torch.", ""), bool(quant_state.nested))
     dtype = next(model.parameters()).dtype
     return Quantization("none", str(dtype).replace("torch.", ""))
 
 
 def load_model(spec: ModelSpec):
     """The base model, in eval mode, on the chosen device; 4-bit NF4 when asked, or as a
-    prequantized checkpoint was saved (in its own compute dtype)."""
+    prequantized checkpoint was saved, computing in ``compute_dtype_for``'s dtype (a T4 computes
+    a bf16 checkpoint such as unsloth's in fp16)."""
 
     path = resolve_model_path(spec)
     prequantized = checkpoint_quantization(path, spec)
     check_settings_take_effect(spec, prequantized)
     device = pick_device(spec)
-    dtype = pick_dtype(spec, device)
-    if prequantized is not None and prequantized.compute_dtype and spec.compute_dtype == "auto":
-        dtype = getattr(torch, prequantized.compute_dtype)
+    dtype = compute_dtype_for(spec, prequantized, device)
     kwargs = _common_kwargs(spec)
     kwargs["dtype"] = dtype
     if Path(path).is_dir() or not spec.model.startswith(GGUF_PREFIX):
@@ -259,6 +285,8 @@ def load_model(spec: ModelSpec):
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if spec.quantization == "none":
         model.to(device)
+    if prequantized is not None and prequantized.compute_dtype and str(dtype) != f"torch.{prequantized.compute_dtype}":
+        set_compute_dtype(model, dtype)  # the checkpoint's quantization_config set its own
     model.eval()
     return model
 
