@@ -227,3 +227,43 @@ def test_a_process_holds_one_base_model_at_a_time(tiny_model_dir):
     assert shared() is None and copy is not None
     assert said[0] == "released the shared base model before loading another copy"
     assert resource.base_model() is not copy  # asked for again, the shared base loads anew
+
+
+def test_the_padding_limit_splits_batches_on_a_cpu_only():
+    """On a CPU the prefill is compute-bound and padding costs its share; on a GPU a wider batch
+    costs little more, so it takes full batches."""
+    import torch
+
+    from lorasum_assets.ml.generate import padding_limit
+
+    spec = GenerationSpec(max_padding_share=0.25)
+    on_cpu, on_gpu = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta")  # meta: a device that is not the CPU
+    assert padding_limit(on_cpu, spec) == 0.25
+    assert padding_limit(on_gpu, spec) is None
+
+
+def test_out_of_memory_back_off_frees_memory_once_the_failed_batch_is_gone(tiny_tokenizer, monkeypatch):
+    """empty_cache() inside the except block releases nothing: the exception's traceback still holds
+    the failed batch's tensors. The back-off frees after leaving the handler."""
+    import weakref
+
+    import torch
+
+    from lorasum_assets.ml import generate as generation
+
+    held: list[weakref.ref] = []
+
+    def decode_batch(batch, heartbeat):
+        kv_cache = torch.zeros(len(batch), 1024)  # what a batch holds while it decodes
+        held.append(weakref.ref(kv_cache))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return [[5, 6] for _ in batch]
+
+    alive_when_freed = []
+    monkeypatch.setattr(generation, "free_accelerator_memory", lambda: alive_when_freed.append(held[-1]() is not None))
+    prompts = [[1, 2, 3]] * 4
+    spec = GenerationSpec(batch_size=4, max_new_tokens=2)
+    rows = generation._run_batches(tiny_tokenizer, prompts, spec, [[0, 1, 2, 3]], [0], decode_batch, None, None)
+    assert len(rows) == 4 and all(r.new_tokens == 2 for r in rows)
+    assert alive_when_freed == [False]  # one back-off, after the failed batch's tensors were released

@@ -86,6 +86,12 @@ def plan_generation_batches(lengths: Sequence[int], batch_size: int, max_padding
     return batches
 
 
+def padding_limit(model, spec: GenerationSpec) -> float | None:
+    """``spec.max_padding_share`` on a CPU, where the prefill is compute-bound and padding costs
+    its share of time; None (full batches) on a GPU, where a wider batch costs little more."""
+    return spec.max_padding_share if next(model.parameters()).device.type == "cpu" else None
+
+
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends a summary: the model's generation config may list several (Llama 3
     Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>), plus the tokenizer's EOS."""
@@ -168,7 +174,7 @@ def _generate_with(engine: str, dtype, model, tokenizer, prompts, spec: Generati
         torch.manual_seed(spec.seed)
     else:
         generation_kwargs.update(temperature=None, top_p=None, top_k=None)
-    batches = plan_generation_batches([len(p) for p in prompts], spec.batch_size, spec.max_padding_share)
+    batches = plan_generation_batches([len(p) for p in prompts], spec.batch_size, padding_limit(model, spec))
     with weights_in(model, dtype):
         return _run_batches(tokenizer, prompts, spec, batches, stop_ids,
                             functools.partial(_generate_batch, model, spec, generation_kwargs), on_batch, on_progress)
@@ -227,6 +233,9 @@ def _run_batches(tokenizer, prompts, spec, batches, stop_ids, decode_batch, on_b
                     f"(now {spec.batch_size}) or max_new_tokens (now {spec.max_new_tokens}), or set max_prompt_tokens "
                     f"(this prompt: {len(prompts[indices[0]])} tokens)"
                 ) from exc
+            rows = None
+        if rows is None:
+            # outside the handler: its traceback held the failed batch's tensors (KV cache, logits)
             free_accelerator_memory()
             limit = (len(indices) + 1) // 2
             message = f"CUDA ran out of memory generating {len(indices)} summaries at once; going on {limit} at a time"

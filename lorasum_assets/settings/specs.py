@@ -187,7 +187,8 @@ class GenerationSpec:
     max_new_tokens: int = setting(150, "New tokens per summary at most.", ge=1)
     batch_size: int = setting(8, "Prompts per generation batch.", ge=1)
     # On CPU the prefill is compute-bound, so padded positions cost as much as real ones.
-    max_padding_share: float = setting(0.25, "Close a batch early when left padding would exceed this share of its real tokens.", ge=0.0)
+    max_padding_share: float = setting(
+        0.25, "On CPU, close a batch early when left padding would exceed this share of its real tokens (GPUs take full batches).", ge=0.0)
     max_prompt_tokens: int | None = setting(None, "Truncate the dialogue so the prompt fits in this many tokens.", ge=16)
     do_sample: bool = setting(False, "Sample instead of greedy decoding (the notebook is greedy).")
     temperature: float = setting(1.0, "Sampling temperature.", gt=0.0)
