@@ -267,3 +267,94 @@ def test_out_of_memory_back_off_frees_memory_once_the_failed_batch_is_gone(tiny_
     rows = generation._run_batches(tiny_tokenizer, prompts, spec, [[0, 1, 2, 3]], [0], decode_batch, None, None)
     assert len(rows) == 4 and all(r.new_tokens == 2 for r in rows)
     assert alive_when_freed == [False]  # one back-off, after the failed batch's tensors were released
+
+
+def _tiny_resource(tiny_model_dir):
+    from lorasum_assets.defs.resources import LoraModelResource, ProfileResource
+
+    return LoraModelResource(profile=ProfileResource(name="tiny"), model=str(tiny_model_dir), device="cpu")
+
+
+class _Reached(Exception):
+    """Raised by a test double at the point whose memory state the test records."""
+
+
+def test_the_accelerate_launcher_releases_the_shared_base_before_its_workers_load_theirs(tiny_model_dir, tmp_path):
+    import gc
+    import weakref
+    from datetime import datetime
+
+    import dagster as dg
+
+    from lorasum_assets.defs.assets.training import TrainingJob, _train_with_accelerate
+    from lorasum_assets.settings.specs import LauncherSpec
+
+    resource = _tiny_resource(tiny_model_dir)
+    shared = weakref.ref(resource.base_model())
+    released_at_launch = []
+
+    class LaunchRecorder:
+        def run(self, context, command, env):
+            gc.collect()
+            released_at_launch.append(shared() is None)
+            raise _Reached
+
+    job = TrainingJob(spec=TrainSpec(), train_key="k", data_hash="h", train_examples=[], val_examples=[], checkpoint_dir=tmp_path / "ck",
+                      target=tmp_path / "adapter", adapter_id="a", created_at=datetime.now())
+    with pytest.raises(_Reached):
+        _train_with_accelerate(dg.build_asset_context(), job, LauncherSpec(launcher="accelerate"), resource, LaunchRecorder())
+    assert released_at_launch == [True]
+
+
+def test_scoring_releases_the_shared_base_before_the_scorer_loads(tiny_model_dir):
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    import dagster as dg
+
+    from lorasum_assets.defs.assets.evaluation import ScoredInputs, _score
+    from lorasum_assets.settings.specs import ReportSpec
+
+    resource = _tiny_resource(tiny_model_dir)
+    shared = weakref.ref(resource.base_model())
+    released_at_load = []
+
+    class ScorerRecorder:
+        def spec(self):
+            return SimpleNamespace(model="recorder")  # only its name is logged
+
+        def scorer(self):
+            gc.collect()
+            released_at_load.append(shared() is None)
+            raise _Reached
+
+    inputs = ScoredInputs("test", [], {}, {}, "h", "a", None, None)
+    with pytest.raises(_Reached):
+        _score(dg.build_asset_context(), ScorerRecorder(), inputs, ReportSpec(), resource)
+    assert released_at_load == [True]
+
+
+def test_a_merged_export_frees_its_merged_copy_before_reloading_it(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    import gc
+
+    import torch
+
+    from lorasum_assets.ml import export
+
+    spec = ModelSpec(model=str(tiny_model_dir), device="cpu")
+    train = TrainSpec(epochs=1, batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.0)
+    peft_model = prepare_peft_model(load_model(spec), train)
+    train_lora(peft_model, examples(tiny_tokenizer, 4), [], train, tiny_tokenizer.pad_token_id)
+    adapter = save_adapter(peft_model, tiny_tokenizer, tmp_path / "adapter")
+    del peft_model
+
+    def models_alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.nn.Module) and type(o).__name__.endswith("ForCausalLM") for o in gc.get_objects())
+
+    alive_when_freed = []
+    monkeypatch.setattr(export, "free_accelerator_memory", lambda: alive_when_freed.append(models_alive()))
+    merged = export.merge_adapter(spec, str(adapter), tmp_path / "merged", [[1, 5, 6, 7]])
+    assert merged.check.ok
+    assert alive_when_freed == [0]  # neither the merged copy nor its base is held when it reloads

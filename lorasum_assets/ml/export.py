@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from lorasum_assets.ml.devices import free_accelerator_memory
 from lorasum_assets.ml.generate import stop_token_ids
 from lorasum_assets.ml.model_setup import restore_4bit_layout
 from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer, loaded_quantization, pick_device
@@ -139,6 +140,7 @@ def merge_adapter(spec: ModelSpec, adapter_path: str, out: Path, check_prompts: 
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         del merged, base
+        free_accelerator_memory()  # the merged copy goes before its reload and a 4-bit reference load beside it
         reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype).to(pick_device(spec)).eval()
         reference = PeftModel.from_pretrained(load_model(spec), adapter_path, is_trainable=False).eval()
         check = compare_with_reference(reference, reloaded, check_prompts, tolerance=tolerance)

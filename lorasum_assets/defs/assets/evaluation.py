@@ -108,9 +108,12 @@ def _read_inputs(store, base_ref: TableRef, tuned_ref: TableRef, dialogues_ref: 
     return inputs
 
 
-def _score(context, scorer, inputs: ScoredInputs, spec: ReportSpec):
+def _score(context, scorer, inputs: ScoredInputs, spec: ReportSpec, model):
+    """BERTScore and ROUGE of both models' predictions; the shared base is released first, so that
+    the scoring model (roberta-large for the recipe) never loads beside it."""
     from lorasum_assets.ml.report import score_predictions
 
+    model.release_base(context.log.info)
     dialogues = inputs.dialogues
     context.log.info(f"scoring {len(dialogues)} base and {len(dialogues)} tuned summaries with {scorer.spec().model} BERTScore and ROUGE")
     started = time.perf_counter()
@@ -232,7 +235,7 @@ def bertscore_report(
     refs = (require(base_predictions, "base_predictions"), require(tuned_predictions, "tuned_predictions"),
             require(filtered_split, "filtered_split"))
     inputs = _read_inputs(store, *refs)
-    scoring, report = _score(context, scorer, inputs, spec)
+    scoring, report = _score(context, scorer, inputs, spec, model)
     _write_history(context, store, spec=spec, profile_name=profile.name, base_model=model.choice().model, inputs=inputs,
                    refs=refs, scoring=scoring, report=report)
     context.log.info(f"base vs tuned on {len(inputs.dialogues)} {inputs.split} dialogues:\n{text_table(REPORT_HEADER, report_rows(report))}")

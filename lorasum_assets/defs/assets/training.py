@@ -200,6 +200,8 @@ def _train_with_accelerate(context, job: TrainingJob, launcher: LauncherSpec, mo
     """Training in ``accelerate launch`` processes, reporting back through Dagster Pipes."""
     from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
 
+    model.release_base(context.log.info)  # each worker loads its own copy, on GPU 0 too
+
     job_path = write_job(
         home_subdir("jobs") / f"{context.run_id}-{job.train_key}.json",
         model=model.spec(),
