@@ -208,6 +208,8 @@ def test_the_merged_export_of_a_qlora_adapter_is_16_bit_and_computes_base_plus_a
     line = next(line for line in printed.splitlines() if line.startswith("checked against base + adapter"))
     gap = float(line.split("largest logit gap ")[1].split(" ")[0])
     assert gap <= MERGE_TOLERANCE and "of 8 prompts" in line
+    # --device auto: on the GPU where there is one (benchmarks/gpu_check.sh), here the CPU, and said
+    assert f"(bfloat16, on {'cuda' if torch.cuda.is_available() else 'cpu'})" in printed
 
     # loads with plain transformers, no peft, no 4-bit layers, in bf16
     prompts = json.loads(subprocess.run([sys.executable, "-c", "import json,sys; from lorasum_assets.tools.cli import _check_prompts; "

@@ -64,6 +64,7 @@ class MergedModel:
     dequantized: bool
     dtype: str
     check: MergeCheck
+    device: str
 
 
 def export_dtype(base) -> torch.dtype:
@@ -141,7 +142,8 @@ def merge_adapter(spec: ModelSpec, adapter_path: str, out: Path, check_prompts: 
         tokenizer.save_pretrained(staging)
         del merged, base
         free_accelerator_memory()  # the merged copy goes before its reload and a 4-bit reference load beside it
-        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype).to(pick_device(spec)).eval()
+        device = pick_device(spec)
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype).to(device).eval()
         reference = PeftModel.from_pretrained(load_model(spec), adapter_path, is_trainable=False).eval()
         check = compare_with_reference(reference, reloaded, check_prompts, tolerance=tolerance)
         if not check.ok:
@@ -152,7 +154,7 @@ def merge_adapter(spec: ModelSpec, adapter_path: str, out: Path, check_prompts: 
             os.replace(item, out / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return MergedModel(out, dequantized, str(dtype).replace("torch.", ""), check)
+    return MergedModel(out, dequantized, str(dtype).replace("torch.", ""), check, device)
 
 
 def copy_adapter(adapter_path: str, out: Path) -> None:

@@ -389,7 +389,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
     con = _connect(args)
     adapter, facts = _verified_adapter(con, args.adapter), adapter_facts(con, args.adapter)
-    spec = _base_spec(con, adapter, device="cpu")
+    spec = _base_spec(con, adapter, device=args.device)
     con.close()
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
@@ -402,7 +402,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
             except MergeCheckError as exc:
                 raise SystemExit(f"lorasum export-model: {exc}") from exc
         facts.update(dequantized=merged.dequantized, dtype=merged.dtype)
-        message = f"merged {args.adapter} into {adapter.base.model} ({merged.dtype}) at {out}"
+        message = f"merged {args.adapter} into {adapter.base.model} ({merged.dtype}, on {merged.device}) at {out}"
         if merged.dequantized:
             message += "; the 4-bit base was dequantized first"
         message += f"\nchecked against base + adapter, reloaded with plain transformers: {merged.check.describe()}"
@@ -651,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-tolerance", type=float, default=0.02, metavar="GAP",
                    help="largest logit gap, as a share of the largest logit, a merged export may show against base + adapter "
                         "on 8 sample prompts (default: 0.02; docs/export.md)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where a merge loads, dequantizes and checks the model: auto is the GPU when there is one, else the CPU")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hugging Face repository (reads HF_TOKEN)")
     p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
 
