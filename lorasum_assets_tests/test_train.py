@@ -436,6 +436,7 @@ def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_holds_the_schedule
     rows = [(log.step, log.skipped, log.grad_norm is None, f"{log.learning_rate:.3e}") for log in result.steps]
     print(f"precision {result.precision}; (step, skipped, no grad norm, lr): {rows}")
     assert result.precision == "fp16"
+    assert result.grad_scale == 2.0**16 / 2  # the scaler's initial scale, backed off once for the one overflow
     assert [log.step for log in result.steps] == [1, 2, 3, 4, 5, 6] and result.skipped_steps == [3]
     assert result.steps[2].grad_norm is None and all(log.grad_norm is not None for log in result.steps if not log.skipped)
     lrs = [log.learning_rate for log in result.steps]

@@ -40,6 +40,7 @@ class TrainResult:
     padded_tokens: int = 0
     seconds: float = 0.0
     precision: str = "fp32"  # the autocast dtype training ran under (fp32: none)
+    grad_scale: float | None = None  # the fp16 grad scaler's scale at the end; None: no scaler ran
 
     @property
     def skipped_steps(self) -> list[int]:

@@ -127,11 +127,23 @@ UNSLOTH_BNB_4BIT = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bi
                     "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8"}
 
 
-def build_tiny_llama32_bnb_4bit(target: Path, vocab_size: int = 1024, seed: int = 0) -> Path:
+# Llama 3.2 3B's shape, from meta-llama/Llama-3.2-3B-Instruct's config.json: the stand-in at real size
+LLAMA32_3B_SHAPE = {
+    "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+}
+
+
+def build_tiny_llama32_bnb_4bit(target: Path, vocab_size: int = 1024, seed: int = 0, shape: dict | None = None,
+                                device: str = "cpu") -> Path:
     """A stand-in for ``unsloth/Llama-3.2-3B-Instruct-bnb-4bit``, built (once) into ``target``: a
     2-layer Llama 3.2 (llama3 rope scaling, tied embeddings, grouped-query attention, Llama 3's
     special tokens, chat template and three stop ids), quantized NF4 with double quantization
-    and saved prequantized, as unsloth's checkpoint is. Needs bitsandbytes (it runs on CPU)."""
+    and saved prequantized, as unsloth's checkpoint is. Needs bitsandbytes (it runs on CPU).
+
+    ``shape`` overrides the layer sizes (``LLAMA32_3B_SHAPE``: the real model's, with random
+    weights; the tokenizer keeps its own small vocabulary inside the larger embedding), and
+    ``device`` is where the weights are made and quantized (a GPU, for that size)."""
     target = Path(target)
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
@@ -142,8 +154,8 @@ def build_tiny_llama32_bnb_4bit(target: Path, vocab_size: int = 1024, seed: int 
     tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
     ids = {token: bpe.token_to_id(token) for token in LLAMA3_SPECIAL_TOKENS}
     stop_ids = [ids[token] for token in LLAMA3_STOP_TOKENS]
+    sizes = {**TINY_CONFIG, "max_position_embeddings": 131072, "initializer_range": 0.02, "vocab_size": len(tokenizer), **(shape or {})}
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
         bos_token_id=ids["<|begin_of_text|>"],
         eos_token_id=stop_ids,
         pad_token_id=ids["<|finetune_right_pad_id|>"],
@@ -151,10 +163,11 @@ def build_tiny_llama32_bnb_4bit(target: Path, vocab_size: int = 1024, seed: int 
         rope_scaling=dict(LLAMA32_ROPE_SCALING),
         rope_theta=500000.0,
         # Llama 3.2's own init scale and context: logits of the size a real checkpoint gives
-        **{**TINY_CONFIG, "max_position_embeddings": 131072, "initializer_range": 0.02},
+        **sizes,
     )
     torch.manual_seed(seed)
-    full = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):
+        full = LlamaForCausalLM(config).to(torch.bfloat16)
     full.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=stop_ids, do_sample=True,
                                               temperature=0.6, top_p=0.9)
 
@@ -163,7 +176,7 @@ def build_tiny_llama32_bnb_4bit(target: Path, vocab_size: int = 1024, seed: int 
         full.save_pretrained(unquantized, safe_serialization=True)
         quantization = BitsAndBytesConfig(**{**UNSLOTH_BNB_4BIT, "bnb_4bit_compute_dtype": torch.bfloat16})
         quantized = AutoModelForCausalLM.from_pretrained(unquantized, quantization_config=quantization, dtype=torch.bfloat16,
-                                                         device_map={"": "cpu"})
+                                                         device_map={"": device})
         quantized.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         shutil.rmtree(unquantized)

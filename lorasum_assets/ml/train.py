@@ -131,6 +131,7 @@ class _TrainingLoop:
                 raise
         self.model.eval()
         result = self.result
+        result.grad_scale = self.scaler.get_scale() if self.scaler is not None else None
         result.real_tokens, result.padded_tokens = (int(v) for v in reduce_sum(self.accelerator, [result.real_tokens, result.padded_tokens]))
         result.seconds = time.perf_counter() - started
         return result

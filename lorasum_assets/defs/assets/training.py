@@ -269,6 +269,9 @@ def lora_adapter(
     preflight: RunPreflightResource,
     tokenized_dataset: TableRef | None,
 ) -> dg.Output[AdapterRef]:
+    from lorasum_assets.ml.devices import reset_peak_gpu_memory
+
+    reset_peak_gpu_memory()
     spec: TrainSpec = resolve(profile.get().training, config)
     launcher: LauncherSpec = resolve(LauncherSpec(), config)
     job = _plan(context, spec, model, store, require(tokenized_dataset, "tokenized_dataset"), profile.name)
@@ -377,6 +380,8 @@ def _register(store: LorasumStore, registration: PendingRegistration) -> None:
 
 
 def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base, weights_sha: str) -> dict:
+    from lorasum_assets.ml.devices import peak_gpu_memory
+
     steps = [log.step for log in outcome.steps]
     losses = [log.loss for log in outcome.steps]
     metadata = {
@@ -399,6 +404,7 @@ def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base,
         "val_losses": [round(v, 4) for v in outcome.val_losses if v is not None],
         "padding_efficiency": outcome.padding_efficiency,
         "train_seconds": round(outcome.seconds, 2),
+        **peak_gpu_memory(),  # in this process: the in-process launcher's training
         "config": dg.MetadataValue.json(asdict(job.spec)),
     }
     if steps:
