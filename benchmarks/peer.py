@@ -68,7 +68,7 @@ def load_data(args):
 def model_spec(args):
     from lorasum_assets.ml.modeling import ModelSpec
 
-    return ModelSpec(model=args.model, cache_dir=args.cache, device=args.device)
+    return ModelSpec(model=args.model, cache_dir=args.cache, device=args.device, quantization=args.quantization)
 
 
 def train_spec(args, lora_dropout_mask: str = "auto"):
@@ -126,7 +126,12 @@ def run_train_trl(args) -> dict:
     bf16 = cpu_has_fast_bf16() if args.device == "cpu" else cuda_has_native_bf16()
     # TRL's best CPU setting we found: the base loaded in bf16, eager attention
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                 attn_implementation="eager" if args.device == "cpu" else "sdpa")
+                                                 attn_implementation="eager" if args.device == "cpu" else "sdpa",
+                                                 **qlora_loading(args, torch.bfloat16 if bf16 else torch.float32))
+    if args.quantization == "nf4":  # QLoRA as PEFT's and TRL's docs do it
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     marks = []
 
     class EpochTimer(TrainerCallback):
@@ -153,6 +158,22 @@ def run_train_trl(args) -> dict:
     epoch2 = marks[3] - marks[2]
     return {"epoch2_s": epoch2, "tokens_per_s": epoch_tokens / epoch2,
             "loss_epoch1": statistics.mean(losses[:half]), "loss_epoch2": statistics.mean(losses[half:]), "losses": losses}
+
+
+def qlora_loading(args, dtype) -> dict:
+    """from_pretrained's arguments for the peer's base under --quantization nf4: on the device, and
+    quantized on load unless the checkpoint is saved prequantized (its config then says how)."""
+    if args.quantization == "none":
+        return {}
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    from lorasum_assets.ml.modeling import resolve_model_path
+
+    kwargs = {"device_map": {"": args.device}}
+    if getattr(AutoConfig.from_pretrained(resolve_model_path(model_spec(args))), "quantization_config", None) is None:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                           bnb_4bit_compute_dtype=dtype)
+    return kwargs
 
 
 def prompts(args, tokenizer):
@@ -239,8 +260,16 @@ def run_generate_ours(args, precision: str = "auto", static_compiled: bool = Fal
         else:
             out = generate(model, tokenizer, ids, generation)
     seconds = time.perf_counter() - started
-    result = {"seconds": seconds, "new_tokens_per_s": sum(g.new_tokens for g in out) / seconds, "texts": [g.text for g in out]}
+    result = {"seconds": seconds, "new_tokens_per_s": sum(g.new_tokens for g in out) / seconds, "texts": [g.text for g in out],
+              "engine": out.engine.engine}
     return with_bound(result, model)
+
+
+def ours_label(runs: list[dict]) -> str:
+    """What "ours" ran: lorasum's decoder, or (where it cannot run: a GPU, a 4-bit model)
+    transformers' generate through our batching, which is then no engine of ours."""
+    engine = runs[0].get("engine", "lorasum")
+    return "ours" if engine == "lorasum" else "our batching around transformers' generate"
 
 
 def run_generate_lookup(args) -> dict:
@@ -286,13 +315,14 @@ def run_generate_plain(args, dtype: str = "as_loaded", tuned: bool = False, max_
     spec = model_spec(args)
     adapter = bench_adapter(args) if tuned else None
     tokenizer, model = load_tokenizer(spec), load_model(spec)
-    if dtype == "bf16":
+    cast = dtype == "bf16" and args.quantization == "none"  # a 4-bit model computes in its own compute dtype
+    if cast:
         model = model.to(torch.bfloat16)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-        if dtype == "bf16":
+        if cast:
             model = model.to(torch.bfloat16)
     model.eval()
     if attention:
@@ -417,8 +447,11 @@ def main() -> int:
     parser.add_argument("--generate", type=int, default=16, help="test dialogues to summarize")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each variant")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quantization", default="none", choices=("none", "nf4"),
+                        help="nf4: QLoRA, both trainers on the 4-bit base (a prequantized checkpoint loads as saved)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
-    parser.add_argument("--output", default="peer.json", help="file name of the JSON under benchmarks/results")
+    parser.add_argument("--output", help="the results JSON: a file name under benchmarks/results or a path "
+                                         "(default: peer.json on the CPU, peer-DEVICE.json elsewhere, so a GPU run never overwrites the CPU's)")
     parser.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout of both trainers (the recipe's 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="training seed of both trainers")
     parser.add_argument("--profile", action="store_true",
@@ -437,7 +470,7 @@ def main() -> int:
         return profile_variants(args, variants)
     passthrough = [f"--data={args.data}", f"--model={args.model}", f"--train={args.train}", f"--generate={args.generate}",
                    f"--device={args.device}", f"--cache={args.cache}", f"--lora-dropout={args.lora_dropout}",
-                   f"--seed={args.seed}",
+                   f"--seed={args.seed}", f"--quantization={args.quantization}",
                    *(["--sample"] if args.sample else [])]
     results = run_interleaved(__spec__.name, passthrough, variants, args.repeats, describe=lambda _: "done")
     if results is None:
@@ -481,6 +514,7 @@ def main() -> int:
         peer = [r["new_tokens_per_s"] for r in results[peer_variant]]
         peer_texts = results[peer_variant][0]["texts"]
         same = sum(a == b for a, b in zip(results[ours_variant][0]["texts"], peer_texts))
+        label = label.replace("ours", ours_label(results[ours_variant]), 1) if ours_variant.startswith("generate-ours") else label
         print(f"| {label} | {spread(ours)} | {spread(peer)} | {statistics.median(ours) / statistics.median(peer):.2f}x |")
         print(f"| … outputs identical to the peer's | {same}/{len(peer_texts)} | | |")
     # the peer at its best: whichever of plain bf16 generate's own settings made the most new tokens/s
@@ -492,7 +526,7 @@ def main() -> int:
         if ours_variant in results and plain:
             best = max(plain, key=plain.get)
             ours = [r["new_tokens_per_s"] for r in results[ours_variant]]
-            print(f"| generation new tokens/s, {side}: ours vs plain bf16 generate at its best setting of those run ({best}) | "
+            print(f"| generation new tokens/s, {side}: {ours_label(results[ours_variant])} vs plain bf16 generate at its best setting of those run ({best}) | "
                   f"{spread(ours)} | {spread([r['new_tokens_per_s'] for r in results[best]])} | {statistics.median(ours) / plain[best]:.2f}x |")
     for other, label in (("generate-lookup", "prompt lookup outputs identical to ours (both bf16)"),
                          ("generate-llama-cpp", "llama.cpp outputs identical to ours")):
@@ -518,9 +552,10 @@ def main() -> int:
                   f"{spread([100 * r['share_of_bound'] for r in runs])}% ({runs[0].get('bound_rows', GENERATE_BATCH)}) | "
                   f"{spread([r['bound_new_tokens_per_s'] for r in runs], 0)} | "
                   f"{spread([r['read_gb_per_s'] for r in runs])} |")
-    out = RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    (out / args.output).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    target = RESULTS / (args.output or ("peer.json" if args.device == "cpu" else f"peer-{args.device.split(':')[0]}.json"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    print(f"\nwrote {target}")
     return 0
 
 

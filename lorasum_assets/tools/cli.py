@@ -406,6 +406,10 @@ def cmd_export_model(args: argparse.Namespace) -> int:
         if merged.dequantized:
             message += "; the 4-bit base was dequantized first"
         message += f"\nchecked against base + adapter, reloaded with plain transformers: {merged.check.describe()}"
+        from lorasum_assets.ml.devices import peak_gpu_memory
+
+        if peak := peak_gpu_memory():
+            message += f"\npeak GPU memory {peak['peak_gpu_memory_gib']} GiB"
     else:
         copy_adapter(adapter.path, out)
         message = f"exported adapter {args.adapter} to {out}"
