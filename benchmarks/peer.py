@@ -265,6 +265,13 @@ def run_generate_ours(args, precision: str = "auto", static_compiled: bool = Fal
     return with_bound(result, model)
 
 
+def results_file(output: str | None, device: str) -> Path:
+    """Where the results JSON goes: ``output`` (a name under benchmarks/results, or a path), else
+    peer.json on the CPU and peer-DEVICE.json elsewhere, so that a GPU run never overwrites the
+    CPU results docs/performance.md cites."""
+    return RESULTS / (output or ("peer.json" if device == "cpu" else f"peer-{device.split(':')[0]}.json"))
+
+
 def ours_label(runs: list[dict]) -> str:
     """What "ours" ran: lorasum's decoder, or (where it cannot run: a GPU, a 4-bit model)
     transformers' generate through our batching, which is then no engine of ours."""
@@ -552,7 +559,7 @@ def main() -> int:
                   f"{spread([100 * r['share_of_bound'] for r in runs])}% ({runs[0].get('bound_rows', GENERATE_BATCH)}) | "
                   f"{spread([r['bound_new_tokens_per_s'] for r in runs], 0)} | "
                   f"{spread([r['read_gb_per_s'] for r in runs])} |")
-    target = RESULTS / (args.output or ("peer.json" if args.device == "cpu" else f"peer-{args.device.split(':')[0]}.json"))
+    target = results_file(args.output, args.device)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     print(f"\nwrote {target}")
