@@ -279,12 +279,17 @@ class _Reached(Exception):
     """Raised by a test double at the point whose memory state the test records."""
 
 
+def _step_context():
+    """What these steps read of Dagster's context: a run id and a logger (no instance to start)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(run_id="test-run", log=SimpleNamespace(info=lambda message: None))
+
+
 def test_the_accelerate_launcher_releases_the_shared_base_before_its_workers_load_theirs(tiny_model_dir, tmp_path):
     import gc
     import weakref
     from datetime import datetime
-
-    import dagster as dg
 
     from lorasum_assets.defs.assets.training import TrainingJob, _train_with_accelerate
     from lorasum_assets.settings.specs import LauncherSpec
@@ -302,7 +307,7 @@ def test_the_accelerate_launcher_releases_the_shared_base_before_its_workers_loa
     job = TrainingJob(spec=TrainSpec(), train_key="k", data_hash="h", train_examples=[], val_examples=[], checkpoint_dir=tmp_path / "ck",
                       target=tmp_path / "adapter", adapter_id="a", created_at=datetime.now())
     with pytest.raises(_Reached):
-        _train_with_accelerate(dg.build_asset_context(), job, LauncherSpec(launcher="accelerate"), resource, LaunchRecorder())
+        _train_with_accelerate(_step_context(), job, LauncherSpec(launcher="accelerate"), resource, LaunchRecorder())
     assert released_at_launch == [True]
 
 
@@ -310,8 +315,6 @@ def test_scoring_releases_the_shared_base_before_the_scorer_loads(tiny_model_dir
     import gc
     import weakref
     from types import SimpleNamespace
-
-    import dagster as dg
 
     from lorasum_assets.defs.assets.evaluation import ScoredInputs, _score
     from lorasum_assets.settings.specs import ReportSpec
@@ -331,7 +334,7 @@ def test_scoring_releases_the_shared_base_before_the_scorer_loads(tiny_model_dir
 
     inputs = ScoredInputs("test", [], {}, {}, "h", "a", None, None)
     with pytest.raises(_Reached):
-        _score(dg.build_asset_context(), ScorerRecorder(), inputs, ReportSpec(), resource)
+        _score(_step_context(), ScorerRecorder(), inputs, ReportSpec(), resource)
     assert released_at_load == [True]
 
 

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from lorasum_assets.ml.lora_dropout import lora_dropout_mask_for, use_packed_bits_dropout
+from lorasum_assets.ml.modeling import four_bit_layers
 from lorasum_assets.settings.specs import TrainSpec
 
 
@@ -18,12 +19,6 @@ def is_quantized(model) -> bool:
 
 class FourBitLayoutWarning(UserWarning):
     """bitsandbytes left a 4-bit layer of a model that trains in its CPU inference layout."""
-
-
-def _four_bit_layers(model) -> list:
-    """bitsandbytes' 4-bit layers, each once (a LoRA wrapper shows its base layer's weight as its own)."""
-    layers = {id(m.weight): m for m in model.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None}
-    return list(layers.values())
 
 
 def _holds_cpu_inference_layout(layer) -> bool:
@@ -44,7 +39,7 @@ def restore_4bit_layout(model) -> int:
     absmax goes through bf16 and is quantized again), so training keeps layers from repacking in
     the first place (``evaluating``); this is the safety net.
     """
-    packed = [layer for layer in _four_bit_layers(model) if _holds_cpu_inference_layout(layer)]
+    packed = [layer for layer in four_bit_layers(model) if _holds_cpu_inference_layout(layer)]
     if not packed:
         return 0
     # only a model that bitsandbytes repacked gets here: unquantized training never imports it
@@ -67,7 +62,7 @@ def evaluating(model):
     was_training = model.training
     model.eval()
     if was_training:
-        for layer in _four_bit_layers(model):
+        for layer in four_bit_layers(model):
             layer.train()
     try:
         yield model

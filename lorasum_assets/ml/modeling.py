@@ -213,12 +213,18 @@ def compute_dtype_for(spec: ModelSpec, prequantized: Quantization | None, device
     return saved
 
 
+def four_bit_layers(model) -> list:
+    """bitsandbytes' 4-bit layers (``Linear4bit``) themselves, each once; not a LoRA wrapper,
+    which shows its base layer's weight as its own but computes nothing of its own."""
+    return [m for m in model.modules() if getattr(m, "weight", None).__class__.__name__ == "Params4bit" and hasattr(m, "compute_dtype")]
+
+
 def set_compute_dtype(model, dtype) -> int:
     """Make a 4-bit model compute in ``dtype``: each 4-bit layer, pinned so that bitsandbytes does
     not switch it to its first input's dtype, and the unquantized weights (embeddings, norms, a
     separate LM head) held in it, which ``from_pretrained`` leaves in the checkpoint's dtype.
     Returns how many 4-bit layers it set."""
-    layers = [m for m in model.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None and hasattr(m, "compute_dtype")]
+    layers = four_bit_layers(model)
     for layer in layers:
         layer.compute_dtype = dtype
         layer.compute_type_is_set = True
@@ -246,14 +252,12 @@ def planned_quantization(spec: ModelSpec) -> Quantization:
 
 
 def loaded_quantization(model) -> Quantization:
-    """Read from the loaded model's 4-bit layers themselves (not a LoRA wrapper, which shows its
-    base layer's weight but computes nothing of its own), not from any setting."""
-    quantized = [m for m in model.modules() if getattr(m, "weight", None).__class__.__name__ == "Params4bit"
-                 and getattr(m.weight, "quant_state", None) is not None]
+    """Read from the loaded model's 4-bit layers themselves, not from any setting."""
+    quantized = [m for m in four_bit_layers(model) if getattr(m.weight, "quant_state", None) is not None]
     if quantized:
-        layer = next((m for m in quantized if getattr(m, "compute_dtype", None) is not None), quantized[0])
+        layer = quantized[0]
         weight, quant_state = layer.weight, layer.weight.quant_state
-        compute = getattr(layer, "compute_dtype", None) or quant_state.dtype
+        compute = layer.compute_dtype or quant_state.dtype
         return Quantization(str(getattr(weight, "quant_type", "fp4")), str(compute).replace("torch.", ""), bool(quant_state.nested))
     dtype = next(model.parameters()).dtype
     return Quantization("none", str(dtype).replace("torch.", ""))
