@@ -48,10 +48,6 @@ SHORT_RECIPE = {"filtered_split": {"modulus": 1, "max_rows_per_split": 16}, "lor
                 "base_predictions": {"max_new_tokens": 32}, "tuned_predictions": {"max_new_tokens": 32}}
 
 
-def python() -> str:
-    return sys.executable
-
-
 # ---- the steps, each run in a process of its own: python -m benchmarks.gpu_check --step NAME --work DIR
 
 
@@ -136,7 +132,7 @@ def step_graph(work: Path, device: str, name: str, model: str, precision: str, c
     if not (home / "models").exists():
         (home / "models").symlink_to(work / "models", target_is_directory=True)
     started = time.perf_counter()
-    graph = subprocess.run([python(), "-m", "dagster", "asset", "materialize", "-m", "lorasum_assets.definitions", "--select", "*",
+    graph = subprocess.run([sys.executable, "-m", "dagster", "asset", "materialize", "-m", "lorasum_assets.definitions", "--select", "*",
                             "-c", str(config)], cwd=ROOT, env=env, capture_output=True, text=True)
     (work / name / "graph.log").write_text(graph.stdout + graph.stderr)
     record: dict = {"graph_exit": graph.returncode, "graph_s": round(time.perf_counter() - started, 1)}
@@ -154,7 +150,7 @@ def step_graph(work: Path, device: str, name: str, model: str, precision: str, c
     if graph.returncode != 0 or not trained:
         raise SystemExit(f"{name}: the graph failed (exit {graph.returncode}); its log: {work / name / 'graph.log'}\n"
                          + (graph.stdout + graph.stderr)[-3000:])
-    export = subprocess.run([python(), "-m", "lorasum_assets.tools.cli", "export-model", trained["adapter_id"], str(work / name / "merged"),
+    export = subprocess.run([sys.executable, "-m", "lorasum_assets.tools.cli", "export-model", trained["adapter_id"], str(work / name / "merged"),
                              "--merged", "--force", "--device", device], cwd=ROOT, env=env, capture_output=True, text=True)
     record["export_exit"] = export.returncode
     record["export"] = [line for line in export.stdout.splitlines() if line.startswith(("merged ", "checked against", "peak GPU"))]
@@ -194,7 +190,7 @@ def step_build(work: Path, device: str) -> dict:
 
 def step_qlora(work: Path, device: str) -> dict:
     env = {**os.environ, "GPU_CHECK_MODEL": model_at_size(work), "GPU_CHECK_DEVICE": device}
-    done = subprocess.run([python(), "-m", "pytest", "-m", "gpu", "-q", "-s", "-p", "no:cacheprovider", "lorasum_assets_tests/test_gpu_qlora.py"],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-s", "-p", "no:cacheprovider", "lorasum_assets_tests/test_gpu_qlora.py"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [line.strip(".") for line in done.stdout.splitlines() if ": precision " in line or ": batched vs single" in line]
     summary = next((line for line in reversed(done.stdout.splitlines()) if " passed" in line or " failed" in line), "no pytest summary")
@@ -210,7 +206,7 @@ def step_peer(work: Path, device: str) -> dict:
     if importlib.util.find_spec("trl") is not None:
         variants.insert(1, "train-trl")
     output = Path(os.environ["GPU_CHECK_OUT"]) / f"peer-{device}.json"  # its own file: never the CPU's peer.json
-    done = subprocess.run([python(), "-m", "benchmarks.peer", "--device", device, "--model", model_at_size(work), "--quantization", "nf4",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.peer", "--device", device, "--model", model_at_size(work), "--quantization", "nf4",
                            "--sample", "--train", "16", "--generate", "12", "--repeats", "2" if device == "cuda" else "1",
                            "--variants", ",".join(variants), "--cache", str(work / "models"), "--output", str(output)],
                           cwd=ROOT, capture_output=True, text=True)
@@ -247,7 +243,7 @@ def run_limited(name: str, limit: int, work: Path, device: str) -> dict:
     log = work / f"{name}.log"
     started = time.perf_counter()
     with log.open("w") as out:
-        process = subprocess.Popen([python(), "-m", "benchmarks.gpu_check", "--step", name, "--work", str(work), "--device", device],
+        process = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", "--step", name, "--work", str(work), "--device", device],
                                    cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = process.wait(timeout=limit)

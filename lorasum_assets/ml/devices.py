@@ -21,18 +21,15 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def reset_peak_gpu_memory() -> None:
-    """Start ``peak_gpu_memory``'s count anew (a step's own peak, not the process's)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gpu_memory() -> dict:
+def take_peak_gpu_memory() -> dict:
     """``{"peak_gpu_memory_gib": …}``: the most CUDA memory this process allocated since the last
-    reset (``torch.cuda.max_memory_allocated``); empty where CUDA was not used."""
+    take (``torch.cuda.max_memory_allocated``), and a new count from now; empty where CUDA was not
+    used. A step that takes it once, at its end, records its own peak."""
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return {}
-    return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+    peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    return {"peak_gpu_memory_gib": round(peak / 2**30, 3)}
 
 
 # CPU features that decide what runs fast here (bf16 matmuls, AMX tiles)

@@ -384,6 +384,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_export_model(args: argparse.Namespace) -> int:
+    from lorasum_assets.ml.devices import take_peak_gpu_memory
     from lorasum_assets.ml.export import MergeCheckError, copy_adapter, merge_adapter, model_card
     from lorasum_assets.store.registry import adapter_facts
 
@@ -406,9 +407,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
         if merged.dequantized:
             message += "; the 4-bit base was dequantized first"
         message += f"\nchecked against base + adapter, reloaded with plain transformers: {merged.check.describe()}"
-        from lorasum_assets.ml.devices import peak_gpu_memory
-
-        if peak := peak_gpu_memory():
+        if peak := take_peak_gpu_memory():
             message += f"\npeak GPU memory {peak['peak_gpu_memory_gib']} GiB"
     else:
         copy_adapter(adapter.path, out)

@@ -86,7 +86,7 @@ def empty_summaries(empty: list[str], rows: int, what: str = "summaries") -> str
 
 
 def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_parts, budget, truncated, ran: dict) -> dg.Output[TableRef]:
-    from lorasum_assets.ml.devices import peak_gpu_memory
+    from lorasum_assets.ml.devices import take_peak_gpu_memory
 
     rows = [
         (spec.split, d.id, g.text, g.new_tokens, g.hit_limit, g.latency_s, adapter_id)
@@ -123,7 +123,7 @@ def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_
             "engine_dtype": engine.dtype,
             **ran,
             "device": engine.device,
-            **peak_gpu_memory(),
+            **take_peak_gpu_memory(),
             "versions": f"torch {engine.torch}, transformers {engine.transformers}",
         },
         data_version=dg.DataVersion(version),
@@ -147,10 +147,8 @@ def base_predictions(
     preflight: RunPreflightResource,
     filtered_split: TableRef | None,
 ) -> dg.Output[TableRef]:
-    from lorasum_assets.ml.devices import reset_peak_gpu_memory
     from lorasum_assets.ml.generate import generate, has_active_adapter
 
-    reset_peak_gpu_memory()
     spec: GenerationSpec = resolve(profile.get().generation, config)
     upstream = require(filtered_split, "filtered_split")
     tokenizer = model.tokenizer(context.log.info)
@@ -192,9 +190,6 @@ def tuned_predictions(
         adapter = choose_adapter(con, model.base_ref(), config.adapter_id, in_lineage, production)
     context.log.info(f"applying adapter {adapter.adapter_id} (trained in run {adapter.run_id}) to {adapter.base.describe()}")
     context.instance.add_run_tags(context.run_id, {"lorasum/adapter_id": adapter.adapter_id})
-    from lorasum_assets.ml.devices import reset_peak_gpu_memory
-
-    reset_peak_gpu_memory()
     generated = generate_for_adapter(context, model, store, adapter, upstream, spec, "tuned_predictions")
     return _write(
         context, store, "tuned_predictions", spec, generated.dialogues, generated.outputs, adapter.adapter_id,

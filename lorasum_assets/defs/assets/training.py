@@ -201,7 +201,6 @@ def _train_with_accelerate(context, job: TrainingJob, launcher: LauncherSpec, mo
     from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
 
     model.release_base(context.log.info)  # each worker loads its own copy, on GPU 0 too
-
     job_path = write_job(
         home_subdir("jobs") / f"{context.run_id}-{job.train_key}.json",
         model=model.spec(),
@@ -269,9 +268,6 @@ def lora_adapter(
     preflight: RunPreflightResource,
     tokenized_dataset: TableRef | None,
 ) -> dg.Output[AdapterRef]:
-    from lorasum_assets.ml.devices import reset_peak_gpu_memory
-
-    reset_peak_gpu_memory()
     spec: TrainSpec = resolve(profile.get().training, config)
     launcher: LauncherSpec = resolve(LauncherSpec(), config)
     job = _plan(context, spec, model, store, require(tokenized_dataset, "tokenized_dataset"), profile.name)
@@ -380,7 +376,7 @@ def _register(store: LorasumStore, registration: PendingRegistration) -> None:
 
 
 def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base, weights_sha: str) -> dict:
-    from lorasum_assets.ml.devices import peak_gpu_memory
+    from lorasum_assets.ml.devices import take_peak_gpu_memory
 
     steps = [log.step for log in outcome.steps]
     losses = [log.loss for log in outcome.steps]
@@ -404,7 +400,7 @@ def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base,
         "val_losses": [round(v, 4) for v in outcome.val_losses if v is not None],
         "padding_efficiency": outcome.padding_efficiency,
         "train_seconds": round(outcome.seconds, 2),
-        **peak_gpu_memory(),  # in this process: the in-process launcher's training
+        **take_peak_gpu_memory(),  # in this process: the in-process launcher's training
         "config": dg.MetadataValue.json(asdict(job.spec)),
     }
     if steps:
