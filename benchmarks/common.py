@@ -31,8 +31,8 @@ def spread(values: Iterable[float], digits: int = 1) -> str:
 
 def dialogsum_splits(data: str) -> tuple[list, list]:
     """The dev (validation) and test dialogues of the DialogSum files in ``data``, in file order."""
-    from lorasum_assets.ml.data import normalise
-    from lorasum_assets.ml.readers import read_local
+    from lorasum_assets.ml.data.dialogues import normalise
+    from lorasum_assets.ml.data.readers import read_local
 
     dialogues = normalise(read_local(data), "local").dialogues
     return [d for d in dialogues if d.split == "validation"], [d for d in dialogues if d.split == "test"]
@@ -40,8 +40,8 @@ def dialogsum_splits(data: str) -> tuple[list, list]:
 
 def training_examples(tokenizer, dialogues: Sequence, max_length: int, boundary: str = "natural") -> list:
     """Each dialogue with its first reference summary, encoded for training."""
-    from lorasum_assets.ml.batching import TrainExample
-    from lorasum_assets.ml.prompts import encode_example
+    from lorasum_assets.ml.data.prompts import encode_example
+    from lorasum_assets.ml.training.batching import TrainExample
 
     examples = []
     for d in dialogues:
@@ -97,7 +97,7 @@ def print_host() -> None:
     (speeds differ by CPU kind), the cores, and torch."""
     import torch
 
-    from lorasum_assets.ml.devices import describe_device
+    from lorasum_assets.ml.models.devices import describe_device
 
     print(f"host: {describe_device('cpu')}; {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
 

@@ -70,11 +70,11 @@ def _dialogues(args):
 def run_train(args, count: int, max_length: int, joined: bool) -> dict:
     import torch
 
-    from lorasum_assets.ml.batching import TrainExample
-    from lorasum_assets.ml.model_setup import prepare_peft_model
-    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_example
-    from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.ml.data.prompts import encode_example
+    from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer
+    from lorasum_assets.ml.training.batching import TrainExample
+    from lorasum_assets.ml.training.loop import train_lora
+    from lorasum_assets.ml.training.lora import prepare_peft_model
     from lorasum_assets.settings.profiles import PROFILES
 
     pool, _ = _dialogues(args)
@@ -107,9 +107,9 @@ def run_train(args, count: int, max_length: int, joined: bool) -> dict:
 def run_generate(args, count: int) -> dict:
     import torch
 
-    from lorasum_assets.ml.generate import generate
-    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_prompt
+    from lorasum_assets.ml.data.prompts import encode_prompt
+    from lorasum_assets.ml.generation.generate import generate
+    from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.settings.profiles import PROFILES
 
     _, test = _dialogues(args)

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, add_data_arguments, run_command, run_interleaved, spread  # noqa: E402
-from lorasum_assets.ml.lora_dropout import PackedBitsDropout  # noqa: E402
+from lorasum_assets.ml.training.lora_dropout import PackedBitsDropout  # noqa: E402
 
 P = 0.1
 

@@ -66,7 +66,7 @@ def step_env(work: Path, device: str) -> dict:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
         record["driver"] = smi.stdout.strip() or "unknown"
     else:
-        from lorasum_assets.ml.devices import describe_device
+        from lorasum_assets.ml.models.devices import describe_device
 
         record["gpu"] = f"none (dry run on {describe_device('cpu')})"
     return record
@@ -80,7 +80,7 @@ def build_tiny_bert(folder: Path) -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-    from lorasum_assets.ml.tiny_model import _corpus
+    from lorasum_assets.ml.models.tiny import _corpus
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -175,7 +175,7 @@ def model_at_size(work: Path) -> str:
 
 
 def step_build(work: Path, device: str) -> dict:
-    from lorasum_assets.ml.tiny_model import LLAMA32_3B_SHAPE, build_tiny_llama32_bnb_4bit
+    from lorasum_assets.ml.models.tiny import LLAMA32_3B_SHAPE, build_tiny_llama32_bnb_4bit
 
     if real_model_cached():
         return {"skipped": f"{REAL_MODEL} is in the Hugging Face cache: the real-size steps run on it"}

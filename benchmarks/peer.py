@@ -55,8 +55,8 @@ def measured():
 
 
 def load_data(args):
-    from lorasum_assets.ml.data import normalise
-    from lorasum_assets.ml.readers import read_local, read_sample
+    from lorasum_assets.ml.data.dialogues import normalise
+    from lorasum_assets.ml.data.readers import read_local, read_sample
 
     loaded = normalise(read_sample() if args.sample else read_local(args.data), "bench")
     train_split = "train" if args.sample else "validation"
@@ -66,7 +66,7 @@ def load_data(args):
 
 
 def model_spec(args):
-    from lorasum_assets.ml.modeling import ModelSpec
+    from lorasum_assets.ml.models.loading import ModelSpec
 
     return ModelSpec(model=args.model, cache_dir=args.cache, device=args.device, quantization=args.quantization)
 
@@ -80,17 +80,17 @@ def train_spec(args, lora_dropout_mask: str = "auto"):
 
 
 def encoded_train(args, tokenizer):
-    from lorasum_assets.ml.prompts import encode_example
+    from lorasum_assets.ml.data.prompts import encode_example
 
     train, _ = load_data(args)
     return [encode_example(tokenizer, d.dialogue, d.references[0], 512) for d in train]
 
 
 def run_train_ours(args, lora_dropout_mask: str = "auto") -> dict:
-    from lorasum_assets.ml.batching import TrainExample
-    from lorasum_assets.ml.model_setup import prepare_peft_model
-    from lorasum_assets.ml.modeling import load_model, load_tokenizer
-    from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.ml.models.loading import load_model, load_tokenizer
+    from lorasum_assets.ml.training.batching import TrainExample
+    from lorasum_assets.ml.training.loop import train_lora
+    from lorasum_assets.ml.training.lora import prepare_peft_model
 
     spec = model_spec(args)
     tokenizer = load_tokenizer(spec)
@@ -114,9 +114,9 @@ def run_train_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from lorasum_assets.ml.devices import cuda_has_native_bf16
-    from lorasum_assets.ml.modeling import load_tokenizer, resolve_model_path
-    from lorasum_assets.ml.precision import cpu_has_fast_bf16
+    from lorasum_assets.ml.models.devices import cuda_has_native_bf16
+    from lorasum_assets.ml.models.loading import load_tokenizer, resolve_model_path
+    from lorasum_assets.ml.models.precision import cpu_has_fast_bf16
 
     spec = model_spec(args)
     tokenizer = load_tokenizer(spec)
@@ -167,7 +167,7 @@ def qlora_loading(args, dtype) -> dict:
         return {}
     from transformers import AutoConfig, BitsAndBytesConfig
 
-    from lorasum_assets.ml.modeling import resolve_model_path
+    from lorasum_assets.ml.models.loading import resolve_model_path
 
     kwargs = {"device_map": {"": args.device}}
     if getattr(AutoConfig.from_pretrained(resolve_model_path(model_spec(args))), "quantization_config", None) is None:
@@ -177,7 +177,7 @@ def qlora_loading(args, dtype) -> dict:
 
 
 def prompts(args, tokenizer):
-    from lorasum_assets.ml.prompts import encode_prompt
+    from lorasum_assets.ml.data.prompts import encode_prompt
 
     _, test = load_data(args)
     return [encode_prompt(tokenizer, d.dialogue)[0] for d in test]
@@ -190,7 +190,7 @@ def bench_adapter(args) -> str:
 
     from peft import LoraConfig, get_peft_model
 
-    from lorasum_assets.ml.modeling import load_model, load_tokenizer
+    from lorasum_assets.ml.models.loading import load_model, load_tokenizer
 
     folder = Path(args.cache).parent / "bench-adapters" / hashlib.sha256(args.model.encode()).hexdigest()[:12]
     if not (folder / "adapter_config.json").exists():
@@ -236,8 +236,8 @@ def with_bound(result: dict, model, rows: int = GENERATE_BATCH) -> dict:
 
 def run_generate_ours(args, precision: str = "auto", static_compiled: bool = False, tuned: bool = False, decoder: str = "auto",
                       max_new_tokens: int = 60) -> dict:
-    from lorasum_assets.ml.generate import generate, generate_with_adapter
-    from lorasum_assets.ml.modeling import load_model, load_tokenizer
+    from lorasum_assets.ml.generation.generate import generate, generate_with_adapter
+    from lorasum_assets.ml.models.loading import load_model, load_tokenizer
     from lorasum_assets.settings.specs import GenerationSpec
 
     spec = model_spec(args)
@@ -284,9 +284,9 @@ def run_generate_lookup(args) -> dict:
     ours uses: drafts copied from the dialogue, verified greedily."""
     import torch
 
-    from lorasum_assets.ml.generate import cut_at_stop, stop_token_ids
-    from lorasum_assets.ml.modeling import load_model, load_tokenizer
-    from lorasum_assets.ml.precision import generation_dtype, weights_in
+    from lorasum_assets.ml.generation.generate import cut_at_stop, stop_token_ids
+    from lorasum_assets.ml.models.loading import load_model, load_tokenizer
+    from lorasum_assets.ml.models.precision import generation_dtype, weights_in
 
     spec = model_spec(args)
     tokenizer, model = load_tokenizer(spec), load_model(spec)
@@ -316,8 +316,8 @@ def run_generate_plain(args, dtype: str = "as_loaded", tuned: bool = False, max_
     preallocated cache, not compiled), to measure each on its own."""
     import torch
 
-    from lorasum_assets.ml.generate import collate_left, cut_at_stop, stop_token_ids
-    from lorasum_assets.ml.modeling import load_model, load_tokenizer
+    from lorasum_assets.ml.generation.generate import collate_left, cut_at_stop, stop_token_ids
+    from lorasum_assets.ml.models.loading import load_model, load_tokenizer
 
     spec = model_spec(args)
     adapter = bench_adapter(args) if tuned else None
@@ -359,8 +359,8 @@ def run_generate_llama_cpp(args, max_new_tokens: int = 60) -> dict:
     ``max_new_tokens``. Base model only: the adapter is not converted to a GGUF LoRA."""
     from llama_cpp import Llama
 
-    from lorasum_assets.ml.generate import stop_token_ids
-    from lorasum_assets.ml.modeling import load_model, load_tokenizer, packaged_gguf_path
+    from lorasum_assets.ml.generation.generate import stop_token_ids
+    from lorasum_assets.ml.models.loading import load_model, load_tokenizer, packaged_gguf_path
 
     spec = model_spec(args)
     tokenizer, model = load_tokenizer(spec), load_model(spec)
@@ -483,7 +483,7 @@ def main() -> int:
     if results is None:
         return 1
 
-    from lorasum_assets.ml.devices import describe_device
+    from lorasum_assets.ml.models.devices import describe_device
 
     print_host()
     print(f"device {describe_device(args.device) if args.device != 'cpu' else 'cpu'}; "

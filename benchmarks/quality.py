@@ -37,14 +37,14 @@ def dialogsum(argv: list[str]) -> int:
     Exits 2, measuring nothing, when the data folder is absent. ``--prompt-boundary notebook`` reproduces
     the notebook's tokenization ("Summary: " and the summary tokenized apart) for comparison.
     """
-    from lorasum_assets.ml.adapter_files import save_adapter
-    from lorasum_assets.ml.generate import generate, generate_with_adapter
-    from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path
-    from lorasum_assets.ml.model_setup import prepare_peft_model
-    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_prompt
-    from lorasum_assets.ml.report import METRICS, metric_value, score_predictions
-    from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.ml.data.prompts import encode_prompt
+    from lorasum_assets.ml.evaluation.bertscore import BertScoreModel, package_minilm_path
+    from lorasum_assets.ml.evaluation.scoring import METRICS, metric_value, score_predictions
+    from lorasum_assets.ml.generation.generate import generate, generate_with_adapter
+    from lorasum_assets.ml.models.adapter_files import save_adapter
+    from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer
+    from lorasum_assets.ml.training.loop import train_lora
+    from lorasum_assets.ml.training.lora import prepare_peft_model
     from lorasum_assets.settings.specs import SMOLLM2_GGUF, BertScoreSpec, GenerationSpec, TrainSpec
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality dialogsum", description=dialogsum.__doc__.split("\n\n")[0])
@@ -204,7 +204,7 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
     dialogue each model did not train on instead (``evaluation_dialogues``).
 
     For base and tuned it prints BERTScore F1 (MiniLM) and ROUGE-L, the paired 95% bootstrap CI of
-    candidate − reference per dialogue and a non-inferiority verdict (``ml/stats.py:
+    candidate − reference per dialogue and a non-inferiority verdict (``ml/evaluation/stats.py:
     NonInferiority``) with the margin ``--margin`` (default 0.01, named before it runs): it passes
     when the CI's lower bound is at least −margin, fails when the CI lies below −margin or is
     narrower than the margin and reaches below it, and otherwise cannot decide and says about how
@@ -234,14 +234,15 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
 
     import torch
 
-    from lorasum_assets.ml.adapter_files import save_adapter
-    from lorasum_assets.ml.generate import generate, generate_with_adapter
-    from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path, rouge_scores
-    from lorasum_assets.ml.model_setup import prepare_peft_model
-    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_prompt
-    from lorasum_assets.ml.stats import non_inferiority
-    from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.ml.data.prompts import encode_prompt
+    from lorasum_assets.ml.evaluation.bertscore import BertScoreModel, package_minilm_path
+    from lorasum_assets.ml.evaluation.rouge import rouge_scores
+    from lorasum_assets.ml.evaluation.stats import non_inferiority
+    from lorasum_assets.ml.generation.generate import generate, generate_with_adapter
+    from lorasum_assets.ml.models.adapter_files import save_adapter
+    from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer
+    from lorasum_assets.ml.training.loop import train_lora
+    from lorasum_assets.ml.training.lora import prepare_peft_model
     from lorasum_assets.settings.specs import BertScoreSpec, GenerationSpec, TrainSpec
 
     dev, test_all = dialogsum_splits(args.data)

@@ -59,7 +59,7 @@ def main() -> int:
     import torch
 
     from benchmarks.speed import _examples
-    from lorasum_assets.ml.modeling import ModelSpec
+    from lorasum_assets.ml.models.loading import ModelSpec
     from lorasum_assets.settings.specs import TrainSpec
     from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
 

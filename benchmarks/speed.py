@@ -59,8 +59,8 @@ LEVERS = {
 
 
 def _examples(args):
-    from lorasum_assets.ml.modeling import ModelSpec, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_prompt
+    from lorasum_assets.ml.data.prompts import encode_prompt
+    from lorasum_assets.ml.models.loading import ModelSpec, load_tokenizer
 
     dev, test = dialogsum_splits(args.data)
     test = test[: args.generate]
@@ -75,11 +75,11 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
     (the first also builds every kernel for every batch shape)."""
     import torch
 
-    from lorasum_assets.ml import train as train_module
-    from lorasum_assets.ml.batching import collate_right
-    from lorasum_assets.ml.model_setup import prepare_peft_model
-    from lorasum_assets.ml.modeling import ModelSpec, load_model
-    from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.ml.models.loading import ModelSpec, load_model
+    from lorasum_assets.ml.training import loop as train_module
+    from lorasum_assets.ml.training.batching import collate_right
+    from lorasum_assets.ml.training.loop import train_lora
+    from lorasum_assets.ml.training.lora import prepare_peft_model
     from lorasum_assets.settings.specs import TrainSpec
 
     args = argparse.Namespace(**args_dict)
@@ -270,9 +270,9 @@ def main() -> int:
 
     from peft import PeftModel
 
-    from lorasum_assets.ml.generate import generate
-    from lorasum_assets.ml.metrics import BertScoreModel, package_minilm_path
-    from lorasum_assets.ml.modeling import ModelSpec, load_model
+    from lorasum_assets.ml.evaluation.bertscore import BertScoreModel, package_minilm_path
+    from lorasum_assets.ml.generation.generate import generate
+    from lorasum_assets.ml.models.loading import ModelSpec, load_model
     from lorasum_assets.settings.specs import BertScoreSpec, GenerationSpec
 
     spec = ModelSpec(model=args.model, cache_dir=args.cache, device=args.device, quantization=args.quantization)

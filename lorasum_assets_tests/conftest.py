@@ -42,7 +42,7 @@ def fresh_home(tmp_path, monkeypatch, session_home) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(session_home) -> Path:
-    from lorasum_assets.ml.tiny_model import build_tiny_model
+    from lorasum_assets.ml.models.tiny import build_tiny_model
 
     return build_tiny_model(session_home / "models" / "tiny-llama")
 
@@ -50,7 +50,7 @@ def tiny_model_dir(session_home) -> Path:
 @pytest.fixture(scope="session")
 def stand_in_dir(session_home) -> Path:
     """The 4-bit Llama 3.2 stand-in for unsloth/Llama-3.2-3B-Instruct-bnb-4bit, saved prequantized."""
-    from lorasum_assets.ml.tiny_model import build_tiny_llama32_bnb_4bit
+    from lorasum_assets.ml.models.tiny import build_tiny_llama32_bnb_4bit
 
     return build_tiny_llama32_bnb_4bit(session_home / "models" / "tiny-llama-3.2-bnb-4bit")
 
@@ -64,7 +64,7 @@ def tiny_tokenizer(tiny_model_dir):
 
 @pytest.fixture()
 def tiny_model(tiny_model_dir):
-    from lorasum_assets.ml.modeling import ModelSpec, load_model
+    from lorasum_assets.ml.models.loading import ModelSpec, load_model
 
     return load_model(ModelSpec(model=str(tiny_model_dir), device="cpu"))
 
@@ -84,7 +84,7 @@ def smollm2_available() -> bool:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(session_home):
-    from lorasum_assets.ml.modeling import ModelSpec, load_tokenizer
+    from lorasum_assets.ml.models.loading import ModelSpec, load_tokenizer
     from lorasum_assets.settings.specs import SMOLLM2_GGUF
 
     return load_tokenizer(ModelSpec(model=SMOLLM2_GGUF, cache_dir=str(session_home / "models")))

@@ -12,7 +12,7 @@ import pytest
 from lorasum_assets.defs.assets import ALL_ASSETS
 from lorasum_assets.defs.checks import ALL_CHECKS
 from lorasum_assets.defs.resources.factory import build_resources
-from lorasum_assets.ml.adapter_files import AdapterFilesError, AdapterMissingError, sha256_file, verify_adapter_files
+from lorasum_assets.ml.models.adapter_files import AdapterFilesError, AdapterMissingError, sha256_file, verify_adapter_files
 from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets.tools.cli import main
 from lorasum_assets_tests.conftest import history_of

@@ -8,7 +8,7 @@ from dagster._utils.schedules import cron_string_iterator  # the iterator Dagste
 
 from lorasum_assets.defs.schedules import InvalidCronError, build_retrain_schedule
 from lorasum_assets.defs.sensors import record_run_failures, retrain_on_data_change
-from lorasum_assets.ml.data import load_local
+from lorasum_assets.ml.data.dialogues import load_local
 from lorasum_assets_tests.conftest import history_of
 
 

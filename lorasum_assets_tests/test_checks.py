@@ -43,7 +43,7 @@ def test_first_run_passes(fresh_home):
 def test_an_empty_summary_is_a_warning_and_a_failed_check_naming_the_dialogue(fresh_home, monkeypatch):
     import dagster as dg
 
-    import lorasum_assets.ml.generate as generation
+    import lorasum_assets.ml.generation.generate as generation
     from lorasum_assets.defs.assets import ALL_ASSETS
     from lorasum_assets.defs.checks import ALL_CHECKS
     from lorasum_assets.defs.resources.factory import build_resources

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lorasum_assets.ml.data import FilterSpec, filter_split, normalise
-from lorasum_assets.ml.readers import DataSourceError, read_hub, read_local, read_sample
+from lorasum_assets.ml.data.dialogues import FilterSpec, filter_split, normalise
+from lorasum_assets.ml.data.readers import DataSourceError, read_hub, read_local, read_sample
 
 GOOD = {"id": "train_1", "dialogue": "#Person1#: Hi.\n#Person2#: Hello.", "summary": "They greet.", "topic": "greeting"}
 

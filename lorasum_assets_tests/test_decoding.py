@@ -4,9 +4,9 @@ LoRA adapter merged only into its own copy of the weights, and the same greedy s
 import pytest
 import torch
 
-from lorasum_assets.ml import decoding
-from lorasum_assets.ml.generate import chosen_decoder, generate, generate_with_adapter, has_active_adapter
-from lorasum_assets.ml.modeling import ModelSpec, load_model
+from lorasum_assets.ml.generation import decoding
+from lorasum_assets.ml.generation.generate import chosen_decoder, generate, generate_with_adapter, has_active_adapter
+from lorasum_assets.ml.models.loading import ModelSpec, load_model
 from lorasum_assets.settings.specs import GenerationSpec
 
 from .test_generate import prompts, trained_adapter  # noqa: F401  (a fixture)

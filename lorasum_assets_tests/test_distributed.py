@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lorasum_assets.defs.assets import ALL_ASSETS
 from lorasum_assets.defs.resources.factory import build_resources
-from lorasum_assets.ml.distributed import micro_batch_seed, window_share
+from lorasum_assets.ml.training.distributed import micro_batch_seed, window_share
 from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets_tests.conftest import history_of
 

@@ -6,10 +6,10 @@ the host lacks skips and names it; ``-rs`` in the test commands lists the skips 
 import pytest
 import torch
 
-from lorasum_assets.ml import decoding
-from lorasum_assets.ml.generate import chosen_decoder, generate
-from lorasum_assets.ml.modeling import ModelSpec, load_model
-from lorasum_assets.ml.precision import weights_in
+from lorasum_assets.ml.generation import decoding
+from lorasum_assets.ml.generation.generate import chosen_decoder, generate
+from lorasum_assets.ml.models.loading import ModelSpec, load_model
+from lorasum_assets.ml.models.precision import weights_in
 from lorasum_assets.settings.specs import GenerationSpec
 
 from .test_decoding import model_logits

@@ -5,12 +5,12 @@ from importlib import resources
 
 import pytest
 
-from lorasum_assets.ml.adapter_files import save_adapter
-from lorasum_assets.ml.generate import generate, generate_with_adapter, has_active_adapter
-from lorasum_assets.ml.model_setup import prepare_peft_model
-from lorasum_assets.ml.modeling import ModelSpec, load_model
-from lorasum_assets.ml.prompts import encode_prompt
-from lorasum_assets.ml.train import train_lora
+from lorasum_assets.ml.data.prompts import encode_prompt
+from lorasum_assets.ml.generation.generate import generate, generate_with_adapter, has_active_adapter
+from lorasum_assets.ml.models.adapter_files import save_adapter
+from lorasum_assets.ml.models.loading import ModelSpec, load_model
+from lorasum_assets.ml.training.loop import train_lora
+from lorasum_assets.ml.training.lora import prepare_peft_model
 from lorasum_assets.settings.specs import GenerationSpec, TrainSpec
 
 from .test_train import examples
@@ -83,7 +83,7 @@ def test_generation_stops_at_eos_and_decodes_only_new_tokens(tiny_model_dir, tin
 
 
 def test_generation_batches_bound_their_padding():
-    from lorasum_assets.ml.generate import plan_generation_batches
+    from lorasum_assets.ml.generation.generate import plan_generation_batches
 
     lengths = [128, 174, 174, 181, 185, 194, 195, 200, 219, 224, 226, 241, 245, 332, 348, 442]
     batches = plan_generation_batches(lengths, batch_size=16, max_padding_share=0.25)
@@ -146,7 +146,7 @@ def test_the_stored_text_is_cut_at_the_first_stop_id(tiny_tokenizer):
 def test_as_loaded_precision_gives_exactly_what_plain_generate_gives(tiny_model_dir, tiny_tokenizer):
     import torch
 
-    from lorasum_assets.ml.generate import collate_left, cut_at_stop, stop_token_ids
+    from lorasum_assets.ml.generation.generate import collate_left, cut_at_stop, stop_token_ids
 
     model = load_model(ModelSpec(model=str(tiny_model_dir), device="cpu"))
     test_prompts = prompts(tiny_tokenizer)
@@ -165,7 +165,8 @@ def test_as_loaded_precision_gives_exactly_what_plain_generate_gives(tiny_model_
 def test_bf16_generation_runs_in_bf16_and_gives_the_model_back_in_fp32(tiny_model_dir, tiny_tokenizer, trained_adapter, monkeypatch, decoder):
     import torch
 
-    from lorasum_assets.ml import decoding, precision
+    from lorasum_assets.ml.generation import decoding
+    from lorasum_assets.ml.models import precision
 
     model = load_model(ModelSpec(model=str(tiny_model_dir), device="cpu"))
     before = {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()}
@@ -234,7 +235,7 @@ def test_the_padding_limit_splits_batches_on_a_cpu_only():
     costs little more, so it takes full batches."""
     import torch
 
-    from lorasum_assets.ml.generate import padding_limit
+    from lorasum_assets.ml.generation.generate import padding_limit
 
     spec = GenerationSpec(max_padding_share=0.25)
     on_cpu, on_gpu = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta")  # meta: a device that is not the CPU
@@ -249,7 +250,7 @@ def test_out_of_memory_back_off_frees_memory_once_the_failed_batch_is_gone(tiny_
 
     import torch
 
-    from lorasum_assets.ml import generate as generation
+    from lorasum_assets.ml.generation import generate as generation
 
     held: list[weakref.ref] = []
 
@@ -343,7 +344,7 @@ def test_a_merged_export_frees_its_merged_copy_before_reloading_it(tiny_model_di
 
     import torch
 
-    from lorasum_assets.ml import export
+    from lorasum_assets.ml.export import merged as export
 
     spec = ModelSpec(model=str(tiny_model_dir), device="cpu")
     train = TrainSpec(epochs=1, batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.0)

@@ -58,7 +58,7 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def first_step_logits(model, prompts, pad_id: int, batch_size: int) -> torch.Tensor:
     """The logits of the first new token of each prompt, generated ``batch_size`` at a time with left padding."""
-    from lorasum_assets.ml.generate import collate_left
+    from lorasum_assets.ml.generation.generate import collate_left
 
     rows = []
     for start in range(0, len(prompts), batch_size):
@@ -74,15 +74,15 @@ def first_step_logits(model, prompts, pad_id: int, batch_size: int) -> torch.Ten
 def test_qlora_trains_saves_reloads_and_generates_on_cuda(model_name, precision, dtype, tmp_path):
     from peft import PeftModel, prepare_model_for_kbit_training
 
-    from lorasum_assets.ml.adapter_files import save_adapter
-    from lorasum_assets.ml.batching import TrainExample, collate_right
-    from lorasum_assets.ml.data import normalise
-    from lorasum_assets.ml.generate import generate
-    from lorasum_assets.ml.model_setup import prepare_peft_model, use_attention
-    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer, loaded_quantization
-    from lorasum_assets.ml.prompts import encode_example, encode_prompt
-    from lorasum_assets.ml.readers import read_sample
-    from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.ml.data.dialogues import normalise
+    from lorasum_assets.ml.data.prompts import encode_example, encode_prompt
+    from lorasum_assets.ml.data.readers import read_sample
+    from lorasum_assets.ml.generation.generate import generate
+    from lorasum_assets.ml.models.adapter_files import save_adapter
+    from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer, loaded_quantization
+    from lorasum_assets.ml.training.batching import TrainExample, collate_right
+    from lorasum_assets.ml.training.loop import train_lora
+    from lorasum_assets.ml.training.lora import prepare_peft_model, use_attention
     from lorasum_assets.settings.specs import GenerationSpec, TrainSpec
 
     dialogues = normalise(read_sample(), "sample").dialogues

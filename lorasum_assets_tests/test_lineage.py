@@ -64,7 +64,7 @@ def test_an_asset_reads_its_own_upstream_materialization_not_the_newest_rows(fre
 
 
 def test_an_adapter_refuses_a_different_base_model_before_any_generation(fresh_home, tmp_path):
-    from lorasum_assets.ml.tiny_model import build_tiny_model
+    from lorasum_assets.ml.models.tiny import build_tiny_model
 
     instance = dg.DagsterInstance.ephemeral()
     result = materialize(instance, "*lora_adapter")

@@ -4,10 +4,10 @@ and that gradient checkpointing recomputes the same masks."""
 import pytest
 import torch
 
-from lorasum_assets.ml.lora_dropout import PackedBitsDropout, drop_threshold, keep_mask, lora_dropout_mask_for
-from lorasum_assets.ml.model_setup import prepare_peft_model
-from lorasum_assets.ml.modeling import ModelSpec, load_model
-from lorasum_assets.ml.train import TrainSpec, train_lora
+from lorasum_assets.ml.models.loading import ModelSpec, load_model
+from lorasum_assets.ml.training.loop import TrainSpec, train_lora
+from lorasum_assets.ml.training.lora import prepare_peft_model
+from lorasum_assets.ml.training.lora_dropout import PackedBitsDropout, drop_threshold, keep_mask, lora_dropout_mask_for
 from lorasum_assets_tests.test_train import examples
 
 

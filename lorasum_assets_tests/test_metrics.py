@@ -4,14 +4,10 @@ import bert_score
 import pytest
 from rouge_score import rouge_scorer
 
-from lorasum_assets.ml.metrics import (
-    BertScoreModel,
-    BertScoreSpec,
-    package_minilm_path,
-    rouge_scores,
-)
-from lorasum_assets.ml.report import metric_value, score_predictions
-from lorasum_assets.ml.stats import bootstrap_ci, paired_bootstrap_ci
+from lorasum_assets.ml.evaluation.bertscore import BertScoreModel, BertScoreSpec, package_minilm_path
+from lorasum_assets.ml.evaluation.rouge import rouge_scores
+from lorasum_assets.ml.evaluation.scoring import metric_value, score_predictions
+from lorasum_assets.ml.evaluation.stats import bootstrap_ci, paired_bootstrap_ci
 
 CANDS = ["#Person1# books a table for two.", "They plan a trip to the lake.", ""]
 REFS = [
@@ -109,7 +105,7 @@ def test_model_text_is_shown_as_text_not_markup():
 
 
 def test_an_undefined_percentage_reads_n_a():
-    from lorasum_assets.ml.stats import percent_difference
+    from lorasum_assets.ml.evaluation.stats import percent_difference
 
     assert percent_difference(0.0, 0.25) == "n/a"  # ROUGE-2 of a base that shares no bigram
     assert percent_difference(float("nan"), 0.25) == "n/a"
@@ -119,7 +115,7 @@ def test_an_undefined_percentage_reads_n_a():
 def test_the_non_inferiority_check_passes_fails_and_refuses_to_decide_as_it_should():
     import numpy as np
 
-    from lorasum_assets.ml.stats import non_inferiority
+    from lorasum_assets.ml.evaluation.stats import non_inferiority
 
     rng = np.random.default_rng(0)
     reference = rng.uniform(0.3, 0.9, size=400)

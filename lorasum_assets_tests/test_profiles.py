@@ -8,7 +8,7 @@ from lorasum_assets.settings.specs import TrainSpec
 
 def test_the_default_profile_runs_offline_on_a_model_a_package_ships(monkeypatch):
     """What the README's ``make demo`` relies on: no profile named, no hub, a model file on disk."""
-    from lorasum_assets.ml.modeling import packaged_gguf_path
+    from lorasum_assets.ml.models.loading import packaged_gguf_path
 
     monkeypatch.delenv("LORASUM_PROFILE", raising=False)
     model = get_profile().model.model

@@ -89,7 +89,7 @@ def test_three_runs_promote_the_good_keep_the_worse_and_promote_the_better(three
     assert all(r[5] == "bertscore_f1" and r[7] <= r[6] <= r[8] for r in rows)
     assert rows[0][7] > 0 and rows[1][7] <= 0 and rows[2][7] > 0  # the CI's low end decides
     # the champion's side of each pairing is its own evaluation from the history
-    from lorasum_assets.ml.stats import paired_bootstrap_ci
+    from lorasum_assets.ml.evaluation.stats import paired_bootstrap_ci
 
     def f1(run_id, model="tuned"):
         return dict(con.execute("SELECT id, bertscore_f1 FROM eval_examples WHERE run_id = ? AND model = ?", [run_id, model]).fetchall())
@@ -194,10 +194,10 @@ def test_export_model_merged_loads_without_peft_and_summarizes_as_base_plus_adap
     card = (out / "README.md").read_text()
     assert "library_name: transformers" in card and "| bertscore_f1 |" in card
 
-    from lorasum_assets.ml.generate import generate_with_adapter
-    from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-    from lorasum_assets.ml.prompts import encode_prompt
-    from lorasum_assets.ml.readers import read_sample
+    from lorasum_assets.ml.data.prompts import encode_prompt
+    from lorasum_assets.ml.data.readers import read_sample
+    from lorasum_assets.ml.generation.generate import generate_with_adapter
+    from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.settings.specs import TINY_MODEL, GenerationSpec
     from lorasum_assets.store.registry import find_adapter
 

@@ -5,14 +5,14 @@ from importlib import resources
 
 import pytest
 
-from lorasum_assets.ml.batching import TrainExample, collate_right
-from lorasum_assets.ml.prompts import (
+from lorasum_assets.ml.data.prompts import (
     IGNORE_INDEX,
     SummaryTooLongError,
     encode_example,
     encode_prompt,
     render_prompt,
 )
+from lorasum_assets.ml.training.batching import TrainExample, collate_right
 
 from .conftest import smollm2_available
 
@@ -120,7 +120,7 @@ def test_chat_template_wrapping_is_stable(tiny_tokenizer):
 def test_chat_template_gets_a_fixed_date(tiny_tokenizer):
     import copy
 
-    from lorasum_assets.ml.prompts import FIXED_DATE_STRING
+    from lorasum_assets.ml.data.prompts import FIXED_DATE_STRING
 
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.chat_template = (

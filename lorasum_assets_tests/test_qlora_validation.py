@@ -11,12 +11,13 @@ from importlib import resources
 import pytest
 import torch
 
-from lorasum_assets.ml.batching import TrainExample, collate_right
-from lorasum_assets.ml.loss import evaluate_loss, token_loss_sum
-from lorasum_assets.ml.model_setup import FourBitLayoutWarning, evaluating, prepare_peft_model, restore_4bit_layout
-from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer
-from lorasum_assets.ml.prompts import encode_example
-from lorasum_assets.ml.train import train_lora
+from lorasum_assets.ml.data.prompts import encode_example
+from lorasum_assets.ml.models.four_bit import FourBitLayoutWarning, evaluating, restore_4bit_layout
+from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer
+from lorasum_assets.ml.training.batching import TrainExample, collate_right
+from lorasum_assets.ml.training.loop import train_lora
+from lorasum_assets.ml.training.lora import prepare_peft_model
+from lorasum_assets.ml.training.loss import evaluate_loss, token_loss_sum
 from lorasum_assets.settings.profiles import get_profile
 
 

@@ -16,8 +16,14 @@ import pytest
 import torch
 import yaml
 
-from lorasum_assets.ml.modeling import IneffectiveSettingError, ModelSpec, load_model, loaded_quantization, planned_quantization
-from lorasum_assets.ml.tiny_model import LLAMA3_STOP_TOKENS
+from lorasum_assets.ml.models.loading import (
+    IneffectiveSettingError,
+    ModelSpec,
+    load_model,
+    loaded_quantization,
+    planned_quantization,
+)
+from lorasum_assets.ml.models.tiny import LLAMA3_STOP_TOKENS
 from lorasum_assets.settings.specs import TINY_LLAMA32_BNB_4BIT
 from lorasum_assets_tests.conftest import history_of
 
@@ -90,7 +96,7 @@ def test_fp16_compute_takes_effect_on_the_bf16_prequantized_checkpoint(stand_in_
     assert {m.compute_dtype for m in layers} == {torch.float16}
     assert model.model.embed_tokens.weight.dtype == torch.float16
     # what a run records is read from the layers, through the LoRA wrappers too
-    from lorasum_assets.ml.model_setup import prepare_peft_model
+    from lorasum_assets.ml.training.lora import prepare_peft_model
     from lorasum_assets.settings.specs import TrainSpec
 
     assert loaded_quantization(prepare_peft_model(model, TrainSpec())).compute_dtype == "float16"
@@ -98,7 +104,7 @@ def test_fp16_compute_takes_effect_on_the_bf16_prequantized_checkpoint(stand_in_
 
 @pytest.mark.parametrize("gpu, native_bf16, expected", [("A100", True, "bfloat16"), ("T4", False, "float16"), ("cpu", None, "bfloat16")])
 def test_a_gpu_without_bf16_computes_the_bf16_checkpoint_in_fp16(stand_in_dir, monkeypatch, gpu, native_bf16, expected):
-    from lorasum_assets.ml import modeling
+    from lorasum_assets.ml.models import loading as modeling
 
     monkeypatch.setattr(modeling, "cuda_has_native_bf16", lambda: native_bf16)
     spec = ModelSpec(model=str(stand_in_dir), quantization="nf4", device="cpu" if gpu == "cpu" else "cuda")
@@ -193,7 +199,7 @@ print(json.dumps({"tokens": texts, "peft_imported": "peft" in sys.modules, "dtyp
 
 
 def test_the_merged_export_of_a_qlora_adapter_is_16_bit_and_computes_base_plus_adapter(recipe_runs, stand_in_dir, tmp_path, monkeypatch, capsys):
-    from lorasum_assets.ml.export import MERGE_TOLERANCE
+    from lorasum_assets.ml.export.merged import MERGE_TOLERANCE
     from lorasum_assets.tools.cli import main
 
     home, _, _ = recipe_runs("bf16")
@@ -213,7 +219,7 @@ def test_the_merged_export_of_a_qlora_adapter_is_16_bit_and_computes_base_plus_a
 
     # loads with plain transformers, no peft, no 4-bit layers, in bf16
     prompts = json.loads(subprocess.run([sys.executable, "-c", "import json,sys; from lorasum_assets.tools.cli import _check_prompts; "
-                                         "from lorasum_assets.ml.modeling import ModelSpec; "
+                                         "from lorasum_assets.ml.models.loading import ModelSpec; "
                                          f"print(json.dumps(_check_prompts(ModelSpec(model={str(stand_in_dir)!r}, quantization='nf4'), {{}})))"],
                                         capture_output=True, text=True, check=True, cwd=REPO).stdout)
     plain = subprocess.run([sys.executable, "-c", MERGED_OUTPUTS, str(out), json.dumps(prompts)], capture_output=True, text=True, timeout=300)
@@ -224,7 +230,7 @@ def test_the_merged_export_of_a_qlora_adapter_is_16_bit_and_computes_base_plus_a
     # the tolerance against the noise it has to clear: two loads of base + adapter compared the same way
     from peft import PeftModel
 
-    from lorasum_assets.ml.export import compare_with_reference
+    from lorasum_assets.ml.export.merged import compare_with_reference
 
     adapter_path = next(p for p in (home / "adapters").iterdir() if p.name == adapter_id)
     spec = ModelSpec(model=str(stand_in_dir), quantization="nf4", device="cpu")

@@ -286,7 +286,7 @@ def test_hf_token_never_reaches_logs_metadata_or_duckdb(fresh_home, monkeypatch)
 
 def test_remote_code_is_off_unless_a_profile_turns_it_on():
     from lorasum_assets.defs.resources import LoraModelResource, ProfileResource
-    from lorasum_assets.ml.modeling import ModelSpec
+    from lorasum_assets.ml.models.loading import ModelSpec
     from lorasum_assets.settings.profiles import PROFILES
 
     assert ModelSpec(model="x").trust_remote_code is False
@@ -297,7 +297,7 @@ def test_remote_code_is_off_unless_a_profile_turns_it_on():
 def test_weights_load_with_safetensors_and_torch_load_is_weights_only(tiny_model_dir, monkeypatch):
     import transformers
 
-    from lorasum_assets.ml.modeling import ModelSpec, load_model
+    from lorasum_assets.ml.models.loading import ModelSpec, load_model
 
     seen = {}
     original = transformers.AutoModelForCausalLM.from_pretrained
@@ -310,7 +310,7 @@ def test_weights_load_with_safetensors_and_torch_load_is_weights_only(tiny_model
 
 
 def test_paths_cannot_climb_out_of_the_home(fresh_home):
-    from lorasum_assets.ml.modeling import ModelSpec, resolve_model_path
+    from lorasum_assets.ml.models.loading import ModelSpec, resolve_model_path
     from lorasum_assets.runtime.home import UnsafePathError, home_subdir
 
     assert home_subdir("adapters") == fresh_home / "adapters"
@@ -370,7 +370,7 @@ def test_a_killed_generation_step_rematerializes_cleanly(fresh_home, tmp_path):
 def test_generation_that_runs_out_of_cuda_memory_halves_its_batch_down_to_one(tiny_model, tiny_tokenizer, monkeypatch):
     import torch
 
-    from lorasum_assets.ml.generate import generate
+    from lorasum_assets.ml.generation.generate import generate
     from lorasum_assets.settings.specs import GenerationSpec
 
     real_generate, sizes = tiny_model.generate, []

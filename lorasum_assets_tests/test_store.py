@@ -361,6 +361,6 @@ def test_the_server_wait_setting_is_checked(monkeypatch):
 
 
 def _step(number: int):
-    from lorasum_assets.ml.progress import StepLog
+    from lorasum_assets.ml.training.records import StepLog
 
     return StepLog(step=number, epoch=0.1 * number, loss=1.0, learning_rate=1e-4, grad_norm=0.5, label_tokens=10, seconds=0.1)

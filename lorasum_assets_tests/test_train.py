@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lorasum_assets.ml.adapter_files import save_adapter
-from lorasum_assets.ml.batching import TrainExample, collate_right, plan_batches, steps_per_epoch
-from lorasum_assets.ml.model_setup import prepare_peft_model
-from lorasum_assets.ml.modeling import ModelSpec, load_model
-from lorasum_assets.ml.prompts import encode_example
-from lorasum_assets.ml.train import TrainSpec, train_lora
+from lorasum_assets.ml.data.prompts import encode_example
+from lorasum_assets.ml.models.adapter_files import save_adapter
+from lorasum_assets.ml.models.loading import ModelSpec, load_model
+from lorasum_assets.ml.training.batching import TrainExample, collate_right, plan_batches, steps_per_epoch
+from lorasum_assets.ml.training.loop import TrainSpec, train_lora
+from lorasum_assets.ml.training.lora import prepare_peft_model
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -128,7 +128,7 @@ def test_training_stopped_by_an_error_resumes_to_the_planned_step_count(tiny_mod
 def test_an_interrupted_training_checkpoints_its_last_whole_step_and_resumes_there(tiny_model_dir, tiny_tokenizer, tmp_path):
     """Terminate in the UI interrupts the step (Dagster raises in the step's thread): the steps made
     since the last periodic checkpoint are kept, and the next run resumes after them."""
-    from lorasum_assets.ml.checkpoints import complete_checkpoints
+    from lorasum_assets.ml.training.checkpoints import complete_checkpoints
 
     spec = TrainSpec(epochs=3, batch_size=2, gradient_accumulation_steps=2, learning_rate=5e-3, checkpoint_steps=10, lora_dropout=0.0,
                      gradient_checkpointing=False)
@@ -178,7 +178,7 @@ def test_each_epoch_has_different_length_grouped_micro_batches():
 
 
 def test_adapter_write_is_atomic_and_reports_an_unwritable_place(tiny_model, tiny_tokenizer, tmp_path):
-    from lorasum_assets.ml.adapter_files import AdapterWriteError
+    from lorasum_assets.ml.models.adapter_files import AdapterWriteError
 
     peft_model = prepare_peft_model(tiny_model, TrainSpec(epochs=1))
     (tmp_path / "blocked").write_text("a file where the adapters folder should be")
@@ -190,7 +190,7 @@ def test_adapter_write_is_atomic_and_reports_an_unwritable_place(tiny_model, tin
 
 
 def test_cuda_out_of_memory_says_which_knobs_to_turn(tiny_model, tiny_tokenizer, monkeypatch):
-    import lorasum_assets.ml.loss as loss_module
+    import lorasum_assets.ml.training.loss as loss_module
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -224,7 +224,7 @@ def test_a_prequantized_checkpoint_loads_without_quantizing_twice(tiny_model_dir
 def test_precision_follows_the_hardware():
     import torch
 
-    from lorasum_assets.ml.modeling import pick_dtype
+    from lorasum_assets.ml.models.loading import pick_dtype
 
     assert pick_dtype(ModelSpec(model="x"), "cpu") == torch.float32
     assert pick_dtype(ModelSpec(model="x", compute_dtype="bfloat16"), "cpu") == torch.bfloat16
@@ -233,7 +233,7 @@ def test_precision_follows_the_hardware():
 
 
 def test_completion_only_logits_give_the_same_loss(tiny_model, tiny_tokenizer):
-    from lorasum_assets.ml.loss import token_loss_sum
+    from lorasum_assets.ml.training.loss import token_loss_sum
 
     peft_model = prepare_peft_model(tiny_model, TrainSpec(lora_dropout=0.0, gradient_checkpointing=False))
     batch = collate_right(examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
@@ -246,7 +246,7 @@ def test_completion_only_logits_give_the_same_loss(tiny_model, tiny_tokenizer):
 
 
 def test_bf16_autocast_on_cpu_keeps_the_loss(tiny_model, tiny_tokenizer):
-    from lorasum_assets.ml.loss import token_loss_sum
+    from lorasum_assets.ml.training.loss import token_loss_sum
 
     peft_model = prepare_peft_model(tiny_model, TrainSpec(lora_dropout=0.0, gradient_checkpointing=False))
     batch = collate_right(examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
@@ -257,8 +257,8 @@ def test_bf16_autocast_on_cpu_keeps_the_loss(tiny_model, tiny_tokenizer):
 
 def test_packing_gives_the_same_loss_as_padding(tiny_model, tiny_tokenizer):
     """Position ids reset per example and no cross-example attention: packed == padded loss."""
-    from lorasum_assets.ml.batching import collate_packed
-    from lorasum_assets.ml.loss import token_loss_sum
+    from lorasum_assets.ml.training.batching import collate_packed
+    from lorasum_assets.ml.training.loss import token_loss_sum
 
     peft_model = prepare_peft_model(tiny_model, TrainSpec(lora_dropout=0.0, gradient_checkpointing=False))
     data = examples(tiny_tokenizer, 4)
@@ -312,8 +312,8 @@ def test_training_in_bf16_leaves_the_base_weights_as_they_were(tiny_model_dir, t
 
 
 def test_bf16_training_stores_only_linear_weights_in_bf16_and_matches_autocast(tiny_model, tiny_tokenizer):
-    from lorasum_assets.ml.loss import token_loss_sum
-    from lorasum_assets.ml.precision import frozen_weights_in
+    from lorasum_assets.ml.models.precision import frozen_weights_in
+    from lorasum_assets.ml.training.loss import token_loss_sum
 
     spec = TrainSpec(lora_dropout=0.0, gradient_checkpointing=False)
     peft_model = prepare_peft_model(tiny_model, spec)
@@ -335,7 +335,7 @@ def test_bf16_training_stores_only_linear_weights_in_bf16_and_matches_autocast(t
 
 
 def test_cpu_training_uses_eager_attention_up_to_512_tokens_and_sdpa_above(tiny_model, tiny_tokenizer):
-    from lorasum_assets.ml.model_setup import CPU_EAGER_MAX_WIDTH, training_attention
+    from lorasum_assets.ml.training.lora import CPU_EAGER_MAX_WIDTH, training_attention
 
     text = resources.files("lorasum_assets").joinpath("sample_data/dialogues.jsonl").read_text("utf-8")
     rows = [json.loads(line) for line in text.splitlines()]
@@ -358,8 +358,8 @@ def test_cpu_training_uses_eager_attention_up_to_512_tokens_and_sdpa_above(tiny_
     assert training_attention(peft_model, "eager", 700) == "eager" and training_attention(peft_model, "sdpa", 100) == "sdpa"
 
     # both kernels give the same loss on a wide batch
-    from lorasum_assets.ml.loss import token_loss_sum
-    from lorasum_assets.ml.model_setup import use_attention
+    from lorasum_assets.ml.training.lora import use_attention
+    from lorasum_assets.ml.training.loss import token_loss_sum
 
     batch = collate_right(train[2:], tiny_tokenizer.pad_token_id)
     losses = {}
@@ -373,7 +373,7 @@ def test_cpu_training_uses_eager_attention_up_to_512_tokens_and_sdpa_above(tiny_
 def test_an_nf4_adapter_merges_into_the_dequantized_base(tiny_model_dir, tiny_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorasum_assets.ml.export import merge_adapter
+    from lorasum_assets.ml.export.merged import merge_adapter
 
     spec = ModelSpec(model=str(tiny_model_dir), quantization="nf4", device="cpu")
     train = TrainSpec(epochs=1, batch_size=2, gradient_accumulation_steps=2, learning_rate=5e-3, warmup_ratio=0.0, lora_dropout=0.0)
@@ -399,8 +399,8 @@ def test_an_nf4_adapter_merges_into_the_dequantized_base(tiny_model_dir, tiny_to
 def test_bf16_only_where_the_gpu_has_it_in_hardware(monkeypatch, gpu, native_bf16, expected):
     """torch.cuda.is_bf16_supported() says yes on a T4 by default (it counts emulation): the
     automatic choice asks without emulation, so a T4 or V100 gets fp16 with the grad scaler."""
-    from lorasum_assets.ml.modeling import pick_dtype
-    from lorasum_assets.ml.precision import training_autocast_dtype
+    from lorasum_assets.ml.models.loading import pick_dtype
+    from lorasum_assets.ml.models.precision import training_autocast_dtype
 
     def is_bf16_supported(including_emulation: bool = True) -> bool:
         return native_bf16 or including_emulation

@@ -97,10 +97,10 @@ def test_an_adapter_whose_lora_b_is_still_zero_is_never_registered(fresh_home, m
     """Training that leaves every LoRA B matrix at zero would register an adapter equal to the base."""
     import dagster as dg
 
-    import lorasum_assets.ml.train as train_module
+    import lorasum_assets.ml.training.loop as train_module
     from lorasum_assets.defs.assets import ALL_ASSETS
     from lorasum_assets.defs.resources.factory import build_resources
-    from lorasum_assets.ml.progress import StepLog, TrainResult
+    from lorasum_assets.ml.training.records import StepLog, TrainResult
     from lorasum_assets.settings.profiles import get_profile
 
     def no_learning(peft_model, train_examples, val_examples, spec, **kwargs):
@@ -119,11 +119,11 @@ def test_an_adapter_whose_lora_b_is_still_zero_is_never_registered(fresh_home, m
 
 
 def test_lora_b_all_zero_tells_an_untrained_adapter_from_a_trained_one(tiny_model, tiny_tokenizer, tmp_path):
-    from lorasum_assets.ml.adapter_files import lora_b_all_zero, save_adapter
-    from lorasum_assets.ml.batching import TrainExample
-    from lorasum_assets.ml.model_setup import prepare_peft_model
-    from lorasum_assets.ml.prompts import encode_example
-    from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.ml.data.prompts import encode_example
+    from lorasum_assets.ml.models.adapter_files import lora_b_all_zero, save_adapter
+    from lorasum_assets.ml.training.batching import TrainExample
+    from lorasum_assets.ml.training.loop import train_lora
+    from lorasum_assets.ml.training.lora import prepare_peft_model
     from lorasum_assets.settings.specs import TrainSpec
 
     spec = TrainSpec(epochs=1, batch_size=1, gradient_accumulation_steps=1, max_steps=1, warmup_ratio=0.0, gradient_checkpointing=False)

@@ -10,8 +10,8 @@ from pathlib import Path
 import dagster as dg
 
 from lorasum_assets.defs.jobs import train_and_evaluate
-from lorasum_assets.ml.data import load_local
-from lorasum_assets.ml.readers import DataSourceError
+from lorasum_assets.ml.data.dialogues import load_local
+from lorasum_assets.ml.data.readers import DataSourceError
 from lorasum_assets.runtime.dead_runs import release_dead_runs
 from lorasum_assets.settings.env import WATCH_PATH_ENV, get_env
 from lorasum_assets.store.history import record_run_failure

@@ -12,8 +12,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lorasum_assets.ml.adapter_files import AdapterFilesError, verify_adapter_files
-from lorasum_assets.ml.progress import StepLog
+from lorasum_assets.ml.models.adapter_files import AdapterFilesError, verify_adapter_files
+from lorasum_assets.ml.training.records import StepLog
 from lorasum_assets.runtime.home import home_subdir
 from lorasum_assets.store.history import record_training_log, register_adapter
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from lorasum_assets.ml.promotion import judge
+from lorasum_assets.ml.evaluation.promotion_rule import judge
 from lorasum_assets.settings.specs import PromotionSpec
 from lorasum_assets.store.history import in_transaction, insert_rows, replace_rows
 from lorasum_assets.store.queries import checked_metric

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorasum_assets.ml.stats import paired_bootstrap_ci, percent_difference
+from lorasum_assets.ml.evaluation.stats import paired_bootstrap_ci, percent_difference
 from lorasum_assets.runtime.home import home_path
 from lorasum_assets.runtime.quiet import show_known_noise
 from lorasum_assets.settings.env import DAGSTER_HOME_ENV, HF_TOKEN_ENV, get_env
@@ -271,9 +271,9 @@ class SummaryModel:
         self.args, self.adapter_id, self.spec, self.path, self.trained = args, adapter_id, spec, path, trained
 
     def summarize(self, dialogues: list[str], on_batch=None) -> list[tuple]:
-        from lorasum_assets.ml.generate import generate_with_adapter
-        from lorasum_assets.ml.modeling import load_model, load_tokenizer
-        from lorasum_assets.ml.prompts import encode_prompt, trained_prompt_format
+        from lorasum_assets.ml.data.prompts import encode_prompt, trained_prompt_format
+        from lorasum_assets.ml.generation.generate import generate_with_adapter
+        from lorasum_assets.ml.models.loading import load_model, load_tokenizer
         from lorasum_assets.settings.specs import GenerationSpec
 
         spec = self.spec
@@ -292,7 +292,7 @@ class SummaryModel:
 def _checked_adapter(con, adapter_id: str):
     """The registered adapter after its weights are checked against the registry's sha256; raises
     ``AdapterFilesError`` (damaged or missing files) or ``LookupError`` (no such adapter)."""
-    from lorasum_assets.ml.adapter_files import verify_adapter_files
+    from lorasum_assets.ml.models.adapter_files import verify_adapter_files
     from lorasum_assets.store.registry import find_adapter
 
     adapter = find_adapter(con, adapter_id)
@@ -307,7 +307,7 @@ def _base_spec(con, adapter, device: str = "auto"):
     under, for the base the registry names (the model resource builds it the same way)."""
     from dataclasses import replace
 
-    from lorasum_assets.ml.modeling import model_spec
+    from lorasum_assets.ml.models.loading import model_spec
     from lorasum_assets.runtime.home import home_subdir
     from lorasum_assets.settings.profiles import PROFILES
     from lorasum_assets.settings.specs import ModelChoice
@@ -321,7 +321,7 @@ def _base_spec(con, adapter, device: str = "auto"):
 
 def _verified_adapter(con, adapter_id: str):
     """``_checked_adapter``, exiting with its message when the adapter cannot be used."""
-    from lorasum_assets.ml.adapter_files import AdapterFilesError
+    from lorasum_assets.ml.models.adapter_files import AdapterFilesError
 
     try:
         return _checked_adapter(con, adapter_id)
@@ -350,7 +350,7 @@ def _alias_key(con, args: argparse.Namespace, adapter_id: str | None):
 
 
 def _move(args: argparse.Namespace, adapter_id: str | None, rollback: bool) -> int:
-    from lorasum_assets.ml.adapter_files import AdapterFilesError
+    from lorasum_assets.ml.models.adapter_files import AdapterFilesError
     from lorasum_assets.store.lake import open_history
     from lorasum_assets.store.promotions import AliasError, current_adapter, move_alias
 
@@ -384,8 +384,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_export_model(args: argparse.Namespace) -> int:
-    from lorasum_assets.ml.devices import take_peak_gpu_memory
-    from lorasum_assets.ml.export import MergeCheckError, copy_adapter, merge_adapter, model_card
+    from lorasum_assets.ml.export.merged import MergeCheckError, copy_adapter, merge_adapter, model_card
+    from lorasum_assets.ml.models.devices import take_peak_gpu_memory
     from lorasum_assets.store.registry import adapter_facts
 
     con = _connect(args)
@@ -425,9 +425,9 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
 def _check_prompts(spec, trained: dict, count: int = 8) -> list[list[int]]:
     """The first ``count`` test dialogues of the packaged sample, as prompts in the adapter's own format."""
-    from lorasum_assets.ml.modeling import load_tokenizer
-    from lorasum_assets.ml.prompts import encode_prompt, trained_prompt_format
-    from lorasum_assets.ml.readers import read_sample
+    from lorasum_assets.ml.data.prompts import encode_prompt, trained_prompt_format
+    from lorasum_assets.ml.data.readers import read_sample
+    from lorasum_assets.ml.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(spec)
     use_chat_template, boundary = trained_prompt_format(trained)
@@ -463,7 +463,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 def _verify_adapters(args: argparse.Namespace, con) -> int:
     """Every registered adapter's files against its sha256: ok, damaged or missing; exit 1 unless all are ok."""
-    from lorasum_assets.ml.adapter_files import AdapterFilesError, verify_adapter_files
+    from lorasum_assets.ml.models.adapter_files import AdapterFilesError, verify_adapter_files
     from lorasum_assets.store.registry import all_adapters
 
     rows = []

@@ -16,12 +16,12 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from lorasum_assets.ml.adapter_files import save_adapter, sha256_file
-from lorasum_assets.ml.batching import TrainExample
-from lorasum_assets.ml.model_setup import prepare_peft_model
-from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer, loaded_quantization
-from lorasum_assets.ml.progress import step_summary
-from lorasum_assets.ml.train import train_lora
+from lorasum_assets.ml.models.adapter_files import save_adapter, sha256_file
+from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer, loaded_quantization
+from lorasum_assets.ml.training.batching import TrainExample
+from lorasum_assets.ml.training.loop import train_lora
+from lorasum_assets.ml.training.lora import prepare_peft_model
+from lorasum_assets.ml.training.records import step_summary
 from lorasum_assets.settings.env import HF_TOKEN_ENV, get_env
 from lorasum_assets.settings.specs import TrainSpec
 

@@ -8,9 +8,9 @@ import dagster as dg
 
 from lorasum_assets.defs.assets.plots import histogram, markdown_table
 from lorasum_assets.defs.resources import LoraModelResource, LorasumStore, ProfileResource
-from lorasum_assets.ml.data import Dialogue, filter_split, load_local, normalise
-from lorasum_assets.ml.prompts import IGNORE_INDEX, SummaryTooLongError, encode_example, required_max_length
-from lorasum_assets.ml.readers import read_hub, read_sample
+from lorasum_assets.ml.data.dialogues import Dialogue, filter_split, load_local, normalise
+from lorasum_assets.ml.data.prompts import IGNORE_INDEX, SummaryTooLongError, encode_example, required_max_length
+from lorasum_assets.ml.data.readers import read_hub, read_sample
 from lorasum_assets.settings.config import config_class, resolve
 from lorasum_assets.settings.specs import DataSpec, FilterSpec, SettingError, TokenizeSpec
 from lorasum_assets.settings.versions import code_version

@@ -11,7 +11,7 @@ from lorasum_assets.defs.assets.data import dataset_of, read_dialogues, require
 from lorasum_assets.defs.assets.plots import histogram, markdown_table, text_table
 from lorasum_assets.defs.assets.plots import table as table_value
 from lorasum_assets.defs.resources import BertScorerResource, LoraModelResource, LorasumStore, ProfileResource
-from lorasum_assets.ml.stats import percent_difference
+from lorasum_assets.ml.evaluation.stats import percent_difference
 from lorasum_assets.settings.config import config_class, resolve
 from lorasum_assets.settings.specs import EVAL_METRICS as METRICS
 from lorasum_assets.settings.specs import ReportSpec
@@ -56,7 +56,7 @@ def change_with_mark(delta: dict) -> str:
 
 def _sides(report, metric: str) -> tuple[dict, dict, dict]:
     """Base, tuned and the paired change (tuned − base) of one metric, each with its CI."""
-    from lorasum_assets.ml.report import metric_value
+    from lorasum_assets.ml.evaluation.scoring import metric_value
 
     return tuple(metric_value(report, side, metric) for side in ("base", "tuned", "delta"))
 
@@ -111,7 +111,7 @@ def _read_inputs(store, base_ref: TableRef, tuned_ref: TableRef, dialogues_ref: 
 def _score(context, scorer, inputs: ScoredInputs, spec: ReportSpec, model):
     """BERTScore and ROUGE of both models' predictions; the shared base is released first, so that
     the scoring model (roberta-large for the recipe) never loads beside it."""
-    from lorasum_assets.ml.report import score_predictions
+    from lorasum_assets.ml.evaluation.scoring import score_predictions
 
     model.release_base(context.log.info)
     dialogues = inputs.dialogues

@@ -10,9 +10,9 @@ from lorasum_assets.defs.assets.training import GPU_POOL
 from lorasum_assets.defs.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.defs.resources.lineage import lineage_run_ids
 from lorasum_assets.defs.resources.preflight import RunPreflightResource
-from lorasum_assets.ml.adapter_files import verify_adapter_files
+from lorasum_assets.ml.data.prompts import encode_prompt, trained_prompt_format
+from lorasum_assets.ml.models.adapter_files import verify_adapter_files
 from lorasum_assets.ml.progress import Progress
-from lorasum_assets.ml.prompts import encode_prompt, trained_prompt_format
 from lorasum_assets.runtime.deployment import gpu_op_tags
 from lorasum_assets.settings.config import config_class, resolve
 from lorasum_assets.settings.specs import PRODUCTION_ALIAS, GenerationSpec, ModelChoice
@@ -72,8 +72,8 @@ def _prompts(store, tokenizer, upstream: TableRef, spec: GenerationSpec, choice:
 
 def what_ran(base, tokenizer) -> dict:
     """How the base model generating was held, read from the model itself, and the ids it stopped on."""
-    from lorasum_assets.ml.generate import stop_token_ids
-    from lorasum_assets.ml.modeling import loaded_quantization
+    from lorasum_assets.ml.generation.generate import stop_token_ids
+    from lorasum_assets.ml.models.loading import loaded_quantization
 
     held = loaded_quantization(base)
     return {"base_quantization": held.method, "base_compute_dtype": held.compute_dtype, "stop_ids": stop_token_ids(base, tokenizer)}
@@ -86,7 +86,7 @@ def empty_summaries(empty: list[str], rows: int, what: str = "summaries") -> str
 
 
 def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_parts, budget, truncated, ran: dict) -> dg.Output[TableRef]:
-    from lorasum_assets.ml.devices import take_peak_gpu_memory
+    from lorasum_assets.ml.models.devices import take_peak_gpu_memory
 
     rows = [
         (spec.split, d.id, g.text, g.new_tokens, g.hit_limit, g.latency_s, adapter_id)
@@ -147,7 +147,7 @@ def base_predictions(
     preflight: RunPreflightResource,
     filtered_split: TableRef | None,
 ) -> dg.Output[TableRef]:
-    from lorasum_assets.ml.generate import generate, has_active_adapter
+    from lorasum_assets.ml.generation.generate import generate, has_active_adapter
 
     spec: GenerationSpec = resolve(profile.get().generation, config)
     upstream = require(filtered_split, "filtered_split")
@@ -209,7 +209,7 @@ class AdapterGenerations:
 def generate_for_adapter(context, model, store, adapter: AdapterRef, upstream: TableRef, spec: GenerationSpec, label: str) -> AdapterGenerations:
     """Summaries of ``upstream``'s ``spec.split`` dialogues from the base with ``adapter`` applied,
     after checking that the adapter's files and prompt format are the ones it was registered with."""
-    from lorasum_assets.ml.generate import generate_with_adapter
+    from lorasum_assets.ml.generation.generate import generate_with_adapter
 
     _, trained_with = trained_prompt_format(adapter.training)
     if trained_with != model.choice().prompt_boundary:

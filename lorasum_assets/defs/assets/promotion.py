@@ -3,7 +3,7 @@
 The challenger is the run's adapter; the champion is the adapter holding the alias (``production``)
 on the same base model and dataset, or the base model itself when none does yet. Both are paired
 per example on this run's examples with this run's scorer, and the challenger takes the alias only
-when the paired 95% CI on the metric lies wholly above the margin (``ml/promotion.py``).
+when the paired 95% CI on the metric lies wholly above the margin (``ml/evaluation/promotion_rule.py``).
 """
 
 import dagster as dg
@@ -39,7 +39,7 @@ def _champion_scorer(context, model, scorer, store, evaluation: Evaluation, dial
     them with this run's scorer and keeps them in the history (``champion_examples``)."""
 
     def score(adapter_id: str) -> dict[str, float]:
-        from lorasum_assets.ml.report import score_examples
+        from lorasum_assets.ml.evaluation.scoring import score_examples
 
         with store.connect() as con:
             adapter = find_adapter(con, adapter_id)

@@ -15,8 +15,9 @@ from lorasum_assets.defs.assets.plots import line_plot
 from lorasum_assets.defs.assets.plots import table as table_value
 from lorasum_assets.defs.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.defs.resources.preflight import RunPreflightResource
-from lorasum_assets.ml.adapter_files import lora_b_all_zero, save_adapter, sha256_file
-from lorasum_assets.ml.progress import Progress, StepLog, step_summary
+from lorasum_assets.ml.models.adapter_files import lora_b_all_zero, save_adapter, sha256_file
+from lorasum_assets.ml.progress import Progress
+from lorasum_assets.ml.training.records import StepLog, step_summary
 from lorasum_assets.runtime.deployment import gpu_op_tags, training_gpus
 from lorasum_assets.runtime.home import from_home, home_subdir, lorasum_home
 from lorasum_assets.settings.config import config_class, resolve, spec_fields
@@ -27,7 +28,7 @@ from lorasum_assets.store.pending import PendingRegistration, record_registratio
 from lorasum_assets.store.references import AdapterRef, TableRef, version_of
 
 if TYPE_CHECKING:
-    from lorasum_assets.ml.batching import TrainExample
+    from lorasum_assets.ml.training.batching import TrainExample
 
 GPU_POOL = "lorasum_gpu"
 
@@ -41,7 +42,7 @@ TrainingConfig = config_class(
 
 
 def _read_examples(con, ref: TableRef, split: str) -> tuple[list["TrainExample"], str]:
-    from lorasum_assets.ml.batching import TrainExample
+    from lorasum_assets.ml.training.batching import TrainExample
 
     rows = read_examples(con, ref, split)
     digest = hashlib.sha256()
@@ -121,12 +122,12 @@ class TrainingCurves:
 
 
 def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcome:
-    from lorasum_assets.ml.batching import planned_steps
-    from lorasum_assets.ml.checkpoints import complete_checkpoints
-    from lorasum_assets.ml.devices import free_accelerator_memory
-    from lorasum_assets.ml.model_setup import prepare_peft_model
-    from lorasum_assets.ml.modeling import loaded_quantization
-    from lorasum_assets.ml.train import train_lora
+    from lorasum_assets.ml.models.devices import free_accelerator_memory
+    from lorasum_assets.ml.models.loading import loaded_quantization
+    from lorasum_assets.ml.training.batching import planned_steps
+    from lorasum_assets.ml.training.checkpoints import complete_checkpoints
+    from lorasum_assets.ml.training.loop import train_lora
+    from lorasum_assets.ml.training.lora import prepare_peft_model
 
     run_id = context.run_id
     total = planned_steps(len(job.train_examples), job.spec)
@@ -376,7 +377,7 @@ def _register(store: LorasumStore, registration: PendingRegistration) -> None:
 
 
 def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base, weights_sha: str) -> dict:
-    from lorasum_assets.ml.devices import take_peak_gpu_memory
+    from lorasum_assets.ml.models.devices import take_peak_gpu_memory
 
     steps = [log.step for log in outcome.steps]
     losses = [log.loss for log in outcome.steps]

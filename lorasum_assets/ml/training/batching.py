@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorasum_assets.ml.prompts import IGNORE_INDEX
+from lorasum_assets.ml.data.prompts import IGNORE_INDEX
 from lorasum_assets.settings.specs import TrainSpec
 
 

@@ -15,8 +15,9 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from lorasum_assets.ml.devices import cuda_has_native_bf16
-from lorasum_assets.ml.tiny_model import build_tiny_llama32_bnb_4bit, build_tiny_model
+from lorasum_assets.ml.models.devices import cuda_has_native_bf16
+from lorasum_assets.ml.models.four_bit import four_bit_layers
+from lorasum_assets.ml.models.tiny import build_tiny_llama32_bnb_4bit, build_tiny_model
 from lorasum_assets.settings.specs import DTYPES, QUANTIZATIONS, TINY_LLAMA32_BNB_4BIT, TINY_MODEL, ModelChoice
 
 logger = logging.getLogger(__name__)
@@ -211,12 +212,6 @@ def compute_dtype_for(spec: ModelSpec, prequantized: Quantization | None, device
     if saved == torch.bfloat16 and device.startswith("cuda") and not cuda_has_native_bf16():
         return torch.float16
     return saved
-
-
-def four_bit_layers(model) -> list:
-    """bitsandbytes' 4-bit layers (``Linear4bit``) themselves, each once; not a LoRA wrapper,
-    which shows its base layer's weight as its own but computes nothing of its own."""
-    return [m for m in model.modules() if getattr(m, "weight", None).__class__.__name__ == "Params4bit" and hasattr(m, "compute_dtype")]
 
 
 def set_compute_dtype(model, dtype) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lorasum_assets.ml.prompts import IGNORE_INDEX
+from lorasum_assets.ml.data.prompts import IGNORE_INDEX
 
 
 def window_share(n_micro_batches: int, rank: int, world_size: int) -> list[int | None]:

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lorasum_assets.ml.batching import TrainExample, collate_right
-from lorasum_assets.ml.distributed import reduce_sum
-from lorasum_assets.ml.model_setup import evaluating
-from lorasum_assets.ml.precision import training_autocast_dtype
-from lorasum_assets.ml.prompts import IGNORE_INDEX
+from lorasum_assets.ml.data.prompts import IGNORE_INDEX
+from lorasum_assets.ml.models.four_bit import evaluating
+from lorasum_assets.ml.models.precision import training_autocast_dtype
+from lorasum_assets.ml.training.batching import TrainExample, collate_right
+from lorasum_assets.ml.training.distributed import reduce_sum
 
 
 def _lm_parts(model):

@@ -17,8 +17,8 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from lorasum_assets.ml.adapter_files import trainable_bytes, write_failure
-from lorasum_assets.ml.progress import StepLog, TrainResult
+from lorasum_assets.ml.models.adapter_files import trainable_bytes, write_failure
+from lorasum_assets.ml.training.records import StepLog, TrainResult
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:

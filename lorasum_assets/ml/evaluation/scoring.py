@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lorasum_assets.ml.metrics import rouge_scores
-from lorasum_assets.ml.stats import bootstrap_ci, paired_bootstrap_ci
+from lorasum_assets.ml.evaluation.rouge import rouge_scores
+from lorasum_assets.ml.evaluation.stats import bootstrap_ci, paired_bootstrap_ci
 from lorasum_assets.settings.specs import EVAL_METRICS
 
 METRICS = EVAL_METRICS

@@ -13,9 +13,9 @@ import transformers
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from lorasum_assets.ml import decoding
-from lorasum_assets.ml.devices import describe_device, free_accelerator_memory
-from lorasum_assets.ml.precision import generation_dtype, weights_in
+from lorasum_assets.ml.generation import decoding
+from lorasum_assets.ml.models.devices import describe_device, free_accelerator_memory
+from lorasum_assets.ml.models.precision import generation_dtype, weights_in
 from lorasum_assets.ml.progress import DecodingHeartbeat
 from lorasum_assets.settings.specs import GenerationSpec
 
@@ -32,7 +32,7 @@ class Generation:
 
 @dataclass(frozen=True)
 class EngineRecord:
-    """What generated, as it ran: the engine (``lorasum``: the decoder of ``ml/decoding.py``;
+    """What generated, as it ran: the engine (``lorasum``: the decoder of ``ml/generation/decoding.py``;
     ``transformers``: ``model.generate``), the dtype the weights were held in, the device, and the
     library versions."""
 
@@ -136,7 +136,7 @@ def generate(
 
     Prompts are sorted by length and batched. ``model.generate`` gets left-padded batches that
     close early rather than pad more than ``max_padding_share``; the lorasum decoder
-    (``spec.decoder``, ``ml/decoding.py``) prefills unpadded and takes full batches. Latency is the
+    (``spec.decoder``, ``ml/generation/decoding.py``) prefills unpadded and takes full batches. Latency is the
     batch's wall time shared equally among its rows.
     """
 

@@ -1,4 +1,4 @@
-"""BERTScore and ROUGE (the bootstrap confidence intervals are in ``ml/stats.py``).
+"""BERTScore with a packaged or hub encoder (ROUGE is in ``rouge.py``, the bootstrap CIs in ``stats.py``).
 
 Multi-reference scoring takes the best reference per example. Empty predictions score 0
 explicitly (bert_score would only warn).
@@ -12,11 +12,9 @@ from collections.abc import Callable, Sequence
 
 import bert_score
 from bert_score.utils import get_hash
-from rouge_score import rouge_scorer
 
-from lorasum_assets.settings.specs import BERTSCORE_METRICS, ROUGE_METRICS, BertScoreSpec
+from lorasum_assets.settings.specs import BERTSCORE_METRICS, BertScoreSpec
 
-ROUGE_TYPES = ROUGE_METRICS
 BERTSCORE_KEYS = BERTSCORE_METRICS
 
 
@@ -85,20 +83,3 @@ def bertscore_with_empty(
         for i, k in best.items():
             precision[i], recall[i], f1[i] = float(p[k]), float(r[k]), float(f[k])
     return precision, recall, f1
-
-
-def rouge_scores(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, list[float]]:
-    """ROUGE F-measures with the Porter stemmer; the best reference per metric."""
-
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    out: dict[str, list[float]] = {k: [] for k in ROUGE_TYPES}
-    for cand, refs in zip(candidates, references, strict=True):
-        if not cand.strip():
-            for k in ROUGE_TYPES:
-                out[k].append(0.0)
-            continue
-        # rougeLsum splits summaries on newlines; DialogSum summaries are single paragraphs.
-        scores = scorer.score_multi(list(refs), cand)
-        for k in ROUGE_TYPES:
-            out[k].append(float(scores[k].fmeasure))
-    return out

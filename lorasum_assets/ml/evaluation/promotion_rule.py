@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from lorasum_assets.ml.stats import Interval, paired_bootstrap_ci
+from lorasum_assets.ml.evaluation.stats import Interval, paired_bootstrap_ci
 from lorasum_assets.settings.specs import PromotionSpec
 
 

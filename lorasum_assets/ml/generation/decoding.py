@@ -15,7 +15,7 @@ docs/performance.md):
   into the query rows, so scores come out of one ``baddbmm`` with the mask added, and the softmax
   runs on them in the decoding dtype (torch computes it in fp32 inside).
 
-``unsupported_reason(model)`` says when it does not apply; ``ml/generate.py`` falls back to ``model.generate``
+``unsupported_reason(model)`` says when it does not apply; ``ml/generation/generate.py`` falls back to ``model.generate``
 otherwise.
 """
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lorasum_assets.ml.readers import (
+from lorasum_assets.ml.data.readers import (
     AUTHORS_COLUMNS,
     AUTHORS_TEST_COLUMNS,
     HUB_COLUMNS,

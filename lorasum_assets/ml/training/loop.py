@@ -22,14 +22,22 @@ from pathlib import Path
 import torch
 from transformers import get_scheduler
 
-from lorasum_assets.ml.batching import TrainExample, collate_packed, collate_right, plan_batches, planned_steps, steps_per_epoch
-from lorasum_assets.ml.checkpoints import complete_checkpoints, load_checkpoint, save_checkpoint
-from lorasum_assets.ml.distributed import label_token_count, micro_batch_seed, reduce_sum, window_share
-from lorasum_assets.ml.loss import LabelLossModule, evaluate_loss
-from lorasum_assets.ml.model_setup import restore_4bit_layout, training_attention, use_attention
-from lorasum_assets.ml.modeling import count_parameters
-from lorasum_assets.ml.precision import frozen_weights_in, precision_name, training_autocast_dtype
-from lorasum_assets.ml.progress import StepLog, TrainResult
+from lorasum_assets.ml.models.four_bit import restore_4bit_layout
+from lorasum_assets.ml.models.loading import count_parameters
+from lorasum_assets.ml.models.precision import frozen_weights_in, precision_name, training_autocast_dtype
+from lorasum_assets.ml.training.batching import (
+    TrainExample,
+    collate_packed,
+    collate_right,
+    plan_batches,
+    planned_steps,
+    steps_per_epoch,
+)
+from lorasum_assets.ml.training.checkpoints import complete_checkpoints, load_checkpoint, save_checkpoint
+from lorasum_assets.ml.training.distributed import label_token_count, micro_batch_seed, reduce_sum, window_share
+from lorasum_assets.ml.training.lora import training_attention, use_attention
+from lorasum_assets.ml.training.loss import LabelLossModule, evaluate_loss
+from lorasum_assets.ml.training.records import StepLog, TrainResult
 from lorasum_assets.settings.specs import TrainSpec
 
 

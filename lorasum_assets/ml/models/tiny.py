@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lorasum_assets.ml.prompts import PROMPT_TEMPLATE
+from lorasum_assets.ml.data.prompts import PROMPT_TEMPLATE
 
 TINY_CONFIG = {
     "hidden_size": 64,

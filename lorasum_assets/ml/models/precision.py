@@ -6,8 +6,8 @@ import contextlib
 
 import torch
 
-from lorasum_assets.ml.devices import cpu_model_and_flags, cuda_has_native_bf16
-from lorasum_assets.ml.model_setup import is_quantized
+from lorasum_assets.ml.models.devices import cpu_model_and_flags, cuda_has_native_bf16
+from lorasum_assets.ml.models.four_bit import is_quantized
 
 
 def cpu_has_fast_bf16() -> bool:
