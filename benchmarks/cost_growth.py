@@ -29,6 +29,7 @@ import re
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,8 +74,8 @@ def run_train(args, count: int, max_length: int, joined: bool) -> dict:
     from lorasum_assets.ml.data.prompts import encode_example
     from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer
     from lorasum_assets.ml.training.batching import TrainExample
-    from lorasum_assets.ml.training.loop import train_lora
-    from lorasum_assets.ml.training.lora import prepare_peft_model
+    from lorasum_assets.ml.training.records import TrainingRequest
+    from lorasum_assets.ml.training.run import train_adapter
     from lorasum_assets.settings.profiles import PROFILES
 
     pool, _ = _dialogues(args)
@@ -94,12 +95,11 @@ def run_train(args, count: int, max_length: int, joined: bool) -> dict:
     else:
         examples = training_examples(tokenizer, pool[:count], max_length)
     train_spec = dataclasses.replace(PROFILES["smollm2-135m"].training, epochs=1, attention=args.attention)
-    peft_model = prepare_peft_model(load_model(spec), train_spec)
     if args.device != "cpu":
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    result = train_lora(peft_model, examples, [], train_spec, tokenizer.pad_token_id)
-    seconds = time.perf_counter() - started
+        torch.cuda.reset_peak_memory_stats()  # the peak includes loading the base, as a training run's does
+    request = TrainingRequest(spec=train_spec, train_examples=examples, val_examples=[], adapter_dir=Path(tempfile.mkdtemp(prefix="cost-adapter-")))
+    result = train_adapter(request, load=lambda: (tokenizer, load_model(spec)))
+    seconds = result.seconds  # the training loop's own time, without loading or saving
     return {"seconds": seconds, "units": result.real_tokens, "unit": "real tokens", "examples": len(examples),
             "mean_length": result.real_tokens / len(examples), "peak_mb": _peak_memory_mb(args.device)}
 

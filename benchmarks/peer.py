@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,17 +90,19 @@ def encoded_train(args, tokenizer):
 def run_train_ours(args, lora_dropout_mask: str = "auto") -> dict:
     from lorasum_assets.ml.models.loading import load_model, load_tokenizer
     from lorasum_assets.ml.training.batching import TrainExample
-    from lorasum_assets.ml.training.loop import train_lora
-    from lorasum_assets.ml.training.lora import prepare_peft_model
+    from lorasum_assets.ml.training.records import TrainingRequest
+    from lorasum_assets.ml.training.run import TrainingHooks, train_adapter
 
     spec = model_spec(args)
     tokenizer = load_tokenizer(spec)
     examples = encoded_train(args, tokenizer)
     training = train_spec(args, lora_dropout_mask)
-    peft_model = prepare_peft_model(load_model(spec), training)
+    request = TrainingRequest(spec=training, train_examples=[TrainExample(e.input_ids, e.labels) for e in examples], val_examples=[],
+                              adapter_dir=Path(tempfile.mkdtemp(prefix="peer-adapter-")))
     marks = [time.perf_counter()]
     with measured():
-        result = train_lora(peft_model, [TrainExample(e.input_ids, e.labels) for e in examples], [], training, tokenizer.pad_token_id, on_epoch=lambda epoch, _: marks.append(time.perf_counter()))
+        result = train_adapter(request, load=lambda: (tokenizer, load_model(spec)),
+                               hooks=TrainingHooks(on_epoch=lambda epoch, _: marks.append(time.perf_counter())))
     epoch_tokens = sum(len(e.input_ids) for e in examples)
     losses = [s.loss for s in result.steps]
     half = len(losses) // 2

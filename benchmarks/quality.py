@@ -41,10 +41,9 @@ def dialogsum(argv: list[str]) -> int:
     from lorasum_assets.ml.evaluation.bertscore import BertScoreModel, package_minilm_path
     from lorasum_assets.ml.evaluation.scoring import METRICS, metric_value, score_predictions
     from lorasum_assets.ml.generation.generate import generate, generate_with_adapter
-    from lorasum_assets.ml.models.adapter_files import save_adapter
     from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer
-    from lorasum_assets.ml.training.loop import train_lora
-    from lorasum_assets.ml.training.lora import prepare_peft_model
+    from lorasum_assets.ml.training.records import TrainingRequest
+    from lorasum_assets.ml.training.run import TrainingHooks, train_adapter
     from lorasum_assets.settings.specs import SMOLLM2_GGUF, BertScoreSpec, GenerationSpec, TrainSpec
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality dialogsum", description=dialogsum.__doc__.split("\n\n")[0])
@@ -76,12 +75,11 @@ def dialogsum(argv: list[str]) -> int:
                            gradient_checkpointing=False, warmup_ratio=0.1)
     timings = {}
     started = time.perf_counter()
-    peft_model = prepare_peft_model(load_model(spec), train_spec)
-    result = train_lora(peft_model, encode(train_rows), encode(val_rows), train_spec, tokenizer.pad_token_id,
-                        on_step=lambda s: print(f"  step {s.step}: loss {s.loss:.4f}", flush=True) if s.step % 10 == 0 else None)
+    adapter_dir = Path(args.cache).parent / "benchmark-adapter"
+    request = TrainingRequest(spec=train_spec, train_examples=encode(train_rows), val_examples=encode(val_rows), adapter_dir=adapter_dir)
+    result = train_adapter(request, load=lambda: (tokenizer, load_model(spec)), hooks=TrainingHooks(
+        on_step=lambda s: print(f"  step {s.step}: loss {s.loss:.4f}", flush=True) if s.step % 10 == 0 else None))
     timings["train_s"] = time.perf_counter() - started
-    adapter_dir = save_adapter(peft_model, tokenizer, Path(args.cache).parent / "benchmark-adapter")
-    del peft_model
 
     prompts = [encode_prompt(tokenizer, d.dialogue, boundary=args.prompt_boundary)[0] for d in test]
     gen_spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=8)
@@ -239,10 +237,9 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
     from lorasum_assets.ml.evaluation.rouge import rouge_scores
     from lorasum_assets.ml.evaluation.stats import non_inferiority
     from lorasum_assets.ml.generation.generate import generate, generate_with_adapter
-    from lorasum_assets.ml.models.adapter_files import save_adapter
     from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer
-    from lorasum_assets.ml.training.loop import train_lora
-    from lorasum_assets.ml.training.lora import prepare_peft_model
+    from lorasum_assets.ml.training.records import TrainingRequest
+    from lorasum_assets.ml.training.run import train_adapter
     from lorasum_assets.settings.specs import BertScoreSpec, GenerationSpec, TrainSpec
 
     dev, test_all = dialogsum_splits(args.data)
@@ -253,10 +250,9 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
     train_spec = TrainSpec(learning_rate=1e-3, batch_size=4, gradient_accumulation_steps=1, epochs=1,
                            gradient_checkpointing=False, warmup_ratio=0.1)
     examples = training_examples(tokenizer, dev[: args.train], 512)
-    peft_model = prepare_peft_model(load_model(spec), train_spec)
-    trained = train_lora(peft_model, examples, [], train_spec, tokenizer.pad_token_id)
-    adapter_dir = save_adapter(peft_model, tokenizer, Path(args.cache).parent / "quality-adapter")
-    del peft_model
+    adapter_dir = Path(args.cache).parent / "quality-adapter"
+    request = TrainingRequest(spec=train_spec, train_examples=examples, val_examples=[], adapter_dir=adapter_dir)
+    trained = train_adapter(request, load=lambda: (tokenizer, load_model(spec)))
 
     distinct = {d.id: d for dialogues in compared.values() for d in dialogues}  # the tuned pool is within the base one
     encoded = {dialogue_id: encode_prompt(tokenizer, d.dialogue)[0] for dialogue_id, d in distinct.items()}

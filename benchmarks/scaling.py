@@ -60,6 +60,7 @@ def main() -> int:
 
     from benchmarks.speed import _examples
     from lorasum_assets.ml.models.loading import ModelSpec
+    from lorasum_assets.ml.training.records import TrainingRequest
     from lorasum_assets.settings.specs import TrainSpec
     from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
 
@@ -82,8 +83,9 @@ def main() -> int:
         variants.append(control)
     for n, threads in variants:
         name = f"{n}x{threads}"
-        job = write_job(out_dir / f"scaling-job-{name}.json", model=model, spec=spec, train_examples=train, val_examples=[],
-                        checkpoint_dir=out_dir / f"scaling-checkpoints-{name}", adapter_dir=out_dir / f"scaling-adapter-{name}")
+        request = TrainingRequest(spec=spec, train_examples=train, val_examples=[], checkpoint_dir=out_dir / f"scaling-checkpoints-{name}",
+                                  adapter_dir=out_dir / f"scaling-adapter-{name}")
+        job = write_job(out_dir / f"scaling-job-{name}.json", model=model, request=request)
         summary_path = out_dir / f"scaling-summary-{name}.json"
         shutil.rmtree(out_dir / f"scaling-checkpoints-{name}", ignore_errors=True)  # a leftover checkpoint would be resumed
         command = accelerate_launch_command(job, n, threads, summary_path)

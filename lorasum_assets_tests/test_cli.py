@@ -138,7 +138,7 @@ HOLD_FILE = textwrap.dedent(
 def test_a_lock_error_names_the_process_that_holds_the_file(tmp_path):
     import duckdb
 
-    from lorasum_assets.store.history import DatabaseBusyError, retry_busy
+    from lorasum_assets.store.transactions import DatabaseBusyError, retry_busy
 
     path = tmp_path / "held.duckdb"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_FILE, str(path), "20"], stdout=subprocess.PIPE, text=True)

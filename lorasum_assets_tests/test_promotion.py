@@ -231,7 +231,8 @@ DECIDE_AT_ONCE = textwrap.dedent(
     from contextlib import contextmanager
     from lorasum_assets.settings.specs import PromotionSpec
     from lorasum_assets.store.lake import connect, history_location, prepare
-    from lorasum_assets.store.promotions import AliasKey, Challenge, decide_promotion, find_evaluation
+    from lorasum_assets.store.aliases import AliasKey, find_evaluation
+    from lorasum_assets.defs.assets.promotion import Challenge, decide_promotion
 
     catalog, run_id, barrier = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     location = history_location(catalog, str(barrier / "data") + "/")
@@ -270,8 +271,8 @@ def _seed_two_evaluations(location):
     """Runs A and B on the same 12 examples: A's adapter beats the base, B's beats A's."""
     from datetime import datetime
 
-    from lorasum_assets.store.history import write_evaluation
     from lorasum_assets.store.lake import connect, prepare
+    from lorasum_assets.store.writes import write_evaluation
 
     prepare(location)
     con = connect(location, read_only=False)
@@ -334,9 +335,10 @@ def test_two_runs_deciding_at_once_leave_one_holder_and_never_judge_against_a_st
     # a retried promotion step of the same run returns its decision, and appends none
     from contextlib import contextmanager
 
+    from lorasum_assets.defs.assets.promotion import Challenge, decide_promotion
     from lorasum_assets.settings.specs import PromotionSpec
+    from lorasum_assets.store.aliases import AliasKey, find_evaluation
     from lorasum_assets.store.lake import connect, history_location
-    from lorasum_assets.store.promotions import AliasKey, Challenge, decide_promotion, find_evaluation
 
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path / "home"))
     location = history_location(catalog)

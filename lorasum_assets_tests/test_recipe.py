@@ -218,9 +218,9 @@ def test_the_merged_export_of_a_qlora_adapter_is_16_bit_and_computes_base_plus_a
     assert f"(bfloat16, on {'cuda' if torch.cuda.is_available() else 'cpu'})" in printed
 
     # loads with plain transformers, no peft, no 4-bit layers, in bf16
-    prompts = json.loads(subprocess.run([sys.executable, "-c", "import json,sys; from lorasum_assets.tools.cli import _check_prompts; "
+    prompts = json.loads(subprocess.run([sys.executable, "-c", "import json,sys; from lorasum_assets.tools.cli.adapters import check_prompts; "
                                          "from lorasum_assets.ml.models.loading import ModelSpec; "
-                                         f"print(json.dumps(_check_prompts(ModelSpec(model={str(stand_in_dir)!r}, quantization='nf4'), {{}})))"],
+                                         f"print(json.dumps(check_prompts(ModelSpec(model={str(stand_in_dir)!r}, quantization='nf4'), {{}})))"],
                                         capture_output=True, text=True, check=True, cwd=REPO).stdout)
     plain = subprocess.run([sys.executable, "-c", MERGED_OUTPUTS, str(out), json.dumps(prompts)], capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0, plain.stderr

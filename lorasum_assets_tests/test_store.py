@@ -7,8 +7,9 @@ import duckdb
 import pytest
 
 from lorasum_assets.store import open_history
-from lorasum_assets.store.history import in_transaction, record_training_log, write_evaluation
 from lorasum_assets.store.schema import LEGACY_VERSION, SCHEMA_VERSION, current_version, migrate_file
+from lorasum_assets.store.transactions import in_transaction
+from lorasum_assets.store.writes import record_training_log, write_evaluation
 
 
 def seed_run(con, run_id, created_at, adapter, f1_base, f1_tuned, per_example, dataset="d1", scorer="s1"):
@@ -200,7 +201,7 @@ def test_a_busy_store_delays_the_write_never_the_caller():
 
 
 def test_a_long_wait_is_reported_once_naming_what_it_waits_for(monkeypatch):
-    from lorasum_assets.store import history
+    from lorasum_assets.store import transactions as history
 
     monkeypatch.setattr(history, "WAIT_REPORT_AFTER_S", 0.2)
     free_at = time.monotonic() + 0.6
@@ -283,7 +284,7 @@ def test_a_lake_created_but_without_tables_yet_reads_as_no_history(tmp_path):
 
 
 def test_two_machines_creating_one_postgres_history_at_once_retry_instead_of_failing():
-    from lorasum_assets.store.history import is_busy_error
+    from lorasum_assets.store.transactions import is_busy_error
 
     second_create = duckdb.Error('Failed to initialize DuckLake:Failed to execute query "CREATE TABLE "public"."ducklake_metadata"'
                                  '("key" VARCHAR NOT NULL, ...);": ERROR:  relation "ducklake_metadata" already exists')
@@ -332,8 +333,8 @@ def test_a_history_server_that_restarts_is_waited_for_and_the_wait_reported_once
 
 
 def test_a_history_server_down_past_the_wait_fails_naming_it(tmp_path, monkeypatch):
-    from lorasum_assets.store.history import HistoryUnreachableError
     from lorasum_assets.store.lake import connect
+    from lorasum_assets.store.transactions import HistoryUnreachableError
     from lorasum_assets_tests.conftest import running_postgres
 
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path / "home"))
@@ -353,7 +354,7 @@ def test_a_history_server_down_past_the_wait_fails_naming_it(tmp_path, monkeypat
 
 
 def test_the_server_wait_setting_is_checked(monkeypatch):
-    from lorasum_assets.store.history import server_wait_s
+    from lorasum_assets.store.transactions import server_wait_s
 
     monkeypatch.setenv("LORASUM_HISTORY_WAIT_S", "soon")
     with pytest.raises(ValueError, match="LORASUM_HISTORY_WAIT_S='soon': expected a number of seconds"):

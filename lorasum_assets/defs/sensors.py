@@ -14,7 +14,7 @@ from lorasum_assets.ml.data.dialogues import load_local
 from lorasum_assets.ml.data.readers import DataSourceError
 from lorasum_assets.runtime.dead_runs import release_dead_runs
 from lorasum_assets.settings.env import WATCH_PATH_ENV, get_env
-from lorasum_assets.store.history import record_run_failure
+from lorasum_assets.store.writes import record_run_failure
 
 
 def fingerprint(path: Path) -> str:

@@ -9,6 +9,7 @@ command, code server and run worker imports ``lorasum_assets`` first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -100,3 +101,30 @@ def _set_library_bars(enabled: bool) -> None:
         from transformers.utils import logging as transformers_logging
 
         (transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar)()
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool):
+    """Without -v, the libraries' progress bars, warnings and notices (bitsandbytes prints one at
+    import) do not reach the terminal; errors still do, once the block has ended. Yields a stream
+    to the terminal's stderr, for our own progress bars."""
+    if verbose:
+        show_known_noise()
+        yield sys.stderr
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield terminal
+    finally:
+        terminal.close()
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -23,8 +23,9 @@ from pathlib import Path
 import duckdb
 
 from lorasum_assets.runtime.home import HISTORY_DATA_ENV, HISTORY_ENV, history_setting, home_path, legacy_database_path
-from lorasum_assets.store.history import retry_busy
-from lorasum_assets.store.schema import SCHEMA_VERSION, ensure_lake_schema, import_legacy_file
+from lorasum_assets.store.legacy import import_legacy_file
+from lorasum_assets.store.schema import SCHEMA_VERSION, ensure_lake_schema
+from lorasum_assets.store.transactions import retry_busy
 
 ALIAS = "lorasum"
 CATALOG_EXTENSIONS = {"sqlite": "sqlite_scanner", "postgres": "postgres_scanner"}

@@ -15,7 +15,7 @@ from typing import Any
 from lorasum_assets.ml.models.adapter_files import AdapterFilesError, verify_adapter_files
 from lorasum_assets.ml.training.records import StepLog
 from lorasum_assets.runtime.home import home_subdir
-from lorasum_assets.store.history import record_training_log, register_adapter
+from lorasum_assets.store.writes import record_training_log, register_adapter
 
 FOLDER = "pending"
 

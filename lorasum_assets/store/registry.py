@@ -49,7 +49,7 @@ def newest_adapter_for_base(con, base: BaseModelRef) -> AdapterRef | None:
 
 def production_adapter(con, key) -> AdapterRef | None:
     """The adapter holding ``key`` (an ``AliasKey``), if any."""
-    from lorasum_assets.store.promotions import current_adapter
+    from lorasum_assets.store.aliases import current_adapter
 
     adapter_id = current_adapter(con, key)
     return find_adapter(con, adapter_id) if adapter_id else None

@@ -1,7 +1,7 @@
 """Schema, versioned.
 
 Versions 1 and 2 were single DuckDB files; ``migrate_file`` still brings such a file up to v2,
-so that ``import_legacy_file`` can copy it into the DuckLake history. Version 3 is v2's tables and
+so that ``legacy.import_legacy_file`` can copy it into the DuckLake history. Version 3 is v2's tables and
 views in DuckLake, without key constraints (DuckLake has none: every write deletes the rows it
 replaces first, in the same transaction). ``ensure_lake_schema`` creates it; later versions go in
 ``LAKE_MIGRATIONS``. v4 adds the promotion registry: ``promotions`` (append-only, one row per
@@ -11,9 +11,9 @@ decision pairs scores by).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import cache
-from pathlib import Path
+
+from lorasum_assets.store.transactions import in_transaction
 
 LEGACY_VERSION = 2
 LAKE_BASE_VERSION = 3
@@ -253,8 +253,6 @@ def ensure_lake_schema(con) -> int:
     version is recorded with the last statement. Two processes doing this at once: one commits,
     the other retries and finds it done.
     """
-    from lorasum_assets.store.history import in_transaction
-
     def create(con) -> None:
         if current_version(con) == 0:
             for statement in lake_schema_statements():
@@ -278,37 +276,3 @@ def ensure_lake_schema(con) -> int:
 
         in_transaction(con, finish, f"upgrading the history to v{target}")
     return SCHEMA_VERSION
-
-
-def import_legacy_file(con, path: Path, on_wait: Callable[[str], None] | None = None) -> dict[str, int]:
-    """Copy every row of a single-file history into the DuckLake one, in one transaction; returns
-    rows copied per table. The file is first brought up to v2 in place."""
-    import duckdb
-
-    from lorasum_assets.store.history import in_transaction, retry_busy
-
-    def upgrade_file() -> None:
-        legacy = duckdb.connect(str(path))
-        try:
-            migrate_file(legacy)
-        finally:
-            legacy.close()
-
-    retry_busy(upgrade_file, f"the old history file {path}", on_wait=on_wait)
-    quoted = "'" + str(path).replace("'", "''") + "'"
-    con.execute(f"ATTACH {quoted} AS legacy_history (READ_ONLY)")
-    try:
-        tables = [r[0] for r in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = 'legacy_history' AND table_name <> 'schema_version'"
-        ).fetchall()]
-
-        def copy(con) -> dict[str, int]:
-            copied = {}
-            for table in tables:
-                copied[table] = con.execute(f"SELECT count(*) FROM legacy_history.main.{table}").fetchone()[0]
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM legacy_history.main.{table}")
-            return copied
-
-        return in_transaction(con, copy, f"importing {path}")
-    finally:
-        con.execute("DETACH legacy_history")

@@ -16,38 +16,28 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from lorasum_assets.ml.models.adapter_files import save_adapter, sha256_file
-from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer, loaded_quantization
+from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer
 from lorasum_assets.ml.training.batching import TrainExample
-from lorasum_assets.ml.training.loop import train_lora
-from lorasum_assets.ml.training.lora import prepare_peft_model
-from lorasum_assets.ml.training.records import step_summary
+from lorasum_assets.ml.training.records import TrainingRequest, TrainResult, epoch_summary, step_summary
+from lorasum_assets.ml.training.run import TrainingHooks, train_adapter
 from lorasum_assets.settings.env import HF_TOKEN_ENV, get_env
 from lorasum_assets.settings.specs import TrainSpec
 
 JOB_VERSION = 1
+RESULT_MESSAGE = "result"  # the kind of the one Pipes message that carries the TrainResult
 
 
-def write_job(
-    path: Path,
-    *,
-    model: ModelSpec,
-    spec: TrainSpec,
-    train_examples: list[TrainExample],
-    val_examples: list[TrainExample],
-    checkpoint_dir: Path,
-    adapter_dir: Path,
-) -> Path:
+def write_job(path: Path, *, model: ModelSpec, request: TrainingRequest) -> Path:
     """Everything the worker needs, as JSON; the model token is left out (it travels as HF_TOKEN)."""
     model_fields = {k: v for k, v in asdict(model).items() if k != "token"}
     payload = {
         "version": JOB_VERSION,
         "model": model_fields,
-        "spec": asdict(spec),
-        "train": [[list(e.input_ids), list(e.labels)] for e in train_examples],
-        "validation": [[list(e.input_ids), list(e.labels)] for e in val_examples],
-        "checkpoint_dir": str(checkpoint_dir),
-        "adapter_dir": str(adapter_dir),
+        "spec": asdict(request.spec),
+        "train": [[list(e.input_ids), list(e.labels)] for e in request.train_examples],
+        "validation": [[list(e.input_ids), list(e.labels)] for e in request.val_examples],
+        "checkpoint_dir": str(request.checkpoint_dir),
+        "adapter_dir": str(request.adapter_dir),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload))
@@ -77,67 +67,44 @@ def accelerate_launch_command(
     return command + (["--summary-json", str(summary_path)] if summary_path else [])
 
 
-def read_job(path: Path) -> dict:
+def read_job(path: Path) -> tuple[ModelSpec, TrainingRequest]:
     job = json.loads(Path(path).read_text())
     if job.get("version") != JOB_VERSION:
         raise ValueError(f"{path}: job version {job.get('version')!r}, this worker reads version {JOB_VERSION}")
     spec_fields = dict(job["spec"])
     spec_fields["target_modules"] = tuple(spec_fields["target_modules"])
-    job["spec"] = TrainSpec(**spec_fields)
-    job["model"] = ModelSpec(**job["model"], token=get_env(HF_TOKEN_ENV))
-    job["train"] = [TrainExample(ids, labels) for ids, labels in job["train"]]
-    job["validation"] = [TrainExample(ids, labels) for ids, labels in job["validation"]]
-    return job
+    request = TrainingRequest(
+        spec=TrainSpec(**spec_fields),
+        train_examples=[TrainExample(ids, labels) for ids, labels in job["train"]],
+        val_examples=[TrainExample(ids, labels) for ids, labels in job["validation"]],
+        checkpoint_dir=Path(job["checkpoint_dir"]),
+        adapter_dir=Path(job["adapter_dir"]),
+    )
+    return ModelSpec(**job["model"], token=get_env(HF_TOKEN_ENV)), request
 
 
 def run(job_path: Path, summary_path: Path | None = None) -> None:
     import torch
     from accelerate import Accelerator
 
-    job = read_job(job_path)
+    model_spec, request = read_job(job_path)
     # cpu=True is what makes accelerate form a gloo process group when there is no GPU; training
     # sets its own autocast, so accelerate's mixed precision stays off.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
-    model_spec: ModelSpec = job["model"]
     if accelerator.device.type == "cuda":
         model_spec = replace(model_spec, device=str(accelerator.device))
-    spec: TrainSpec = job["spec"]
-    with accelerator.main_process_first():  # the first process builds or converts cached weights alone
-        tokenizer = load_tokenizer(model_spec)
-        base = load_model(model_spec)
-        quantization = loaded_quantization(base)
-        peft_model = prepare_peft_model(base, spec)
-
     with contextlib.ExitStack() as stack:
         pipes = None
         if accelerator.is_main_process:
             from dagster_pipes import open_dagster_pipes
 
             pipes = stack.enter_context(open_dagster_pipes())
-
-        def on_step(log) -> None:
-            pipes.log.info(
-                f"step {log.step}: {step_summary(log)}"
-            )
-
-        def on_epoch(epoch: int, val_loss: float | None) -> None:
-            pipes.log.info(f"epoch {epoch}: validation loss {'none (no validation examples)' if val_loss is None else f'{val_loss:.4f}'}")
-
-        result = train_lora(
-            peft_model,
-            job["train"],
-            job["validation"],
-            spec,
-            pad_id=tokenizer.pad_token_id,
-            checkpoint_dir=Path(job["checkpoint_dir"]),
-            on_step=on_step,
-            on_epoch=on_epoch,
-            accelerator=accelerator,
-        )
-        if pipes is None:
-            return
-        adapter_dir = save_adapter(peft_model, tokenizer, Path(job["adapter_dir"]))
-        _report(pipes, accelerator, result, sha256_file(adapter_dir / "adapter_model.safetensors"), summary_path, quantization)
+        hooks = TrainingHooks(on_step=lambda log: pipes.log.info(f"step {log.step}: {step_summary(log)}"),
+                              on_epoch=lambda epoch, val_loss: pipes.log.info(epoch_summary(epoch, val_loss))) if pipes else TrainingHooks()
+        result = train_adapter(request, load=lambda: (load_tokenizer(model_spec), load_model(model_spec)), hooks=hooks,
+                               accelerator=accelerator, loading=accelerator.main_process_first())
+        if pipes is not None:
+            _report(pipes, result, summary_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,38 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _report(pipes, accelerator, result, weights_sha: str, summary_path: Path | None, quantization) -> None:
-    """The result (steps, losses, parameter counts) as a Pipes message, and the run's figures as
-    materialization metadata; ``summary_path`` gets them as JSON too (benchmarks read it)."""
+def _report(pipes, result: TrainResult, summary_path: Path | None) -> None:
+    """The record as a Pipes message, and the run's figures as materialization metadata;
+    ``summary_path`` gets them as JSON too (benchmarks read it)."""
     if result.resumed_from_step:
         pipes.log.info(f"resumed from checkpoint at step {result.resumed_from_step} of {result.total_steps}")
-    pipes.report_custom_message(
-        {
-            "kind": "result",
-            "trainable_params": result.trainable_params,
-            "total_params": result.total_params,
-            "final_val_loss": result.final_val_loss,
-            "resumed_from_step": result.resumed_from_step,
-            "steps": [asdict(s) for s in result.steps],
-            "val_losses": result.val_losses,
-            "precision": result.precision,
-            "quantization": asdict(quantization),
-        }
-    )
+    pipes.report_custom_message({"kind": RESULT_MESSAGE, "record": result.as_message()})
     metadata = {
-        "launcher": "accelerate",
-        "world_size": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type.value),
-        "backend": str(accelerator.state.backend or "none"),
+        **result.launcher,
         "optimizer_steps": result.total_steps,
         "final_train_loss": result.final_train_loss,
         "val_losses": [v for v in result.val_losses if v is not None],
-        "padding_efficiency": round(result.real_tokens / max(result.padded_tokens, 1), 4),
+        "padding_efficiency": result.padding_efficiency,
         "train_seconds": round(result.seconds, 2),
-        "real_tokens_per_second": round(result.real_tokens / max(result.seconds, 1e-9), 2),
-        "sha256": weights_sha,
+        "sha256": result.adapter_sha256,
     }
-    pipes.report_asset_materialization(metadata=metadata, data_version=weights_sha[:16])
+    pipes.report_asset_materialization(metadata=metadata, data_version=result.adapter_sha256[:16])
     if summary_path is not None:
         summary = {**metadata, "losses": [s.loss for s in result.steps], "real_tokens": result.real_tokens,
                    "resumed_from_step": result.resumed_from_step}

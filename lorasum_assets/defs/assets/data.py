@@ -14,9 +14,9 @@ from lorasum_assets.ml.data.readers import read_hub, read_sample
 from lorasum_assets.settings.config import config_class, resolve
 from lorasum_assets.settings.specs import DataSpec, FilterSpec, SettingError, TokenizeSpec
 from lorasum_assets.settings.versions import code_version
-from lorasum_assets.store.history import write_materialization
 from lorasum_assets.store.queries import dialogue_rows, tokenized_rows
 from lorasum_assets.store.references import TableRef
+from lorasum_assets.store.writes import write_materialization
 
 DIALOGUE_COLUMNS = ("split", "id", "dialogue", "references", "topic", "source_index")
 TOKENIZED_COLUMNS = ("split", "id", "input_ids", "attention_mask", "labels", "n_tokens", "prompt_tokens", "label_tokens", "truncated")

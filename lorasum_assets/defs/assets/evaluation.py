@@ -8,17 +8,18 @@ import dagster as dg
 
 from lorasum_assets import __version__
 from lorasum_assets.defs.assets.data import dataset_of, read_dialogues, require
-from lorasum_assets.defs.assets.plots import histogram, markdown_table, text_table
+from lorasum_assets.defs.assets.plots import histogram, markdown_table
 from lorasum_assets.defs.assets.plots import table as table_value
 from lorasum_assets.defs.resources import BertScorerResource, LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.ml.evaluation.stats import percent_difference
+from lorasum_assets.runtime.text import text_table
 from lorasum_assets.settings.config import config_class, resolve
 from lorasum_assets.settings.specs import EVAL_METRICS as METRICS
 from lorasum_assets.settings.specs import ReportSpec
 from lorasum_assets.settings.versions import code_version
-from lorasum_assets.store.history import write_evaluation
 from lorasum_assets.store.queries import adapter_sha256, evaluated_set_hash, prediction_rows
 from lorasum_assets.store.references import TableRef, version_of
+from lorasum_assets.store.writes import write_evaluation
 
 ReportConfig = config_class("ReportConfig", ReportSpec, "Bootstrap settings of the confidence intervals.")
 
@@ -238,7 +239,7 @@ def bertscore_report(
     scoring, report = _score(context, scorer, inputs, spec, model)
     _write_history(context, store, spec=spec, profile_name=profile.name, base_model=model.choice().model, inputs=inputs,
                    refs=refs, scoring=scoring, report=report)
-    context.log.info(f"base vs tuned on {len(inputs.dialogues)} {inputs.split} dialogues:\n{text_table(REPORT_HEADER, report_rows(report))}")
+    context.log.info(f"base vs tuned on {len(inputs.dialogues)} {inputs.split} dialogues:\n{text_table(REPORT_HEADER, report_rows(report), rule=False)}")
     version = version_of([(m["model"], m["metric"], m["reference_set"], m["value"]) for m in report.metrics], scoring.hash)
     details = {"adapter_id": inputs.adapter_id, "split": inputs.split, "generation": inputs.generation}
     ref = TableRef("bertscore_report", context.run_id, len(report.metrics), version, version, details)

@@ -10,17 +10,17 @@ from lorasum_assets.defs.assets.training import GPU_POOL
 from lorasum_assets.defs.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.defs.resources.lineage import lineage_run_ids
 from lorasum_assets.defs.resources.preflight import RunPreflightResource
-from lorasum_assets.ml.data.prompts import encode_prompt, trained_prompt_format
+from lorasum_assets.ml.data.prompts import encode_prompts, trained_prompt_format
 from lorasum_assets.ml.models.adapter_files import verify_adapter_files
 from lorasum_assets.ml.progress import Progress
 from lorasum_assets.runtime.deployment import gpu_op_tags
 from lorasum_assets.settings.config import config_class, resolve
 from lorasum_assets.settings.specs import PRODUCTION_ALIAS, GenerationSpec, ModelChoice
 from lorasum_assets.settings.versions import code_version
-from lorasum_assets.store.history import write_materialization
-from lorasum_assets.store.promotions import AliasKey
+from lorasum_assets.store.aliases import AliasKey
 from lorasum_assets.store.references import AdapterRef, TableRef, version_of
 from lorasum_assets.store.registry import AUTO_ADAPTER, choose_adapter, production_adapter
+from lorasum_assets.store.writes import write_materialization
 
 PREDICTION_COLUMNS = ("split", "id", "prediction", "new_tokens", "hit_limit", "latency_s", "adapter_id")
 
@@ -50,23 +50,13 @@ def _progress(context: dg.AssetExecutionContext, label: str, total: int):
     return (lambda done, _: context.log.info(f"{label}: {progress.line(done)}")), (lambda line: context.log.info(f"{label}: {line}"))
 
 
-def prompt_budget(spec: GenerationSpec, base) -> int:
-    """Tokens a prompt may have: the setting, else the model's context minus max_new_tokens, so
-    no dialogue, however long, can run the machine out of memory."""
-    if spec.max_prompt_tokens is not None:
-        return spec.max_prompt_tokens
-    context = getattr(base.config, "max_position_embeddings", None) or 2048
-    if context - spec.max_new_tokens < 16:
-        raise ValueError(f"GenerationSpec.max_new_tokens = {spec.max_new_tokens} leaves no room for a prompt in the model's {context}-token context")
-    return context - spec.max_new_tokens
-
-
 def _prompts(store, tokenizer, upstream: TableRef, spec: GenerationSpec, choice: ModelChoice, budget: int):
     with store.connect() as con:
         dialogues = read_dialogues(con, upstream, spec.split)
     if not dialogues:
         raise ValueError(f"filtered_split has no {spec.split!r} rows to generate for")
-    encoded = [encode_prompt(tokenizer, d.dialogue, choice.use_chat_template, budget, choice.prompt_boundary) for d in dialogues]
+    encoded = encode_prompts(tokenizer, [d.dialogue for d in dialogues], use_chat_template=choice.use_chat_template,
+                             boundary=choice.prompt_boundary, max_prompt_tokens=budget)
     return dialogues, [ids for ids, _ in encoded], sum(1 for _, cut in encoded if cut)
 
 
@@ -147,7 +137,7 @@ def base_predictions(
     preflight: RunPreflightResource,
     filtered_split: TableRef | None,
 ) -> dg.Output[TableRef]:
-    from lorasum_assets.ml.generation.generate import generate, has_active_adapter
+    from lorasum_assets.ml.generation.generate import generate, has_active_adapter, prompt_budget
 
     spec: GenerationSpec = resolve(profile.get().generation, config)
     upstream = require(filtered_split, "filtered_split")
@@ -209,7 +199,7 @@ class AdapterGenerations:
 def generate_for_adapter(context, model, store, adapter: AdapterRef, upstream: TableRef, spec: GenerationSpec, label: str) -> AdapterGenerations:
     """Summaries of ``upstream``'s ``spec.split`` dialogues from the base with ``adapter`` applied,
     after checking that the adapter's files and prompt format are the ones it was registered with."""
-    from lorasum_assets.ml.generation.generate import generate_with_adapter
+    from lorasum_assets.ml.generation.generate import generate_with_adapter, prompt_budget
 
     _, trained_with = trained_prompt_format(adapter.training)
     if trained_with != model.choice().prompt_boundary:

@@ -3,7 +3,7 @@
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,17 +15,17 @@ from lorasum_assets.defs.assets.plots import line_plot
 from lorasum_assets.defs.assets.plots import table as table_value
 from lorasum_assets.defs.resources import LoraModelResource, LorasumStore, ProfileResource
 from lorasum_assets.defs.resources.preflight import RunPreflightResource
-from lorasum_assets.ml.models.adapter_files import lora_b_all_zero, save_adapter, sha256_file
+from lorasum_assets.ml.models.adapter_files import lora_b_all_zero, sha256_file
 from lorasum_assets.ml.progress import Progress
-from lorasum_assets.ml.training.records import StepLog, step_summary
+from lorasum_assets.ml.training.records import StepLog, TrainingRequest, TrainResult, epoch_summary, step_summary
 from lorasum_assets.runtime.deployment import gpu_op_tags, training_gpus
 from lorasum_assets.runtime.home import from_home, home_subdir, lorasum_home
 from lorasum_assets.settings.config import config_class, resolve, spec_fields
 from lorasum_assets.settings.specs import LauncherSpec, TrainSpec
 from lorasum_assets.settings.versions import code_version
-from lorasum_assets.store.history import HistoryUnreachableError
 from lorasum_assets.store.pending import PendingRegistration, record_registration, write_pending
 from lorasum_assets.store.references import AdapterRef, TableRef, version_of
+from lorasum_assets.store.transactions import HistoryUnreachableError
 
 if TYPE_CHECKING:
     from lorasum_assets.ml.training.batching import TrainExample
@@ -65,37 +65,10 @@ class TrainingJob:
     adapter_id: str
     created_at: datetime
 
-
-@dataclass
-class TrainingOutcome:
-    """What either launcher hands back for registration and metadata."""
-
-    steps: list[StepLog]
-    val_losses: list[float | None]
-    total_steps: int
-    resumed_from_step: int
-    trainable_params: int
-    total_params: int
-    padding_efficiency: float
-    seconds: float
-    launcher_metadata: dict = field(default_factory=dict)
-    reported_sha256: str | None = None  # what an external training process says it wrote
-    # what ran, read from the loaded model and the training loop: {method, compute_dtype, double_quant}
-    quantization: dict = field(default_factory=dict)
-    precision: str = "fp32"
-
     @property
-    def skipped_steps(self) -> list[int]:
-        return [log.step for log in self.steps if log.skipped]
-
-    @property
-    def final_train_loss(self) -> float | None:
-        return self.steps[-1].loss if self.steps else None
-
-    @property
-    def final_val_loss(self) -> float | None:
-        known = [v for v in self.val_losses if v is not None]
-        return known[-1] if known else None
+    def request(self) -> TrainingRequest:
+        return TrainingRequest(spec=self.spec, train_examples=self.train_examples, val_examples=self.val_examples,
+                               checkpoint_dir=self.checkpoint_dir, adapter_dir=self.target)
 
 
 class TrainingCurves:
@@ -121,36 +94,30 @@ class TrainingCurves:
         self.writer.close()
 
 
-def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcome:
-    from lorasum_assets.ml.models.devices import free_accelerator_memory
-    from lorasum_assets.ml.models.loading import loaded_quantization
+def _train_in_process(context, job: TrainingJob, model, store) -> TrainResult:
     from lorasum_assets.ml.training.batching import planned_steps
     from lorasum_assets.ml.training.checkpoints import complete_checkpoints
-    from lorasum_assets.ml.training.loop import train_lora
-    from lorasum_assets.ml.training.lora import prepare_peft_model
+    from lorasum_assets.ml.training.run import TrainingHooks, train_adapter
 
-    run_id = context.run_id
     total = planned_steps(len(job.train_examples), job.spec)
     progress: Progress | None = None
-    curves = TrainingCurves(run_id)
+    curves = TrainingCurves(context.run_id)
     last_step = 0
 
     # Step and epoch logs reach the history from a thread of their own: a busy store delays the
     # write, never the next training step.
-    history_log = store.training_log_writer(job.train_key, run_id, on_error=context.log.warning)
+    history_log = store.training_log_writer(job.train_key, context.run_id, on_error=context.log.warning)
 
-    def on_step(log) -> None:
+    def on_step(log: StepLog) -> None:
         nonlocal progress, last_step
         progress = progress or Progress(total, "steps")
         last_step = log.step
-        context.log.info(
-            f"step {progress.line(log.step)}: {step_summary(log)}"
-        )
+        context.log.info(f"step {progress.line(log.step)}: {step_summary(log)}")
         curves.step(log)
         history_log.put(("step", log))
 
     def on_epoch(epoch: int, val_loss: float | None) -> None:
-        context.log.info(f"epoch {epoch}: validation loss {'none (no validation examples)' if val_loss is None else f'{val_loss:.4f}'}")
+        context.log.info(epoch_summary(epoch, val_loss))
         curves.validation(last_step, val_loss)
         history_log.put(("epoch", (epoch, val_loss)))
 
@@ -159,58 +126,23 @@ def _train_in_process(context, job: TrainingJob, model, store) -> TrainingOutcom
     if saved:
         context.log.info(f"resuming from the checkpoint at {saved[-1].name.replace('-', ' ')} of {total} ({saved[-1]}), "
                          "left by an earlier run with the same settings, data and base model")
-    tokenizer = model.tokenizer(context.log.info)
-    base = model.fresh_model(context.log.info)
-    quantization = asdict(loaded_quantization(base))
-    peft_model = prepare_peft_model(base, job.spec)
     try:
-        result = train_lora(
-            peft_model,
-            job.train_examples,
-            job.val_examples,
-            job.spec,
-            pad_id=tokenizer.pad_token_id,
-            checkpoint_dir=job.checkpoint_dir,
-            on_step=on_step,
-            on_epoch=on_epoch,
-        )
+        result = train_adapter(job.request, load=lambda: (model.tokenizer(context.log.info), model.fresh_model(context.log.info)),
+                               hooks=TrainingHooks(on_step=on_step, on_epoch=on_epoch))
     finally:
         history_log.close("the live training log")
     curves.close()
     if result.resumed_from_step:
         context.log.info(f"resumed from checkpoint at step {result.resumed_from_step} of {result.total_steps}")
-    save_adapter(peft_model, tokenizer, job.target)
-    del peft_model, base
-    free_accelerator_memory()  # the trained copy goes before generation loads the shared base
-    return TrainingOutcome(
-        steps=result.steps,
-        val_losses=result.val_losses,
-        total_steps=result.total_steps,
-        resumed_from_step=result.resumed_from_step,
-        trainable_params=result.trainable_params,
-        total_params=result.total_params,
-        padding_efficiency=round(result.real_tokens / max(result.padded_tokens, 1), 4),
-        seconds=result.seconds,
-        launcher_metadata={"launcher": "in_process", "world_size": 1},
-        quantization=quantization,
-        precision=result.precision,
-    )
+    return result
 
 
-def _train_with_accelerate(context, job: TrainingJob, launcher: LauncherSpec, model, pipes_client) -> TrainingOutcome:
+def _train_with_accelerate(context, job: TrainingJob, launcher: LauncherSpec, model, pipes_client) -> TrainResult:
     """Training in ``accelerate launch`` processes, reporting back through Dagster Pipes."""
-    from lorasum_assets.workers.train_worker import accelerate_launch_command, write_job
+    from lorasum_assets.workers.train_worker import RESULT_MESSAGE, accelerate_launch_command, write_job
 
     model.release_base(context.log.info)  # each worker loads its own copy, on GPU 0 too
-    job_path = write_job(
-        home_subdir("jobs") / f"{context.run_id}-{job.train_key}.json",
-        model=model.spec(),
-        spec=job.spec,
-        train_examples=job.train_examples,
-        val_examples=job.val_examples,
-        checkpoint_dir=job.checkpoint_dir,
-        adapter_dir=job.target,
-    )
+    job_path = write_job(home_subdir("jobs") / f"{context.run_id}-{job.train_key}.json", model=model.spec(), request=job.request)
     command = accelerate_launch_command(job_path, launcher.num_processes, launcher.threads_per_process)
     context.log.info(f"launching: {' '.join(command)}")
     env = {"HF_TOKEN": model.hf_token} if model.hf_token else {}
@@ -218,34 +150,16 @@ def _train_with_accelerate(context, job: TrainingJob, launcher: LauncherSpec, mo
         invocation = pipes_client.run(context=context, command=command, env=env)
     finally:
         job_path.unlink(missing_ok=True)
-    streamed = invocation.get_materialize_result()
-    results = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("kind") == "result"]
+    invocation.get_materialize_result()
+    results = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("kind") == RESULT_MESSAGE]
     if len(results) != 1 or not (job.target / "adapter_model.safetensors").exists():
         raise RuntimeError(f"the training process ended without reporting its result and adapter ({len(results)} result messages)")
-    reported = results[0]
-    steps = [StepLog(**row) for row in reported["steps"]]
-    metadata = {key: value.value for key, value in (streamed.metadata or {}).items()}
-    outcome = TrainingOutcome(
-        steps=steps,
-        val_losses=reported["val_losses"],
-        total_steps=metadata["optimizer_steps"],
-        resumed_from_step=reported["resumed_from_step"],
-        trainable_params=reported["trainable_params"],
-        total_params=reported["total_params"],
-        padding_efficiency=metadata["padding_efficiency"],
-        seconds=metadata["train_seconds"],
-        launcher_metadata={
-            k: metadata[k] for k in ("launcher", "world_size", "distributed_type", "backend", "real_tokens_per_second")
-        },
-        reported_sha256=metadata.get("sha256") or "missing",
-        quantization=reported["quantization"],
-        precision=reported["precision"],
-    )
+    result = TrainResult.from_message(results[0]["record"])
     curves = TrainingCurves(context.run_id)  # the worker processes report their steps at the end
-    for log in outcome.steps:
+    for log in result.steps:
         curves.step(log)
     curves.close()
-    return outcome
+    return result
 
 
 @dg.asset(
@@ -309,7 +223,7 @@ def _plan(context, spec: TrainSpec, model, store, upstream: TableRef, profile_na
     )
 
 
-def _checked_weights(job: TrainingJob, outcome: TrainingOutcome) -> str:
+def _checked_weights(job: TrainingJob, outcome: TrainResult) -> str:
     """The adapter's sha256, once it is known to differ from the base and to be what training reported."""
     weights = job.target / "adapter_model.safetensors"
     if lora_b_all_zero(weights):
@@ -319,12 +233,12 @@ def _checked_weights(job: TrainingJob, outcome: TrainingOutcome) -> str:
             "the adapter would equal the base model, so it is not registered"
         )
     weights_sha = sha256_file(weights)
-    if outcome.reported_sha256 is not None and outcome.reported_sha256 != weights_sha:
+    if outcome.adapter_sha256 is not None and outcome.adapter_sha256 != weights_sha:
         raise RuntimeError("the adapter on disk is not the one the training process reported")
     return weights_sha
 
 
-def _registration(context, job: TrainingJob, outcome: TrainingOutcome, model, profile_name: str, weights_sha: str) -> tuple[PendingRegistration, dict]:
+def _registration(context, job: TrainingJob, outcome: TrainResult, model, profile_name: str, weights_sha: str) -> tuple[PendingRegistration, dict]:
     """The adapter's registry row with this run's whole training log (steps a resumed run took
     over from its checkpoint included), and the training config recorded with it."""
     base = model.base_ref()
@@ -335,7 +249,7 @@ def _registration(context, job: TrainingJob, outcome: TrainingOutcome, model, pr
     choice = model.choice()
     prompt_format = {"use_chat_template": choice.use_chat_template, "prompt_boundary": choice.prompt_boundary}
     ran = {"compute_dtype": loaded["compute_dtype"], "double_quant": loaded["double_quant"], "precision": outcome.precision}
-    training_config = {**asdict(job.spec), **prompt_format, **outcome.launcher_metadata, **ran}
+    training_config = {**asdict(job.spec), **prompt_format, **outcome.launcher, **ran}
     row = {
         "adapter_id": job.adapter_id,
         "run_id": context.run_id,
@@ -376,7 +290,7 @@ def _register(store: LorasumStore, registration: PendingRegistration) -> None:
     pending.unlink()
 
 
-def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base, weights_sha: str) -> dict:
+def _adapter_metadata(context, job: TrainingJob, outcome: TrainResult, base, weights_sha: str) -> dict:
     from lorasum_assets.ml.models.devices import take_peak_gpu_memory
 
     steps = [log.step for log in outcome.steps]
@@ -391,7 +305,7 @@ def _adapter_metadata(context, job: TrainingJob, outcome: TrainingOutcome, base,
         "compute_dtype": outcome.quantization["compute_dtype"],
         "precision": outcome.precision,
         "skipped_steps": outcome.skipped_steps,
-        **outcome.launcher_metadata,
+        **outcome.launcher,
         "trainable_params": outcome.trainable_params,
         "total_params": outcome.total_params,
         "trainable_percent": round(100.0 * outcome.trainable_params / max(outcome.total_params, 1), 4),

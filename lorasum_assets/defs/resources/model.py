@@ -13,7 +13,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from lorasum_assets.defs.resources.profile import ProfileResource
-from lorasum_assets.runtime.home import home_subdir
+from lorasum_assets.runtime.models import base_model_spec
 from lorasum_assets.settings.config import config_class, resolve
 from lorasum_assets.settings.specs import ModelChoice
 from lorasum_assets.store.references import BaseModelRef
@@ -52,10 +52,7 @@ class _ModelResourceBase(dg.ConfigurableResource):
         return resolve(self.profile.get().model, self)
 
     def spec(self) -> "ModelSpec":
-        from lorasum_assets.ml.models.loading import model_spec
-
-        return model_spec(self.choice(), device=self.device, local_files_only=self.local_files_only,
-                          cache_dir=str(home_subdir("models")), token=self.hf_token)
+        return base_model_spec(self.choice(), device=self.device, local_files_only=self.local_files_only, token=self.hf_token)
 
     def base_ref(self) -> BaseModelRef:
         """Which base this is, down to a fingerprint of its weight and tokenizer files."""

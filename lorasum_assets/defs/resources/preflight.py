@@ -7,7 +7,7 @@ from lorasum_assets.defs.resources.model import LoraModelResource
 from lorasum_assets.defs.resources.store import LorasumStore
 from lorasum_assets.runtime.dead_runs import release_dead_runs
 from lorasum_assets.settings.specs import PRODUCTION_ALIAS
-from lorasum_assets.store.promotions import holders
+from lorasum_assets.store.aliases import holders
 from lorasum_assets.store.registry import choose_adapter, find_adapter
 
 # Jobs whose runs train no adapter of their own; every other run materializes lora_adapter itself

@@ -9,8 +9,9 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from lorasum_assets.store.buffer import BackgroundWriter
-from lorasum_assets.store.history import record_training_log, report_waits
 from lorasum_assets.store.lake import HistoryLocation, connect, history_location, prepare
+from lorasum_assets.store.transactions import report_waits
+from lorasum_assets.store.writes import record_training_log
 
 
 class LorasumStore(dg.ConfigurableResource):

@@ -95,6 +95,13 @@ def encode_prompt(
     return empty, True
 
 
+def encode_prompts(
+    tokenizer, dialogues: list[str], *, use_chat_template: bool, boundary: str, max_prompt_tokens: int | None
+) -> list[tuple[list[int], bool]]:
+    """``encode_prompt`` of each dialogue: the prompts of one generation run, in one format."""
+    return [encode_prompt(tokenizer, d, use_chat_template, max_prompt_tokens, boundary) for d in dialogues]
+
+
 @dataclass(frozen=True)
 class TokenizedExample:
     input_ids: list[int]

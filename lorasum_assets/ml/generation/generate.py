@@ -280,3 +280,14 @@ def generate_with_adapter(
         restored = tuned.unload()
         if has_active_adapter(restored):
             raise RuntimeError("unloading the adapter left LoRA layers in the base model")
+
+
+def prompt_budget(spec: GenerationSpec, base) -> int:
+    """Tokens a prompt may have: the setting, else the model's context minus max_new_tokens, so
+    no dialogue, however long, can run the machine out of memory."""
+    if spec.max_prompt_tokens is not None:
+        return spec.max_prompt_tokens
+    context = getattr(base.config, "max_position_embeddings", None) or 2048
+    if context - spec.max_new_tokens < 16:
+        raise ValueError(f"GenerationSpec.max_new_tokens = {spec.max_new_tokens} leaves no room for a prompt in the model's {context}-token context")
+    return context - spec.max_new_tokens

@@ -1,8 +1,27 @@
-"""What training reports: one log entry per optimizer step, and the run's result."""
+"""What a training is asked (``TrainingRequest``) and what it reports: one log entry per optimizer
+step, and the run's result (``TrainResult``, also the message an external training process sends)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lorasum_assets.settings.specs import TrainSpec
+
+if TYPE_CHECKING:
+    from lorasum_assets.ml.training.batching import TrainExample
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """What to train on, with which settings, and where its checkpoints and adapter go."""
+
+    spec: TrainSpec
+    train_examples: list[TrainExample]
+    val_examples: list[TrainExample]
+    adapter_dir: Path
+    checkpoint_dir: Path | None = None  # None: no checkpoints, nothing resumed
 
 
 @dataclass(frozen=True)
@@ -29,7 +48,7 @@ def step_summary(log: StepLog) -> str:
 @dataclass
 class TrainResult:
     steps: list[StepLog] = field(default_factory=list)
-    val_losses: list[float] = field(default_factory=list)
+    val_losses: list[float | None] = field(default_factory=list)  # per epoch; None: no validation examples
     total_steps: int = 0
     resumed_from_step: int = 0
     trainable_params: int = 0
@@ -39,6 +58,23 @@ class TrainResult:
     seconds: float = 0.0
     precision: str = "fp32"  # the autocast dtype training ran under (fp32: none)
     grad_scale: float | None = None  # the fp16 grad scaler's scale at the end; None: no scaler ran
+    # how the base was held as it trained, read from the loaded model: {method, compute_dtype, double_quant}
+    quantization: dict = field(default_factory=dict)
+    launcher: dict = field(default_factory=dict)  # where it ran: in_process, or accelerate with its world size and backend
+    adapter_sha256: str | None = None  # of adapter_model.safetensors, as the training process wrote it
+
+    def as_message(self) -> dict:
+        """The record as JSON-ready values: what an external training process sends back."""
+        return asdict(self)
+
+    @classmethod
+    def from_message(cls, message: dict) -> TrainResult:
+        fields = {key: value for key, value in message.items() if key in cls.__dataclass_fields__}
+        return cls(**{**fields, "steps": [StepLog(**row) for row in message.get("steps", [])]})
+
+    @property
+    def padding_efficiency(self) -> float:
+        return round(self.real_tokens / max(self.padded_tokens, 1), 4)
 
     @property
     def skipped_steps(self) -> list[int]:
@@ -50,4 +86,10 @@ class TrainResult:
 
     @property
     def final_val_loss(self) -> float | None:
-        return self.val_losses[-1] if self.val_losses else None
+        known = [v for v in self.val_losses if v is not None]
+        return known[-1] if known else None
+
+
+def epoch_summary(epoch: int, val_loss: float | None) -> str:
+    """An epoch's line for the run log."""
+    return f"epoch {epoch}: validation loss {'none (no validation examples)' if val_loss is None else f'{val_loss:.4f}'}"

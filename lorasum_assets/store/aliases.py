@@ -1,4 +1,4 @@
-"""The promotion registry: which adapter holds an alias, the scores a decision pairs, and the
+"""The alias registry: which adapter holds an alias, the scores a decision pairs, and the
 append-only record of every decision (``promotions``). No dagster.
 
 An alias (``production``) is held per base model and dataset (the data source an evaluation's
@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from lorasum_assets.ml.evaluation.promotion_rule import judge
-from lorasum_assets.settings.specs import PromotionSpec
-from lorasum_assets.store.history import in_transaction, insert_rows, replace_rows
 from lorasum_assets.store.queries import checked_metric
-from lorasum_assets.store.references import AdapterMismatchError
+from lorasum_assets.store.transactions import in_transaction
+from lorasum_assets.store.writes import insert_rows, replace_rows
 
 DECISIONS = ("promoted", "kept", "manual", "rollback")
-MAX_DECISION_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -219,67 +216,3 @@ def adapter_dataset(con, adapter_id: str) -> str | None:
         [adapter_id],
     ).fetchone()
     return row[0] if row else None
-
-
-@dataclass(frozen=True)
-class Challenge:
-    """One decision to make: this run's evaluation against the alias's holder."""
-
-    run_id: str
-    evaluation: Evaluation
-    key: AliasKey
-    rule: PromotionSpec
-
-
-ScoreChampion = Callable[[str], dict[str, float]]
-
-
-def decide_promotion(connect: Callable, challenge: Challenge, score_champion: ScoreChampion, log: Callable[[str], None]) -> dict:
-    """Decide, record and return one promotion row. ``connect()`` opens the history;
-    ``score_champion(adapter_id)`` scores an adapter on this run's examples when the history has
-    no such scores yet. When another run moves the alias meanwhile, the decision is made again
-    against the new holder, never recorded against the old one."""
-    evaluation, rule, key = challenge.evaluation, challenge.rule, challenge.key
-    with connect() as con:
-        earlier = decision_of_run(con, key, challenge.run_id)
-        challenger = example_scores(con, evaluation.run_id, "tuned", rule.metric)
-        base = example_scores(con, evaluation.run_id, "base", rule.metric)
-        champion = current_adapter(con, key)
-    if earlier is not None:
-        log(f"this run already decided: {earlier['reason']}")
-        return earlier
-    for _ in range(MAX_DECISION_ATTEMPTS):
-        row = _verdict_row(connect, challenge, champion, challenger, base, score_champion, log)
-        try:
-            with connect() as con:
-                return record_decision(con, key, champion, row)
-        except ChampionChangedError as exc:
-            log(f"{exc}; deciding again against {exc.current or 'the base model'}")
-            champion = exc.current
-    raise RuntimeError(f"{key.describe()} kept moving while this run decided ({MAX_DECISION_ATTEMPTS} attempts)")
-
-
-def _verdict_row(connect, challenge: Challenge, champion: str | None, challenger: dict, base: dict, score_champion, log) -> dict:
-    evaluation, rule = challenge.evaluation, challenge.rule
-    fields = {"adapter_id": evaluation.adapter_id, "run_id": challenge.run_id, "metric": rule.metric, "margin": rule.margin}
-    if champion == evaluation.adapter_id:
-        return {**fields, "moved": False, "decision": "kept", "compared_with": champion,
-                "reason": f"kept {champion}: it already holds {rule.alias}"}
-    against, label, note = base, "the base model", ""
-    if champion is not None:
-        with connect() as con:
-            scores = champion_scores(con, champion, evaluation, rule.metric)
-        if scores is None:
-            log(f"champion {champion} was never scored on these {len(challenger)} examples with this scorer; scoring it first")
-            try:
-                scores = score_champion(champion)
-            except AdapterMismatchError as exc:
-                note = f" ({exc}: compared with the base model instead)"
-        if scores is not None:
-            against, label = scores, champion
-    verdict = judge(challenger, against, rule, evaluation.adapter_id, label)
-    return {
-        **fields, "moved": verdict.promote, "decision": "promoted" if verdict.promote else "kept",
-        "delta": verdict.change.mean, "ci_low": verdict.change.low, "ci_high": verdict.change.high,
-        "n_examples": verdict.n_examples, "compared_with": "base" if against is base else champion, "reason": verdict.reason + note,
-    }

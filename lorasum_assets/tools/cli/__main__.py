@@ -1,0 +1,5 @@
+import sys
+
+from lorasum_assets.tools.cli import main
+
+sys.exit(main())
