@@ -1,4 +1,10 @@
-"""Assembles the code location: assets, checks, resources and jobs. Nothing else happens here."""
+# ruff: noqa: E402 - the noise filters go in before dagster and the rest are imported
+"""Assembles the code location: assets, checks, resources and jobs. Nothing else happens here,
+except hiding the libraries' known noise first: every Dagster process starts by loading this."""
+
+from lorasum_assets.runtime.quiet import quiet_known_noise
+
+quiet_known_noise()
 
 import dagster as dg
 

@@ -3,15 +3,12 @@
 The tiny model is built once per test run and shared through the session home's model cache.
 """
 
-import contextlib
 import os
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from lorasum_assets_tests.helpers import running_postgres
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -90,57 +87,13 @@ def smollm2_tokenizer(session_home):
     return load_tokenizer(ModelSpec(model=SMOLLM2_GGUF, cache_dir=str(session_home / "models")))
 
 
-def history_of(home):
-    """The history a lorasum home holds, opened read-only (as a notebook would)."""
-    from lorasum_assets.store.lake import history_location, open_history
-
-    return open_history(location=history_location(f"sqlite:{home}/history/catalog.sqlite"))
 
 
-def _as_postgres(command: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-class PostgresServer(dict):
-    """A running server's connection fields (``host``, ``port``, ``user``, ``socket_dir``), and
-    ``stop()``/``start()`` to take it away and bring it back on the same socket and data."""
-
-    def __init__(self, bin_dir: Path, data: Path, root: Path, port: int, listen: str) -> None:
-        super().__init__(socket_dir=str(root), host="127.0.0.1" if listen != "''" else str(root), port=str(port), user="lorasum")
-        self._pg_ctl, self._data, self._log = str(bin_dir / "pg_ctl"), str(data), str(root / "log")
-        self._options = f"-k {root} -p {port} -c listen_addresses={listen}"
-
-    def start(self) -> None:
-        subprocess.run(_as_postgres([self._pg_ctl, "-D", self._data, "-l", self._log, "-w", "start", "-o", self._options]),
-                       check=True, capture_output=True)
-
-    def stop(self, mode: str = "fast") -> None:
-        subprocess.run(_as_postgres([self._pg_ctl, "-D", self._data, "-m", mode, "-w", "stop"]), capture_output=True)
 
 
-@contextlib.contextmanager
-def running_postgres(databases: tuple[str, ...] = ("lorasum",), port: int = 55439, on_loopback: bool = False) -> Iterator[PostgresServer]:
-    """A real PostgreSQL server (Debian's postgresql package) with ``databases``, on a socket of its
-    own and, with ``on_loopback``, on 127.0.0.1 too; trust authentication as user ``lorasum``."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not found:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    bin_dir = found[-1].parent
-    root = Path(tempfile.mkdtemp(prefix="lorasum-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    data, listen = root / "data", "127.0.0.1" if on_loopback else "''"
-    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "lorasum"]),
-                   check=True, capture_output=True)
-    server = PostgresServer(bin_dir, data, root, port, listen)
-    server.start()
-    try:
-        for db in databases:
-            subprocess.run(_as_postgres([str(bin_dir / "createdb"), "-h", str(root), "-p", str(port), "-U", "lorasum", db]), check=True)
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+
 
 
 @pytest.fixture()
@@ -148,3 +101,19 @@ def postgres_server():
     """A real PostgreSQL server on a socket of its own, as a history location."""
     with running_postgres() as server:
         yield f"postgres:dbname=lorasum host={server['host']} port={server['port']} user={server['user']}"
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tiny_model_dir, tiny_tokenizer, tmp_path_factory):
+    """An adapter trained for a few steps on the tiny model (one per test module)."""
+    from lorasum_assets.ml.models.loading import ModelSpec, load_model
+    from lorasum_assets.ml.training.records import TrainingRequest
+    from lorasum_assets.ml.training.run import train_adapter
+    from lorasum_assets.settings.specs import TrainSpec
+    from lorasum_assets_tests.helpers import examples
+
+    spec = TrainSpec(epochs=3, batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.0, lora_dropout=0.0, gradient_checkpointing=False)
+    adapter_dir = tmp_path_factory.mktemp("adapter") / "adapter"
+    request = TrainingRequest(spec=spec, train_examples=examples(tiny_tokenizer, 16), val_examples=[], adapter_dir=adapter_dir)
+    train_adapter(request, load=lambda: (tiny_tokenizer, load_model(ModelSpec(model=str(tiny_model_dir), device="cpu"))))
+    return adapter_dir

@@ -15,9 +15,7 @@ from lorasum_assets.defs.resources.factory import build_resources
 from lorasum_assets.ml.models.adapter_files import AdapterFilesError, AdapterMissingError, sha256_file, verify_adapter_files
 from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets.tools.cli import main
-from lorasum_assets_tests.conftest import history_of
-
-from .test_reliability import error_text
+from lorasum_assets_tests.helpers import error_text, history_of
 
 EVALUATION = dg.AssetSelection.assets("base_predictions", "tuned_predictions", "bertscore_report")
 

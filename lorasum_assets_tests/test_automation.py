@@ -9,7 +9,7 @@ from dagster._utils.schedules import cron_string_iterator  # the iterator Dagste
 from lorasum_assets.defs.schedules import InvalidCronError, build_retrain_schedule
 from lorasum_assets.defs.sensors import record_run_failures, retrain_on_data_change
 from lorasum_assets.ml.data.dialogues import load_local
-from lorasum_assets_tests.conftest import history_of
+from lorasum_assets_tests.helpers import history_of
 
 
 def test_schedule_is_weekly_and_stopped_by_default(monkeypatch):

@@ -14,9 +14,7 @@ from lorasum_assets.defs.assets import ALL_ASSETS
 from lorasum_assets.defs.checks import ALL_CHECKS
 from lorasum_assets.defs.resources.factory import build_resources
 from lorasum_assets.settings.profiles import get_profile
-from lorasum_assets_tests.conftest import history_of
-
-from .test_reliability import error_text, good
+from lorasum_assets_tests.helpers import error_text, good, history_of
 
 VIEWS = ("raw_dialogsum", "raw_dialogsum_quarantine", "filtered_split", "tokenized_dataset", "base_predictions",
          "tuned_predictions", "eval_runs", "adapters", "training_steps")

@@ -1,7 +1,6 @@
 from lorasum_assets.defs.checks import compare_with_previous_best
 from lorasum_assets.store import open_history
-
-from .test_store import seed_run
+from lorasum_assets_tests.helpers import seed_run
 
 
 def run_check(run_id):

@@ -11,8 +11,7 @@ import pytest
 
 from lorasum_assets.store import open_history
 from lorasum_assets.tools.cli import main
-
-from .test_store import seed_run
+from lorasum_assets_tests.helpers import seed_run
 
 
 @pytest.fixture()

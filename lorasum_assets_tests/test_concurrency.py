@@ -5,58 +5,31 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
-import yaml
 
 from lorasum_assets.store.lake import HistoryNotFoundError
-from lorasum_assets_tests.conftest import history_of
-
-REPO = Path(__file__).resolve().parents[1]
-MATERIALIZE = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "lorasum_assets.definitions"]
-LORASUM = [sys.executable, "-m", "lorasum_assets.tools.cli"]
-TINY_STEPS = 11 * 2  # ceil(44 train examples / batch 4) optimizer steps per epoch x 2 epochs
-
-
-
-def environment(home: Path) -> dict[str, str]:
-    return {**os.environ, "LORASUM_HOME": str(home), "LORASUM_PROFILE": "tiny", "DAGSTER_HOME": str(home / "dagster")}
-
-
-def init_instance(home: Path, config: str | None = None) -> None:
-    command = [*LORASUM, "init-instance"] + (["--config", config] if config else [])
-    done = subprocess.run(command, env=environment(home), cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-
-
-def start(home: Path, selection: str = "*", run_config: dict | None = None) -> subprocess.Popen:
-    command = [*MATERIALIZE, "--select", selection]
-    if run_config:
-        path = home / f"run-{time.monotonic_ns()}.yaml"
-        path.write_text(yaml.safe_dump(run_config))
-        command += ["-c", str(path)]
-    return subprocess.Popen(command, cwd=REPO, env=environment(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 600) -> str:
-    output = process.communicate(timeout=timeout)[0]
-    assert process.returncode == 0, output[-4000:]
-    return output
+from lorasum_assets_tests.helpers import (
+    LORASUM,
+    MATERIALIZE,
+    REPO,
+    TINY_STEPS,
+    environment,
+    finish,
+    history_of,
+    init_instance,
+    open_instance,
+    start,
+)
 
 
 def database(home: Path):
     return history_of(home)
 
 
-def open_instance(home: Path) -> dg.DagsterInstance:
-    from dagster._core.instance.ref import InstanceRef
-
-    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home / "dagster")))
 
 
 @pytest.mark.slow  # 35-45 s; test_history_readers runs three at once under a polling reader

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from lorasum_assets_tests.conftest import running_postgres
 from lorasum_assets_tests.dagster_processes import (
     RELOAD,
     RUN_LOG,
@@ -32,6 +31,7 @@ from lorasum_assets_tests.dagster_processes import (
     selector,
     start_deployment,
 )
+from lorasum_assets_tests.helpers import running_postgres
 
 pytestmark = pytest.mark.slow
 

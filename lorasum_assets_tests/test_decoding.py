@@ -8,13 +8,7 @@ from lorasum_assets.ml.generation import decoding
 from lorasum_assets.ml.generation.generate import chosen_decoder, generate, generate_with_adapter, has_active_adapter
 from lorasum_assets.ml.models.loading import ModelSpec, load_model
 from lorasum_assets.settings.specs import GenerationSpec
-
-from .test_generate import prompts, trained_adapter  # noqa: F401  (a fixture)
-
-
-def model_logits(model, prompt: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(input_ids=torch.tensor([prompt])).logits[0, -1].float()
+from lorasum_assets_tests.helpers import model_logits, prompts
 
 
 def decoder_logits(model, batch: list[list[int]], next_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

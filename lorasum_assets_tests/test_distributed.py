@@ -11,7 +11,7 @@ from lorasum_assets.defs.assets import ALL_ASSETS
 from lorasum_assets.defs.resources.factory import build_resources
 from lorasum_assets.ml.training.distributed import micro_batch_seed, window_share
 from lorasum_assets.settings.profiles import get_profile
-from lorasum_assets_tests.conftest import history_of
+from lorasum_assets_tests.helpers import history_of
 
 TRAINING_ASSETS = ["raw_dialogsum", "filtered_split", "tokenized_dataset", "lora_adapter"]
 # Same seed, same examples per optimizer step; the two runs differ only in how floating-point sums

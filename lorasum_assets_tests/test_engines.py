@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from lorasum_assets.ml.generation import decoding
+from lorasum_assets.ml.generation.decoding import onednn_packs_bf16
 from lorasum_assets.ml.generation.generate import chosen_decoder, generate
 from lorasum_assets.ml.models.loading import ModelSpec, load_model
 from lorasum_assets.ml.models.precision import weights_in
 from lorasum_assets.settings.specs import GenerationSpec
-
-from .test_decoding import model_logits
-from .test_generate import prompts
+from lorasum_assets_tests.helpers import model_logits, prompts
 
 # engine name: (GenerationSpec.decoder, GenerationSpec.precision, the dtype the weights are held in)
 ENGINES = {
@@ -25,8 +24,8 @@ ENGINES = {
 
 
 def missing_feature(name: str) -> str | None:
-    if name == "lorasum-packed-bf16" and not torch.backends.mkldnn.is_available():
-        return "this torch build has no oneDNN (torch.backends.mkldnn), which packs the decoder's bf16 weights"
+    if name == "lorasum-packed-bf16" and not onednn_packs_bf16():
+        return "oneDNN cannot pack bf16 weights here (no oneDNN, or a CPU without AVX512 BW/VL/DQ or AVX-NE-CONVERT)"
     return None
 
 

@@ -15,9 +15,7 @@ from lorasum_assets.defs.assets import ALL_ASSETS
 from lorasum_assets.defs.checks import ALL_CHECKS
 from lorasum_assets.defs.resources.factory import build_resources
 from lorasum_assets.settings.profiles import get_profile
-from lorasum_assets_tests.conftest import history_of
-
-from .test_reliability import error_text
+from lorasum_assets_tests.helpers import error_text, history_of
 
 TINY_FS = "48k"  # the tiny model's adapter and tokenizer files take about 90 kB
 

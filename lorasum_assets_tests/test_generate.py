@@ -1,33 +1,15 @@
 """Honest base predictions and batched = one-at-a-time greedy generation."""
 
-import json
-from importlib import resources
 
 import pytest
 
-from lorasum_assets.ml.data.prompts import encode_prompt
 from lorasum_assets.ml.generation.generate import generate, generate_with_adapter, has_active_adapter
 from lorasum_assets.ml.models.adapter_files import save_adapter
 from lorasum_assets.ml.models.loading import ModelSpec, load_model
 from lorasum_assets.ml.training.loop import train_lora
 from lorasum_assets.ml.training.lora import prepare_peft_model
 from lorasum_assets.settings.specs import GenerationSpec, TrainSpec
-
-from .test_train import examples
-
-
-def prompts(tokenizer, split="test"):
-    text = resources.files("lorasum_assets").joinpath("sample_data/dialogues.jsonl").read_text("utf-8")
-    rows = [json.loads(line) for line in text.splitlines() if json.loads(line)["split"] == split]
-    return [encode_prompt(tokenizer, r["dialogue"])[0] for r in rows]
-
-
-@pytest.fixture(scope="module")
-def trained_adapter(tiny_model_dir, tiny_tokenizer, tmp_path_factory):
-    spec = TrainSpec(epochs=3, batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.0, lora_dropout=0.0, gradient_checkpointing=False)
-    peft_model = prepare_peft_model(load_model(ModelSpec(model=str(tiny_model_dir), device="cpu")), spec)
-    train_lora(peft_model, examples(tiny_tokenizer, 16), [], spec, tiny_tokenizer.pad_token_id)
-    return save_adapter(peft_model, tiny_tokenizer, tmp_path_factory.mktemp("adapter") / "adapter")
+from lorasum_assets_tests.helpers import examples, prompts
 
 
 def test_base_predictions_are_untouched_by_an_adapter_loaded_earlier(tiny_model_dir, tiny_tokenizer, trained_adapter):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lorasum_assets.store.lake import HistoryNotFoundError, history_location, open_history
-from lorasum_assets_tests.test_concurrency import (
+from lorasum_assets_tests.helpers import (
     LORASUM,
     MATERIALIZE,
     REPO,

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from lorasum_assets.store.lake import history_location, open_history
-from lorasum_assets_tests.conftest import running_postgres
 from lorasum_assets_tests.dagster_processes import free_port
+from lorasum_assets_tests.helpers import running_postgres
 
 pytestmark = pytest.mark.slow
 

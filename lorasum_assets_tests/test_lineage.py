@@ -14,9 +14,7 @@ from lorasum_assets.defs.assets import ALL_ASSETS
 from lorasum_assets.defs.checks import ALL_CHECKS
 from lorasum_assets.defs.resources.factory import build_resources
 from lorasum_assets.settings.profiles import get_profile
-from lorasum_assets_tests.conftest import history_of
-
-from .test_reliability import error_text
+from lorasum_assets_tests.helpers import error_text, history_of
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATION = dg.AssetSelection.assets("base_predictions", "tuned_predictions", "bertscore_report")

@@ -8,7 +8,7 @@ from lorasum_assets.ml.models.loading import ModelSpec, load_model
 from lorasum_assets.ml.training.loop import TrainSpec, train_lora
 from lorasum_assets.ml.training.lora import prepare_peft_model
 from lorasum_assets.ml.training.lora_dropout import PackedBitsDropout, drop_threshold, keep_mask, lora_dropout_mask_for
-from lorasum_assets_tests.test_train import examples
+from lorasum_assets_tests.helpers import examples
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])

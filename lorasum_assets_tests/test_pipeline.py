@@ -11,7 +11,7 @@ from lorasum_assets.defs.assets import ALL_ASSETS
 from lorasum_assets.defs.checks import ALL_CHECKS
 from lorasum_assets.defs.resources.factory import build_resources
 from lorasum_assets.settings.profiles import get_profile
-from lorasum_assets_tests.conftest import history_of
+from lorasum_assets_tests.helpers import history_of
 
 
 def materialize_all(instance=None, run_config=None):

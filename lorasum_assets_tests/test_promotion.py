@@ -14,7 +14,7 @@ from lorasum_assets.defs.checks import ALL_CHECKS
 from lorasum_assets.defs.resources.factory import build_resources
 from lorasum_assets.settings.profiles import get_profile
 from lorasum_assets.tools.cli import main
-from lorasum_assets_tests.conftest import history_of
+from lorasum_assets_tests.helpers import history_of
 
 RETRAIN = ["lora_adapter", "tuned_predictions", "bertscore_report", "promoted_adapter"]
 # On the tiny model: the profile's own settings beat the base; lr 0.5 makes an adapter worse than

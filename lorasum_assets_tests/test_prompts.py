@@ -13,8 +13,7 @@ from lorasum_assets.ml.data.prompts import (
     render_prompt,
 )
 from lorasum_assets.ml.training.batching import TrainExample, collate_right
-
-from .conftest import smollm2_available
+from lorasum_assets_tests.conftest import smollm2_available
 
 
 def sample_rows():

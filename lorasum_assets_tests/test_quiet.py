@@ -1,11 +1,12 @@
-"""The libraries' known noise is hidden by default and shown again with LORASUM_VERBOSE=1."""
+"""The libraries' known noise is hidden where a process starts (the code location, the CLI), by
+default, and shown again with LORASUM_VERBOSE=1; importing the package itself changes nothing."""
 
 import os
 import subprocess
 import sys
 
 NOISY = """
-import lorasum_assets
+import lorasum_assets.definitions  # the code location: where every Dagster process starts
 import bitsandbytes  # notes on CPU that the optional 'kernels' package is missing
 import dagster as dg
 import transformers
@@ -36,6 +37,30 @@ def test_known_library_noise_is_hidden_by_default():
     assert not [noise for noise in NOISE if noise in stderr], stderr
 
 
+def bitsandbytes_notices_here() -> bool:
+    """Whether importing bitsandbytes on this machine asks for hub kernels (it does on CPUs whose
+    kernels the hub has, e.g. with AVX512-BF16), and so prints the notice."""
+    done = subprocess.run([sys.executable, "-W", "default", "-c", "import bitsandbytes"], capture_output=True, text=True, timeout=300)
+    return "kernels-community" in done.stderr
+
+
 def test_lorasum_verbose_shows_it_again():
     stderr = stderr_of("1")
-    assert [noise for noise in NOISE if noise in stderr] == list(NOISE), stderr
+    expected = [noise for noise in NOISE if noise != "kernels-community" or bitsandbytes_notices_here()]
+    assert [noise for noise in NOISE if noise in stderr] == expected, stderr
+
+
+IMPORT_ONLY = """
+import logging, warnings
+import dagster, duckdb, huggingface_hub, numpy, peft, pyarrow, safetensors, tokenizers, torch, tqdm, transformers  # their own filters
+before = (list(warnings.filters), logging.getLogger("kernels").level, logging.getLogger("bitsandbytes").level)
+import lorasum_assets.ml.models.loading, lorasum_assets.ml.training.run, lorasum_assets.store.lake, lorasum_assets.tools.cli
+after = (list(warnings.filters), logging.getLogger("kernels").level, logging.getLogger("bitsandbytes").level)
+print(before == after, len(after[0]) - len(before[0]))
+"""
+
+
+def test_importing_the_package_installs_no_warning_filter():
+    done = subprocess.run([sys.executable, "-c", IMPORT_ONLY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "0"]

@@ -25,7 +25,7 @@ from lorasum_assets.ml.models.loading import (
 )
 from lorasum_assets.ml.models.tiny import LLAMA3_STOP_TOKENS
 from lorasum_assets.settings.specs import TINY_LLAMA32_BNB_4BIT
-from lorasum_assets_tests.conftest import history_of
+from lorasum_assets_tests.helpers import history_of
 
 REPO = Path(__file__).resolve().parents[1]
 MATERIALIZE = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "lorasum_assets.definitions", "--select", "*"]

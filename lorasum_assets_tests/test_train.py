@@ -14,18 +14,11 @@ from lorasum_assets.ml.models.loading import ModelSpec, load_model
 from lorasum_assets.ml.training.batching import TrainExample, collate_right, plan_batches, steps_per_epoch
 from lorasum_assets.ml.training.loop import TrainSpec, train_lora
 from lorasum_assets.ml.training.lora import prepare_peft_model
+from lorasum_assets_tests.helpers import examples
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def examples(tokenizer, n, split="train"):
-    text = resources.files("lorasum_assets").joinpath("sample_data/dialogues.jsonl").read_text("utf-8")
-    rows = [json.loads(line) for line in text.splitlines() if json.loads(line)["split"] == split][:n]
-    out = []
-    for row in rows:
-        e = encode_example(tokenizer, row["dialogue"], row["summary"], 512)
-        out.append(TrainExample(e.input_ids, e.labels))
-    return out
 
 
 def test_only_lora_weights_change_and_they_do(tiny_model, tiny_tokenizer):

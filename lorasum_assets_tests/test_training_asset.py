@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from lorasum_assets.store.lake import HistoryNotFoundError
-from lorasum_assets_tests.conftest import history_of
+from lorasum_assets_tests.helpers import history_of
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CONFIG = {"ops": {"lora_adapter": {"config": {"epochs": 12, "checkpoint_steps": 4, "logging_steps": 1}}}}

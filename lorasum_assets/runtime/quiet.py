@@ -3,8 +3,9 @@ category or module), never by its wording: a notice reworded in a new release st
 Each filter says why what it hides is safe to hide. ``LORASUM_VERBOSE=1`` (or the CLI's ``-v``)
 shows it all again.
 
-Installed when the package is imported, so before any of these libraries is: every ``dagster``
-command, code server and run worker imports ``lorasum_assets`` first.
+Installed where a process starts, before these libraries are imported: the code location
+(``definitions.py``, which every ``dagster`` command, code server and run worker loads first), the
+``lorasum`` CLI and the accelerate worker. Importing the package installs nothing.
 """
 
 from __future__ import annotations

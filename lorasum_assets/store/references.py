@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BaseModelRef:
     """The base model an adapter belongs to."""
 
@@ -38,7 +38,7 @@ def check_adapter_base(adapter_id: str, trained_on: BaseModelRef, current: BaseM
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TableRef:
     """Rows one materialization of ``asset`` wrote, keyed by ``run_id`` in the asset's tables."""
 
@@ -50,7 +50,7 @@ class TableRef:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AdapterRef:
     """A trained, registered adapter and everything needed to check where it may be applied."""
 

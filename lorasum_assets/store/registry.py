@@ -15,9 +15,10 @@ class AdapterChoiceError(ValueError):
 
 def _ref(row) -> AdapterRef:
     adapter_id, path, sha, model, revision, quantization, fingerprint, config, run_id = row
-    base = BaseModelRef(model, revision, quantization or "none", fingerprint or "")
+    base = BaseModelRef(model=model, revision=revision, quantization=quantization or "none", fingerprint=fingerprint or "")
     training = json.loads(config) if isinstance(config, str) else dict(config or {})
-    return AdapterRef(adapter_id, path, sha, base, training, run_id, version_of(sha, base, training))
+    return AdapterRef(adapter_id=adapter_id, path=path, sha256=sha, base=base, training=training, run_id=run_id,
+                      data_version=version_of(sha, base, training))
 
 
 def find_adapter(con, adapter_id: str) -> AdapterRef | None:

@@ -110,6 +110,10 @@ def run(job_path: Path, summary_path: Path | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from lorasum_assets.runtime.quiet import quiet_known_noise
+
+    quiet_known_noise()
+
     parser = argparse.ArgumentParser(prog="accelerate launch -m lorasum_assets.workers.train_worker")
     parser.add_argument("job", type=Path, help="the job file the lora_adapter asset wrote")
     parser.add_argument("--summary-json", type=Path, help="also write the run's figures here (main process)")

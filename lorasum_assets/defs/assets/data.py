@@ -96,8 +96,8 @@ def raw_dialogsum(
     )
     context.log.info(f"{loaded.source}: {sum(loaded.rows_in.values())} rows in, {sum(kept.values())} kept, {sum(quarantined.values())} quarantined")
     ref = TableRef(
-        "raw_dialogsum", context.run_id, len(loaded.dialogues), version, version,
-        {"source": loaded.source, "rows_quarantined": sum(quarantined.values()), "max_quarantine_share": data.max_quarantine_share},
+        asset="raw_dialogsum", run_id=context.run_id, rows=len(loaded.dialogues), content_hash=version, data_version=version,
+        details={"source": loaded.source, "rows_quarantined": sum(quarantined.values()), "max_quarantine_share": data.max_quarantine_share},
     )
     return dg.Output(
         ref,
@@ -145,8 +145,8 @@ def filtered_split(
     context.log.info(f"kept {spec.describe()}: {per_split}, {sum(counts.values())} of {len(dialogues)} dialogues")
     return dg.Output(
         TableRef(
-            "filtered_split", context.run_id, len(kept), content_hash[:16], content_hash[:16],
-            {"rows_per_split": dict(counts), "source": upstream.details.get("source")},
+            asset="filtered_split", run_id=context.run_id, rows=len(kept), content_hash=content_hash[:16], data_version=content_hash[:16],
+            details={"rows_per_split": dict(counts), "source": upstream.details.get("source")},
         ),
         metadata={
             "dagster/row_count": len(kept),
@@ -239,7 +239,8 @@ def tokenized_dataset(
     context.log.info(f"tokenized {len(rows)} rows (max_length {spec.max_length}): {truncated} truncated, {len(rejected)} rejected; "
                      f"tokens per example: mean {stats['mean']}, min {stats['min']}, p95 {stats['p95']}, max {stats['max']}")
     return dg.Output(
-        TableRef("tokenized_dataset", context.run_id, len(rows), content_hash[:16], content_hash[:16], {"max_length": spec.max_length}),
+        TableRef(asset="tokenized_dataset", run_id=context.run_id, rows=len(rows), content_hash=content_hash[:16],
+                 data_version=content_hash[:16], details={"max_length": spec.max_length}),
         metadata={
             "dagster/row_count": len(rows),
             "rows_per_split": dict(Counter(r[0] for r in rows)),

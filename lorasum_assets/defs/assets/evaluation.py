@@ -242,5 +242,6 @@ def bertscore_report(
     context.log.info(f"base vs tuned on {len(inputs.dialogues)} {inputs.split} dialogues:\n{text_table(REPORT_HEADER, report_rows(report), rule=False)}")
     version = version_of([(m["model"], m["metric"], m["reference_set"], m["value"]) for m in report.metrics], scoring.hash)
     details = {"adapter_id": inputs.adapter_id, "split": inputs.split, "generation": inputs.generation}
-    ref = TableRef("bertscore_report", context.run_id, len(report.metrics), version, version, details)
+    ref = TableRef(asset="bertscore_report", run_id=context.run_id, rows=len(report.metrics), content_hash=version, data_version=version,
+                   details=details)
     return dg.Output(ref, metadata=_report_metadata(inputs, report, scoring.hash), data_version=dg.DataVersion(version))

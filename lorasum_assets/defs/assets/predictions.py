@@ -75,9 +75,12 @@ def empty_summaries(empty: list[str], rows: int, what: str = "summaries") -> str
     return f"{len(empty)} of {rows} {what} are empty: {', '.join(empty[:10])}" + (" …" if len(empty) > 10 else "")
 
 
-def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_parts, budget, truncated, ran: dict) -> dg.Output[TableRef]:
+def _write(context, store, *, asset: str, spec: GenerationSpec, generated: "PredictionRun", adapter_id: str | None,
+           version_parts: tuple) -> dg.Output[TableRef]:
+    """The predictions as one materialization of ``asset``, and the metadata the UI shows for it."""
     from lorasum_assets.ml.models.devices import take_peak_gpu_memory
 
+    dialogues, outputs = generated.dialogues, generated.outputs
     rows = [
         (spec.split, d.id, g.text, g.new_tokens, g.hit_limit, g.latency_s, adapter_id)
         for d, g in zip(dialogues, outputs, strict=True)
@@ -94,7 +97,7 @@ def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_
     seconds = sum(g.latency_s for g in outputs)
     new_tokens = sum(g.new_tokens for g in outputs)
     details = {"split": spec.split, "adapter_id": adapter_id, "generation": asdict(spec), "engine": engine.as_dict()}
-    ref = TableRef(asset, context.run_id, len(rows), content_hash, version, details)
+    ref = TableRef(asset=asset, run_id=context.run_id, rows=len(rows), content_hash=content_hash, data_version=version, details=details)
     return dg.Output(
         ref,
         metadata={
@@ -107,11 +110,11 @@ def _write(context, store, asset, spec, dialogues, outputs, adapter_id, version_
             "summaries_per_s": round(len(outputs) / max(seconds, 1e-9), 3),
             "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
             "first_prediction": outputs[0].text,
-            "max_prompt_tokens": budget,
-            "prompts_truncated": truncated,
+            "max_prompt_tokens": generated.budget,
+            "prompts_truncated": generated.truncated,
             "engine": engine.engine,
             "engine_dtype": engine.dtype,
-            **ran,
+            **generated.ran,
             "device": engine.device,
             **take_peak_gpu_memory(),
             "versions": f"torch {engine.torch}, transformers {engine.transformers}",
@@ -148,10 +151,9 @@ def base_predictions(
     budget = prompt_budget(spec, base)
     dialogues, prompts, truncated = _prompts(store, tokenizer, upstream, spec, model.choice(), budget)
     outputs = generate(base, tokenizer, prompts, spec, *_progress(context, "base_predictions", len(prompts)))
-    return _write(
-        context, store, "base_predictions", spec, dialogues, outputs, None, (model.base_ref(), asdict(spec), upstream.data_version),
-        budget, truncated, what_ran(base, tokenizer),
-    )
+    generated = PredictionRun(dialogues=dialogues, outputs=outputs, budget=budget, truncated=truncated, ran=what_ran(base, tokenizer))
+    return _write(context, store, asset="base_predictions", spec=spec, generated=generated, adapter_id=None,
+                  version_parts=(model.base_ref(), asdict(spec), upstream.data_version))
 
 
 @dg.asset(
@@ -181,14 +183,14 @@ def tuned_predictions(
     context.log.info(f"applying adapter {adapter.adapter_id} (trained in run {adapter.run_id}) to {adapter.base.describe()}")
     context.instance.add_run_tags(context.run_id, {"lorasum/adapter_id": adapter.adapter_id})
     generated = generate_for_adapter(context, model, store, adapter, upstream, spec, "tuned_predictions")
-    return _write(
-        context, store, "tuned_predictions", spec, generated.dialogues, generated.outputs, adapter.adapter_id,
-        (adapter.data_version, asdict(spec), upstream.data_version), generated.budget, generated.truncated, generated.ran,
-    )
+    return _write(context, store, asset="tuned_predictions", spec=spec, generated=generated, adapter_id=adapter.adapter_id,
+                  version_parts=(adapter.data_version, asdict(spec), upstream.data_version))
 
 
 @dataclass(frozen=True)
-class AdapterGenerations:
+class PredictionRun:
+    """One generation run's summaries, with the prompt budget, how many prompts were cut and what ran."""
+
     dialogues: list
     outputs: list
     budget: int
@@ -196,7 +198,7 @@ class AdapterGenerations:
     ran: dict
 
 
-def generate_for_adapter(context, model, store, adapter: AdapterRef, upstream: TableRef, spec: GenerationSpec, label: str) -> AdapterGenerations:
+def generate_for_adapter(context, model, store, adapter: AdapterRef, upstream: TableRef, spec: GenerationSpec, label: str) -> PredictionRun:
     """Summaries of ``upstream``'s ``spec.split`` dialogues from the base with ``adapter`` applied,
     after checking that the adapter's files and prompt format are the ones it was registered with."""
     from lorasum_assets.ml.generation.generate import generate_with_adapter, prompt_budget
@@ -213,4 +215,4 @@ def generate_for_adapter(context, model, store, adapter: AdapterRef, upstream: T
     budget = prompt_budget(spec, base)
     dialogues, prompts, truncated = _prompts(store, tokenizer, upstream, spec, model.choice(), budget)
     outputs = generate_with_adapter(base, adapter.path, tokenizer, prompts, spec, *_progress(context, label, len(prompts)))
-    return AdapterGenerations(dialogues, outputs, budget, truncated, what_ran(base, tokenizer))
+    return PredictionRun(dialogues=dialogues, outputs=outputs, budget=budget, truncated=truncated, ran=what_ran(base, tokenizer))

@@ -199,7 +199,8 @@ def lora_adapter(
     context.instance.add_run_tags(context.run_id, {"lorasum/adapter_id": job.adapter_id})
     base = model.base_ref()
     version = version_of(weights_sha, base, training_config, tokenized_dataset.data_version)
-    ref = AdapterRef(job.adapter_id, str(job.target), weights_sha, base, training_config, context.run_id, version)
+    ref = AdapterRef(adapter_id=job.adapter_id, path=str(job.target), sha256=weights_sha, base=base, training=training_config,
+                     run_id=context.run_id, data_version=version)
     return dg.Output(ref, metadata=_adapter_metadata(context, job, outcome, base, weights_sha), data_version=dg.DataVersion(version))
 
 

@@ -61,7 +61,7 @@ class _ModelResourceBase(dg.ConfigurableResource):
 
             spec = self.spec()
             quantization = self.planned_quantization().method
-            self._base_ref = BaseModelRef(spec.model, spec.revision, quantization, model_fingerprint(spec))
+            self._base_ref = BaseModelRef(model=spec.model, revision=spec.revision, quantization=quantization, fingerprint=model_fingerprint(spec))
         return self._base_ref
 
     def planned_precision(self, mixed_precision: str) -> str:

@@ -133,6 +133,12 @@ def effective_weight(module) -> torch.Tensor:
     return merged.to(base.dtype)
 
 
+def onednn_packs_bf16() -> bool:
+    """Whether oneDNN can pack bf16 weights on this CPU: it needs AVX512 (BW, VL, DQ) or AVX-NE-CONVERT.
+    Elsewhere the decoder keeps its bf16 weights unpacked (correct, and slower)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _prepare_linear(modules: Sequence, dtype: torch.dtype, scales: Sequence[float] | None = None) -> PreparedLinear:
     """One projection for ``modules`` that read the same input: their weights stacked, so that one
     matmul gives all their outputs side by side, each module's rows (and bias) times its entry of
@@ -146,7 +152,7 @@ def _prepare_linear(modules: Sequence, dtype: torch.dtype, scales: Sequence[floa
     bias = None
     if bases[0].bias is not None:  # Llama: all or none
         bias = torch.cat([b.bias.detach() * scale for b, scale in zip(bases, scales)]).to(dtype)
-    if dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+    if dtype == torch.bfloat16 and onednn_packs_bf16():
         return PreparedLinear(weight=torch.ops.mkldnn._reorder_linear_weight(weight, 16), bias=bias, packed=True)
     return PreparedLinear(weight=weight, bias=bias, packed=False)
 

@@ -33,7 +33,7 @@ from lorasum_assets.ml.training.batching import (
     planned_steps,
     steps_per_epoch,
 )
-from lorasum_assets.ml.training.checkpoints import complete_checkpoints, load_checkpoint, save_checkpoint
+from lorasum_assets.ml.training.checkpoints import TrainState, complete_checkpoints, load_checkpoint, save_checkpoint
 from lorasum_assets.ml.training.distributed import label_token_count, micro_batch_seed, reduce_sum, window_share
 from lorasum_assets.ml.training.lora import training_attention, use_attention
 from lorasum_assets.ml.training.loss import LabelLossModule, evaluate_loss
@@ -108,12 +108,13 @@ class _TrainingLoop:
         self.result.trainable_params, self.result.total_params = count_parameters(model)
         self.per_epoch = steps_per_epoch(len(self.train_examples), spec)
         self.total_steps = self.result.total_steps = planned_steps(len(self.train_examples), spec)
-        self.optimizer, self.scheduler, self.trainable = build_optimizer(model, spec, self.total_steps)
+        optimizer, scheduler, self.trainable = build_optimizer(model, spec, self.total_steps)
         self.autocast_dtype = training_autocast_dtype(model, spec.mixed_precision)
         self.result.precision = precision_name(self.autocast_dtype)
         device_type = next(model.parameters()).device.type
         # fp16 gradients overflow without loss scaling, on a GPU and on a CPU alike
-        self.scaler = torch.amp.GradScaler(device_type) if self.autocast_dtype == torch.float16 else None
+        scaler = torch.amp.GradScaler(device_type) if self.autocast_dtype == torch.float16 else None
+        self.state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         loss_module = LabelLossModule(model, self.autocast_dtype, spec.completion_only_logits)
         self.runner = self.accelerator.prepare_model(loss_module) if self.world > 1 else loss_module
 
@@ -122,7 +123,7 @@ class _TrainingLoop:
             return
         complete = complete_checkpoints(self.checkpoint_dir)
         if complete:
-            self.step = load_checkpoint(complete[-1], self.model, self.optimizer, self.scheduler, self.scaler, self.result)
+            self.step = load_checkpoint(complete[-1], self.state, self.result)
             self.result.resumed_from_step = self._checkpointed_step = self.step
 
     def run(self, on_step, on_epoch) -> TrainResult:
@@ -139,7 +140,7 @@ class _TrainingLoop:
                 raise
         self.model.eval()
         result = self.result
-        result.grad_scale = self.scaler.get_scale() if self.scaler is not None else None
+        result.grad_scale = self.state.scaler.get_scale() if self.state.scaler is not None else None
         result.real_tokens, result.padded_tokens = (int(v) for v in reduce_sum(self.accelerator, [result.real_tokens, result.padded_tokens]))
         result.seconds = time.perf_counter() - started
         return result
@@ -152,7 +153,7 @@ class _TrainingLoop:
                 or self.step >= self.total_steps):
             return
         with contextlib.suppress(Exception):
-            save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler, self.result)
+            save_checkpoint(self.checkpoint_dir, self.step, self.state, self.result)
 
     def _loop(self, on_step, on_epoch) -> None:
         spec = self.spec
@@ -197,8 +198,8 @@ class _TrainingLoop:
                 loss_sum = self.runner(batch)
                 # DDP averages gradients over processes; scaling by the world size makes that a sum.
                 loss = loss_sum * (world / max(label_tokens, 1)) if real else loss_sum * 0.0
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
+                if self.state.scaler is not None:
+                    self.state.scaler.scale(loss).backward()
                 else:
                     loss.backward()
             if real:
@@ -210,21 +211,21 @@ class _TrainingLoop:
         """Clip, step and schedule; returns the gradient norm (None when not finite), the learning
         rate it stepped with, and whether the grad scaler skipped the update for overflowed
         gradients. A skipped step does not advance the learning-rate schedule."""
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+        if self.state.scaler is not None:
+            self.state.scaler.unscale_(self.state.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.spec.max_grad_norm))
-        learning_rate = self.scheduler.get_last_lr()[0]
+        learning_rate = self.state.scheduler.get_last_lr()[0]
         skipped = False
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            skipped = self.scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
+        if self.state.scaler is not None:
+            scale = self.state.scaler.get_scale()
+            self.state.scaler.step(self.state.optimizer)
+            self.state.scaler.update()
+            skipped = self.state.scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
         else:
-            self.optimizer.step()
+            self.state.optimizer.step()
         if not skipped:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.state.scheduler.step()
+        self.state.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return (grad_norm if math.isfinite(grad_norm) and not skipped else None), learning_rate, skipped
 
@@ -241,7 +242,7 @@ class _TrainingLoop:
                 on_epoch(math.ceil(step / self.per_epoch), val_loss)
         if self.checkpoint_dir is not None and (step % spec.checkpoint_steps == 0 or epoch_done) and step < self.total_steps:
             if is_main:
-                save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler, self.scaler, self.result)
+                save_checkpoint(self.checkpoint_dir, step, self.state, self.result)
                 self._checkpointed_step = step
             if self.world > 1:
                 self.accelerator.wait_for_everyone()

@@ -1,0 +1,1 @@
+"""The ``lorasum`` command (``cli/``) and sweeps of training settings."""
