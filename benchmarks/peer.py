@@ -31,6 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.common import RESULTS, add_data_arguments, print_host, print_result, run_interleaved, spread
+from lorasum_assets.runtime.quiet import quiet_known_noise
 
 VARIANTS = ("train-ours", "train-ours-torch-dropout", "train-trl", "generate-ours", "generate-plain-bf16", "generate-ours-tuned",
             "generate-plain-bf16-tuned", "generate-ours-transformers", "prefill-ours", "prefill-plain-bf16", "generate-ours-fp32",
@@ -570,4 +571,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    quiet_known_noise()  # as every lorasum entry point does, before the libraries load
     sys.exit(main())

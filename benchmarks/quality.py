@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.common import RESULTS, add_data_arguments, dialogsum_splits, run_command, training_examples  # noqa: E402
+from lorasum_assets.runtime.quiet import quiet_known_noise
 
 
 def dialogsum(argv: list[str]) -> int:
@@ -320,4 +321,5 @@ def compare_generation(command: str, argv: list[str], output: str) -> int:
 
 
 if __name__ == "__main__":
+    quiet_known_noise()  # as every lorasum entry point does, before the libraries load
     sys.exit(run_command({"dialogsum": dialogsum, "bf16": bf16_generation, "decoder": decoder_generation}, __doc__))

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, add_data_arguments, print_host
+from lorasum_assets.runtime.quiet import quiet_known_noise
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -135,4 +136,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    quiet_known_noise()  # as every lorasum entry point does, before the libraries load
     sys.exit(main())

@@ -42,6 +42,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.common import RESULTS, add_data_arguments, dialogsum_splits, print_host, training_examples
+from lorasum_assets.runtime.quiet import quiet_known_noise
 
 NOTEBOOK_PAD = 512
 LEVERS = {
@@ -380,4 +381,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    quiet_known_noise()  # as every lorasum entry point does, before the libraries load
     sys.exit(main())

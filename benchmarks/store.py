@@ -53,6 +53,7 @@ from pathlib import Path
 import duckdb
 
 from benchmarks.common import ROOT, print_result, run_command, run_interleaved, run_whole_graph
+from lorasum_assets.runtime.quiet import quiet_known_noise
 
 CANDIDATES = ("duckdb-file", "snapshot", "ducklake-sqlite")
 STEPS_DDL = "CREATE TABLE IF NOT EXISTS steps (run_id VARCHAR, step INTEGER, loss DOUBLE, logged_at TIMESTAMP)"
@@ -277,4 +278,5 @@ def cost(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    quiet_known_noise()  # as every lorasum entry point does, before the libraries load
     sys.exit(run_command({"candidates": candidates, "cost": cost}, __doc__))

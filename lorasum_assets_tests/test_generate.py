@@ -266,7 +266,7 @@ def _step_context():
     """What these steps read of Dagster's context: a run id and a logger (no instance to start)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(run_id="test-run", log=SimpleNamespace(info=lambda message: None))
+    return SimpleNamespace(run=SimpleNamespace(run_id="test-run"), log=SimpleNamespace(info=lambda message: None))
 
 
 def test_the_accelerate_launcher_releases_the_shared_base_before_its_workers_load_theirs(tiny_model_dir, tmp_path):
@@ -337,7 +337,8 @@ def test_a_merged_export_frees_its_merged_copy_before_reloading_it(tiny_model_di
 
     def models_alive() -> int:
         gc.collect()
-        return sum(isinstance(o, torch.nn.Module) and type(o).__name__.endswith("ForCausalLM") for o in gc.get_objects())
+        # the type name first: isinstance reads __class__, which deprecated torch aliases answer with a warning
+        return sum(type(o).__name__.endswith("ForCausalLM") and isinstance(o, torch.nn.Module) for o in gc.get_objects())
 
     alive_when_freed = []
     monkeypatch.setattr(export, "free_accelerator_memory", lambda: alive_when_freed.append(models_alive()))

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lorasum_assets"
 ML = PACKAGE / "ml"
 # (module under ml/, imported package): optional heavy dependencies imported where they are needed, with a reason
-LAZY_IMPORTS_ALLOWED = {("data.readers", "datasets"), ("models.four_bit", "bitsandbytes")}
+LAZY_IMPORTS_ALLOWED = {("data.readers", "datasets"), ("models.four_bit", "bitsandbytes"), ("export.gguf", "llama_cpp")}
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "bert_score", "accelerate", "trl")
 
 

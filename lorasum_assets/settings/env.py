@@ -20,6 +20,7 @@ WATCH_PATH_ENV = "LORASUM_WATCH_PATH"
 VERBOSE_ENV = "LORASUM_VERBOSE"
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
 HF_TOKEN_ENV = "HF_TOKEN"
+LLAMA_CPP_ENV = "LORASUM_LLAMA_CPP"
 
 VARIABLES = {
     HOME_ENV: "where everything lorasum writes lives (default ./.lorasum)",
@@ -34,6 +35,7 @@ VARIABLES = {
     VERBOSE_ENV: "1 shows the libraries' known warnings and progress bars that lorasum hides",
     DAGSTER_HOME_ENV: "Dagster's instance folder",
     HF_TOKEN_ENV: "a Hugging Face token for gated models and datasets, and for export-model --push-to-hub",
+    LLAMA_CPP_ENV: "the folder with llama.cpp's converters for export-model --gguf (default: the one make setup-gguf fills)",
 }
 
 

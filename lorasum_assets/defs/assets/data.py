@@ -77,7 +77,7 @@ def raw_dialogsum(
         write_materialization(
             con,
             "raw_dialogsum",
-            context.run_id,
+            context.run.run_id,
             {
                 "raw_dialogsum": (DIALOGUE_COLUMNS, _dialogue_rows(loaded.dialogues)),
                 "raw_dialogsum_quarantine": (
@@ -96,7 +96,7 @@ def raw_dialogsum(
     )
     context.log.info(f"{loaded.source}: {sum(loaded.rows_in.values())} rows in, {sum(kept.values())} kept, {sum(quarantined.values())} quarantined")
     ref = TableRef(
-        asset="raw_dialogsum", run_id=context.run_id, rows=len(loaded.dialogues), content_hash=version, data_version=version,
+        asset="raw_dialogsum", run_id=context.run.run_id, rows=len(loaded.dialogues), content_hash=version, data_version=version,
         details={"source": loaded.source, "rows_quarantined": sum(quarantined.values()), "max_quarantine_share": data.max_quarantine_share},
     )
     return dg.Output(
@@ -137,15 +137,15 @@ def filtered_split(
     rows = _dialogue_rows(kept)
     content_hash = _hash_rows(rows)
     with store.connect() as con:
-        write_materialization(con, "filtered_split", context.run_id, {"filtered_split": (DIALOGUE_COLUMNS, rows)}, content_hash, content_hash[:16])
+        write_materialization(con, "filtered_split", context.run.run_id, {"filtered_split": (DIALOGUE_COLUMNS, rows)}, content_hash, content_hash[:16])
     counts = Counter(d.split for d in kept)
     ids = {split: [d.id for d in kept if d.split == split] for split in counts}
-    context.instance.add_run_tags(context.run_id, {"lorasum/dataset_hash": content_hash[:16]})
+    context.instance.add_run_tags(context.run.run_id, {"lorasum/dataset_hash": content_hash[:16]})
     per_split = ", ".join(f"{n} {split}" for split, n in counts.items())
     context.log.info(f"kept {spec.describe()}: {per_split}, {sum(counts.values())} of {len(dialogues)} dialogues")
     return dg.Output(
         TableRef(
-            asset="filtered_split", run_id=context.run_id, rows=len(kept), content_hash=content_hash[:16], data_version=content_hash[:16],
+            asset="filtered_split", run_id=context.run.run_id, rows=len(kept), content_hash=content_hash[:16], data_version=content_hash[:16],
             details={"rows_per_split": dict(counts), "source": upstream.details.get("source")},
         ),
         metadata={
@@ -223,7 +223,7 @@ def tokenized_dataset(
         write_materialization(
             con,
             "tokenized_dataset",
-            context.run_id,
+            context.run.run_id,
             {"tokenized_dataset": (TOKENIZED_COLUMNS, rows), "tokenized_dataset_rejected": (("split", "id", "reason"), rejected)},
             content_hash,
             content_hash[:16],
@@ -239,7 +239,7 @@ def tokenized_dataset(
     context.log.info(f"tokenized {len(rows)} rows (max_length {spec.max_length}): {truncated} truncated, {len(rejected)} rejected; "
                      f"tokens per example: mean {stats['mean']}, min {stats['min']}, p95 {stats['p95']}, max {stats['max']}")
     return dg.Output(
-        TableRef(asset="tokenized_dataset", run_id=context.run_id, rows=len(rows), content_hash=content_hash[:16],
+        TableRef(asset="tokenized_dataset", run_id=context.run.run_id, rows=len(rows), content_hash=content_hash[:16],
                  data_version=content_hash[:16], details={"max_length": spec.max_length}),
         metadata={
             "dagster/row_count": len(rows),

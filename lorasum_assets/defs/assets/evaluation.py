@@ -144,7 +144,7 @@ def _write_history(context, store, *, spec: ReportSpec, profile_name: str, base_
                    refs: tuple[TableRef, TableRef, TableRef], scoring, report) -> None:
     """The run's rows in eval_runs, eval_metrics, eval_examples and eval_scope, in one transaction."""
     base_ref, tuned_ref, dialogues_ref = refs
-    run_id = context.run_id
+    run_id = context.run.run_id
     run = context.instance.get_run_by_id(run_id)
     lorasum_tags = {k: v for k, v in (run.tags if run else {}).items() if k.startswith("lorasum/")}
     evaluation = dict(
@@ -242,6 +242,6 @@ def bertscore_report(
     context.log.info(f"base vs tuned on {len(inputs.dialogues)} {inputs.split} dialogues:\n{text_table(REPORT_HEADER, report_rows(report), rule=False)}")
     version = version_of([(m["model"], m["metric"], m["reference_set"], m["value"]) for m in report.metrics], scoring.hash)
     details = {"adapter_id": inputs.adapter_id, "split": inputs.split, "generation": inputs.generation}
-    ref = TableRef(asset="bertscore_report", run_id=context.run_id, rows=len(report.metrics), content_hash=version, data_version=version,
+    ref = TableRef(asset="bertscore_report", run_id=context.run.run_id, rows=len(report.metrics), content_hash=version, data_version=version,
                    details=details)
     return dg.Output(ref, metadata=_report_metadata(inputs, report, scoring.hash), data_version=dg.DataVersion(version))

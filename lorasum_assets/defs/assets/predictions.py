@@ -90,14 +90,14 @@ def _write(context, store, *, asset: str, spec: GenerationSpec, generated: "Pred
     # which engine generated, in which dtype, is part of what these predictions are
     version = version_of(content_hash, *version_parts, engine.engine, engine.dtype)
     with store.connect() as con:
-        write_materialization(con, asset, context.run_id, {asset: (PREDICTION_COLUMNS, rows)}, content_hash, version)
+        write_materialization(con, asset, context.run.run_id, {asset: (PREDICTION_COLUMNS, rows)}, content_hash, version)
     empty = [d.id for d, g in zip(dialogues, outputs, strict=True) if not g.text.strip()]
     if empty:
         context.log.warning(f"{empty_summaries(empty, len(outputs))}; the check summaries_not_empty names them too")
     seconds = sum(g.latency_s for g in outputs)
     new_tokens = sum(g.new_tokens for g in outputs)
     details = {"split": spec.split, "adapter_id": adapter_id, "generation": asdict(spec), "engine": engine.as_dict()}
-    ref = TableRef(asset=asset, run_id=context.run_id, rows=len(rows), content_hash=content_hash, data_version=version, details=details)
+    ref = TableRef(asset=asset, run_id=context.run.run_id, rows=len(rows), content_hash=content_hash, data_version=version, details=details)
     return dg.Output(
         ref,
         metadata={
@@ -176,12 +176,12 @@ def tuned_predictions(
 ) -> dg.Output[TableRef]:
     spec: GenerationSpec = resolve(profile.get().generation, config)
     upstream = require(filtered_split, "filtered_split")
-    in_lineage = lora_adapter if lora_adapter is not None and lora_adapter.run_id in lineage_run_ids(context.instance, context.run_id) else None
+    in_lineage = lora_adapter if lora_adapter is not None and lora_adapter.run_id in lineage_run_ids(context.instance, context.run.run_id) else None
     with store.connect() as con:
         production = production_adapter(con, AliasKey(PRODUCTION_ALIAS, model.choice().model, dataset_of(upstream)))
         adapter = choose_adapter(con, model.base_ref(), config.adapter_id, in_lineage, production)
     context.log.info(f"applying adapter {adapter.adapter_id} (trained in run {adapter.run_id}) to {adapter.base.describe()}")
-    context.instance.add_run_tags(context.run_id, {"lorasum/adapter_id": adapter.adapter_id})
+    context.instance.add_run_tags(context.run.run_id, {"lorasum/adapter_id": adapter.adapter_id})
     generated = generate_for_adapter(context, model, store, adapter, upstream, spec, "tuned_predictions")
     return _write(context, store, asset="tuned_predictions", spec=spec, generated=generated, adapter_id=adapter.adapter_id,
                   version_parts=(adapter.data_version, asdict(spec), upstream.data_version))

@@ -102,11 +102,11 @@ def promoted_adapter(
         raise ValueError(f"the history has no evaluation of run {report.run_id}; materialize bertscore_report first")
     key = AliasKey(rule.alias, evaluation.base_model, evaluation.dataset or "unknown")
     score = _champion_scorer(context, model, scorer, store, evaluation, dialogues, report.details.get("generation") or {}, rule.metric)
-    row = decide_promotion(store.connect, Challenge(context.run_id, evaluation, key, rule), score, context.log.info)
+    row = decide_promotion(store.connect, Challenge(context.run.run_id, evaluation, key, rule), score, context.log.info)
     context.log.info(row["reason"])
     with store.connect() as con:
         holder = current_adapter(con, key)
-    context.instance.add_run_tags(context.run_id, {"lorasum/promoted": "true" if row["moved"] else "false"})
+    context.instance.add_run_tags(context.run.run_id, {"lorasum/promoted": "true" if row["moved"] else "false"})
     # Key and value rows of the UI's metadata table, in reading order: the decision stacked this
     # way fits a 1280 px window, where one table of six columns did not. The reason carries the
     # figures (the change with its paired CI, and the margin), so they appear once.

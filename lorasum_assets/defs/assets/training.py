@@ -101,12 +101,12 @@ def _train_in_process(context, job: TrainingJob, model, store) -> TrainResult:
 
     total = planned_steps(len(job.train_examples), job.spec)
     progress: Progress | None = None
-    curves = TrainingCurves(context.run_id)
+    curves = TrainingCurves(context.run.run_id)
     last_step = 0
 
     # Step and epoch logs reach the history from a thread of their own: a busy store delays the
     # write, never the next training step.
-    history_log = store.training_log_writer(job.train_key, context.run_id, on_error=context.log.warning)
+    history_log = store.training_log_writer(job.train_key, context.run.run_id, on_error=context.log.warning)
 
     def on_step(log: StepLog) -> None:
         nonlocal progress, last_step
@@ -142,7 +142,7 @@ def _train_with_accelerate(context, job: TrainingJob, launcher: LauncherSpec, mo
     from lorasum_assets.workers.train_worker import RESULT_MESSAGE, accelerate_launch_command, write_job
 
     model.release_base(context.log.info)  # each worker loads its own copy, on GPU 0 too
-    job_path = write_job(home_subdir("jobs") / f"{context.run_id}-{job.train_key}.json", model=model.spec(), request=job.request)
+    job_path = write_job(home_subdir("jobs") / f"{context.run.run_id}-{job.train_key}.json", model=model.spec(), request=job.request)
     command = accelerate_launch_command(job_path, launcher.num_processes, launcher.threads_per_process)
     context.log.info(f"launching: {' '.join(command)}")
     env = {"HF_TOKEN": model.hf_token} if model.hf_token else {}
@@ -155,7 +155,7 @@ def _train_with_accelerate(context, job: TrainingJob, launcher: LauncherSpec, mo
     if len(results) != 1 or not (job.target / "adapter_model.safetensors").exists():
         raise RuntimeError(f"the training process ended without reporting its result and adapter ({len(results)} result messages)")
     result = TrainResult.from_message(results[0]["record"])
-    curves = TrainingCurves(context.run_id)  # the worker processes report their steps at the end
+    curves = TrainingCurves(context.run.run_id)  # the worker processes report their steps at the end
     for log in result.steps:
         curves.step(log)
     curves.close()
@@ -196,11 +196,11 @@ def lora_adapter(
     registration, training_config = _registration(context, job, outcome, model, profile.name, weights_sha)
     _register(store, registration)
     shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
-    context.instance.add_run_tags(context.run_id, {"lorasum/adapter_id": job.adapter_id})
+    context.instance.add_run_tags(context.run.run_id, {"lorasum/adapter_id": job.adapter_id})
     base = model.base_ref()
     version = version_of(weights_sha, base, training_config, tokenized_dataset.data_version)
     ref = AdapterRef(adapter_id=job.adapter_id, path=str(job.target), sha256=weights_sha, base=base, training=training_config,
-                     run_id=context.run_id, data_version=version)
+                     run_id=context.run.run_id, data_version=version)
     return dg.Output(ref, metadata=_adapter_metadata(context, job, outcome, base, weights_sha), data_version=dg.DataVersion(version))
 
 
@@ -216,7 +216,7 @@ def _plan(context, spec: TrainSpec, model, store, upstream: TableRef, profile_na
         data_hash, f"{base.model}@{base.revision}:{base.quantization}:{held.compute_dtype}:{precision}:{base.fingerprint}"
     )
     created_at = datetime.now(UTC)
-    adapter_id = f"{profile_name}-{created_at:%Y%m%d-%H%M%S}-{context.run_id[:8]}"
+    adapter_id = f"{profile_name}-{created_at:%Y%m%d-%H%M%S}-{context.run.run_id[:8]}"
     return TrainingJob(
         spec=spec, train_key=train_key, data_hash=data_hash, train_examples=train_examples, val_examples=val_examples,
         checkpoint_dir=home_subdir("checkpoints", train_key), target=lorasum_home() / "adapters" / adapter_id,
@@ -253,7 +253,7 @@ def _registration(context, job: TrainingJob, outcome: TrainResult, model, profil
     training_config = {**asdict(job.spec), **prompt_format, **outcome.launcher, **ran}
     row = {
         "adapter_id": job.adapter_id,
-        "run_id": context.run_id,
+        "run_id": context.run.run_id,
         "train_key": job.train_key,
         "base_model": base.model,
         "base_revision": base.revision,
@@ -327,5 +327,5 @@ def _adapter_metadata(context, job: TrainingJob, outcome: TrainResult, base, wei
              for log in outcome.steps],
             descriptions={"loss": "training loss of the optimizer step", "lr": "learning rate", "grad norm": "gradient norm before clipping"},
         )
-        metadata["tensorboard"] = from_home(home_subdir("tensorboard", context.run_id))
+        metadata["tensorboard"] = from_home(home_subdir("tensorboard", context.run.run_id))
     return metadata

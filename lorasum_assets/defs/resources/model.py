@@ -42,10 +42,10 @@ class _ModelResourceBase(dg.ConfigurableResource):
     _planned: Any = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        if context.instance is not None and context.dagster_run is not None:
+        if context.instance is not None and context.run is not None:
             choice = self.choice()
             context.instance.add_run_tags(
-                context.dagster_run.run_id, {"lorasum/profile": self.profile.name, "lorasum/base_model": choice.model}
+                context.run.run_id, {"lorasum/profile": self.profile.name, "lorasum/base_model": choice.model}
             )
 
     def choice(self) -> ModelChoice:

@@ -45,7 +45,7 @@ class RunPreflightResource(dg.ConfigurableResource):
     release_dead_runs: bool = True
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        run = context.dagster_run
+        run = context.run
         if context.instance is None or run is None:
             return
         if self.release_dead_runs:

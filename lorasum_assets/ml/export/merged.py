@@ -78,38 +78,49 @@ def export_dtype(base) -> torch.dtype:
 
 
 @torch.no_grad()
-def _greedy_path(model, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+def greedy_path(model, prompt: list[int], new_tokens: int = CHECK_NEW_TOKENS) -> tuple[list[int], torch.Tensor]:
     """The greedy continuation of ``prompt`` (no stop id) and the logits of each step."""
     device = next(model.parameters()).device
     out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
     steps, tokens = [out.logits[0, -1].float()], []
     for _ in range(new_tokens - 1):
         tokens.append(int(steps[-1].argmax()))
-        out = model(input_ids=torch.tensor([[tokens[-1]]], device=device), past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=torch.tensor([[tokens[-1]]], device=device), cache=out.cache, use_cache=True)
         steps.append(out.logits[0, -1].float())
     tokens.append(int(steps[-1].argmax()))
-    return tokens, torch.stack(steps)
+    return tokens, torch.stack(steps).cpu()
 
 
-@torch.no_grad()
-def compare_with_reference(reference, merged, prompts: list[list[int]], new_tokens: int = CHECK_NEW_TOKENS,
-                           tolerance: float = MERGE_TOLERANCE) -> MergeCheck:
+def judge_paths(paths: list[tuple[list[int], list[int], torch.Tensor]], candidate: list[torch.Tensor], tolerance: float) -> MergeCheck:
+    """A candidate against the reference's greedy ``paths`` (prompt, tokens, logits of each step):
+    ``candidate`` holds its logits at the same steps, teacher-forced, one tensor per path. Gaps and
+    margins are relative to the reference's largest |logit| on that prompt."""
     same, gap, partings = 0, 0.0, []
-    for index, prompt in enumerate(prompts):
-        tokens, ref_logits = _greedy_path(reference, prompt, new_tokens)
-        device = next(merged.parameters()).device
-        full = torch.tensor([prompt + tokens[:-1]], device=device)
-        ours = merged(input_ids=full).logits[0, len(prompt) - 1 :].float().to(ref_logits.device)
-        scale = ref_logits.abs().max().item()
-        gap = max(gap, (ours - ref_logits).abs().max().item() / scale)
+    for index, ((_, tokens, ref_logits), ours) in enumerate(zip(paths, candidate, strict=True)):
+        ours = ours.float()
+        width = min(ours.shape[-1], ref_logits.shape[-1])  # a converter may pad the vocabulary
+        ours, ref = ours[:, :width], ref_logits[:, :width]
+        scale = ref.abs().max().item()
+        gap = max(gap, (ours - ref).abs().max().item() / scale)
         chosen = ours.argmax(-1).tolist()
         parted = next((step for step, (a, b) in enumerate(zip(chosen, tokens, strict=True)) if a != b), None)
         if parted is None:
             same += 1
         else:
-            margin = (ref_logits[parted, tokens[parted]] - ref_logits[parted, chosen[parted]]).item() / scale
+            margin = (ref[parted, tokens[parted]] - ref[parted, chosen[parted]]).item() / scale
             partings.append({"prompt": index, "step": parted + 1, "margin": margin})
-    return MergeCheck(len(prompts), same, gap, partings, tolerance)
+    return MergeCheck(len(paths), same, gap, partings, tolerance)
+
+
+@torch.no_grad()
+def compare_with_reference(reference, merged, prompts: list[list[int]], new_tokens: int = CHECK_NEW_TOKENS,
+                           tolerance: float = MERGE_TOLERANCE) -> MergeCheck:
+    paths = [(prompt, *greedy_path(reference, prompt, new_tokens)) for prompt in prompts]
+    device = next(merged.parameters()).device
+
+    candidate = [merged(input_ids=torch.tensor([prompt + tokens[:-1]], device=device)).logits[0, len(prompt) - 1 :].float().cpu()
+                 for prompt, tokens, _ in paths]
+    return judge_paths(paths, candidate, tolerance)
 
 
 def merge_adapter(spec: ModelSpec, adapter_path: str, out: Path, check_prompts: list[list[int]],
@@ -172,7 +183,7 @@ def model_card(facts: dict[str, Any]) -> str:
     lines = [
         "---",
         f"base_model: {facts['base_model']}",
-        f"library_name: {'transformers' if merged else 'peft'}",
+        f"library_name: {'gguf' if facts.get('gguf') else 'transformers' if merged else 'peft'}",
         "pipeline_tag: text-generation",
         "tags: [lora, summarization, dialogsum, lorasum]",
         "---",
@@ -180,7 +191,9 @@ def model_card(facts: dict[str, Any]) -> str:
         f"# {facts['adapter_id']}",
         "",
         f"A LoRA adapter for dialogue summarization, trained by lorasum on `{facts['base_model']}`"
-        + (" and merged into the base weights: load it with `AutoModelForCausalLM.from_pretrained`, no PEFT needed." if merged
+        + (" and merged into the base weights, as GGUF: `llama-cli -m model.gguf`, or `ollama create NAME -f Modelfile`."
+           if facts.get("gguf") else
+           " and merged into the base weights: load it with `AutoModelForCausalLM.from_pretrained`, no PEFT needed." if merged
            else ": load it with `PeftModel.from_pretrained(base, folder)`."),
         "",
     ]

@@ -21,7 +21,7 @@ def prepare_peft_model(model, spec: TrainSpec):
             gradient_checkpointing_kwargs=checkpointing_kwargs,
         )
     elif spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()
     if spec.gradient_checkpointing:
         model.config.use_cache = False

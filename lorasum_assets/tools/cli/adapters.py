@@ -107,10 +107,15 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     spec = base_spec(con, adapter, device=args.device)
     con.close()
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+    occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if occupied and args.gguf:
+        raise SystemExit(f"{out} exists and is not an empty folder; a GGUF export goes into a new folder (--force does not apply)")
+    if occupied and not args.force:
         raise SystemExit(f"{out} exists and is not an empty folder; use --force to write into it")
-    facts["merged"] = args.merged
-    if args.merged:
+    facts["merged"], facts["gguf"] = args.merged or args.gguf, args.gguf
+    if args.gguf:
+        message = _export_gguf(args, adapter, spec, out, facts)
+    elif args.merged:
         with quiet_libraries(args.verbose):
             try:
                 merged = merge_adapter(spec, adapter.path, out, check_prompts(spec, adapter.training), tolerance=args.merge_tolerance)
@@ -135,6 +140,29 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     else:
         print(message)
     return 0
+
+
+def _export_gguf(args: argparse.Namespace, adapter, spec, out: Path, facts: dict) -> str:
+    """model.gguf, adapter.gguf and the Ollama Modelfiles, checked by llama.cpp; the lines to print."""
+    from lorasum_assets.ml.export.gguf import GgufExportError, GgufWriteError, export_gguf
+    from lorasum_assets.ml.export.merged import MergeCheckError
+
+    with quiet_libraries(args.verbose):
+        try:
+            done = export_gguf(spec, adapter.path, out, check_prompts(spec, adapter.training), out_type=args.type,
+                               prompt_format=trained_prompt_format(adapter.training), merge_tolerance=args.merge_tolerance)
+        except (GgufExportError, GgufWriteError, MergeCheckError) as exc:
+            raise SystemExit(f"lorasum export-model: {exc}") from exc
+    facts.update(dequantized=done.merged.dequantized, dtype=done.out_type)
+    lines = [f"exported {args.adapter} on {adapter.base.model} as GGUF ({done.out_type}) at {out}: "
+             + ", ".join(sorted(p.name for p in out.iterdir())),
+             f"merged model checked against base + adapter, reloaded with plain transformers: {done.merged.check.describe()}",
+             f"model.gguf checked in llama.cpp against base + adapter: {done.model_check.describe()}"]
+    if done.adapter_check is not None:
+        lines.append(f"adapter.gguf on the base GGUF checked in llama.cpp against base + adapter: {done.adapter_check.describe()}")
+    else:
+        lines.append("adapter.gguf not checked in llama.cpp: the base model is not a GGUF, so there is none to apply it to")
+    return "\n".join(lines)
 
 
 def check_prompts(spec, trained: dict, count: int = 8) -> list[list[int]]:
@@ -178,6 +206,10 @@ def register(command: AddCommand) -> None:
     p.add_argument("adapter", help="adapter id")
     p.add_argument("out", help="folder to write")
     p.add_argument("--merged", action="store_true", help="merge the LoRA weights into the base (merge_and_unload) and save the whole model")
+    p.add_argument("--gguf", action="store_true",
+                   help="GGUF for llama.cpp and Ollama: model.gguf (merged), adapter.gguf, Modelfile, checked by llama.cpp "
+                        "(needs `make setup-gguf`; docs/export.md)")
+    p.add_argument("--type", default="bf16", choices=("bf16", "f16", "q8_0"), help="the GGUF's weight type (--gguf)")
     p.add_argument("--merge-tolerance", type=float, default=0.02, metavar="GAP",
                    help="largest logit gap, as a share of the largest logit, a merged export may show against base + adapter "
                         "on 8 sample prompts (default: 0.02; docs/export.md)")
