@@ -79,8 +79,8 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
     from lorasum_assets.ml.models.loading import ModelSpec, load_model
     from lorasum_assets.ml.training import loop as train_module
     from lorasum_assets.ml.training.batching import collate_right
-    from lorasum_assets.ml.training.loop import train_lora
-    from lorasum_assets.ml.training.lora import prepare_peft_model
+    from lorasum_assets.ml.training.records import TrainingRequest
+    from lorasum_assets.ml.training.run import train_adapter
     from lorasum_assets.settings.specs import TrainSpec
 
     args = argparse.Namespace(**args_dict)
@@ -125,13 +125,11 @@ def _train_variant(args_dict: dict, variant: str) -> dict:
     peak_before = _matmul_peak(model.config.hidden_size, model.config.intermediate_size, threads, peak_dtype, args.device)
     if args.device != "cpu":
         torch.cuda.reset_peak_memory_stats()
-    peft_model = prepare_peft_model(model, spec)
-    started = time.perf_counter()
-    result = train_lora(peft_model, train, [], spec, tokenizer.pad_token_id)
-    total_seconds = time.perf_counter() - started
+    adapter_dir = Path(args.adapter_dir) if variant == "ours" else Path(tempfile.mkdtemp(prefix="speed-adapter-"))
+    request = TrainingRequest(spec=spec, train_examples=train, val_examples=[], adapter_dir=adapter_dir)
+    result = train_adapter(request, load=lambda: (tokenizer, model))
+    total_seconds = result.seconds  # the loop itself; the optimizer and LoRA set-up before it are not counted
     peak_after = _matmul_peak(model.config.hidden_size, model.config.intermediate_size, threads, peak_dtype, args.device)
-    if variant == "ours":
-        peft_model.save_pretrained(args.adapter_dir)
     per_epoch = result.total_steps // spec.epochs
     last_epoch = result.steps[-per_epoch:]
     seconds = sum(s.seconds for s in last_epoch)

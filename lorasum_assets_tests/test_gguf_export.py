@@ -111,12 +111,13 @@ def test_the_default_profiles_adapter_as_gguf_computes_what_it_computes_in_trans
     from lorasum_assets.tools.cli import main
 
     adapter_id = trained_adapter_id("smollm2-135m")
+    reports = []
     for out_type in ("bf16", "q8_0"):
         out = tmp_path / f"gguf-{out_type}"
         capsys.readouterr()
         assert main(["export-model", adapter_id, str(out), "--gguf", "--type", out_type]) == 0, capsys.readouterr().err
         printed = capsys.readouterr().out
-        print(printed)
+        reports.append(printed)
         assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "Modelfile.adapter", "README.md", "adapter.gguf", "model.gguf"]
         model_line, adapter_line = printed.splitlines()[2], printed.splitlines()[3]
         assert model_line.startswith("model.gguf checked in llama.cpp") and adapter_line.startswith("adapter.gguf on the base GGUF checked")
@@ -125,6 +126,8 @@ def test_the_default_profiles_adapter_as_gguf_computes_what_it_computes_in_trans
             assert int(SAME.search(line).group(1)) >= 3, line
         modelfile = (out / "Modelfile").read_text()
         assert 'PARAMETER stop "<|im_end|>"' in modelfile and "{{ .Prompt }}" in modelfile
+    with capsys.disabled():
+        print("\n" + "\n".join(reports))
 
 
 @pytest.mark.slow
