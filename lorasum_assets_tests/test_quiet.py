@@ -52,9 +52,9 @@ def test_lorasum_verbose_shows_it_again():
 
 IMPORT_ONLY = """
 import logging, warnings
-import dagster, duckdb, huggingface_hub, numpy, peft, pyarrow, safetensors, tokenizers, torch, tqdm, transformers  # their own filters
+import duckdb, numpy, pyarrow, safetensors, tqdm  # what these modules import: their own filters come first
 before = (list(warnings.filters), logging.getLogger("kernels").level, logging.getLogger("bitsandbytes").level)
-import lorasum_assets.ml.models.loading, lorasum_assets.ml.training.run, lorasum_assets.store.lake, lorasum_assets.tools.cli
+import lorasum_assets, lorasum_assets.store.lake, lorasum_assets.tools.cli, lorasum_assets.ml.training.records
 after = (list(warnings.filters), logging.getLogger("kernels").level, logging.getLogger("bitsandbytes").level)
 print(before == after, len(after[0]) - len(before[0]))
 """
