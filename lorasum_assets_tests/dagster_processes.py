@@ -103,7 +103,10 @@ class Deployment:
                     pytest.fail(f"the {name} exited while waiting for {what}:\n{self.log(name)}")
             try:
                 value = check()
-            except (OSError, AssertionError):
+            except (OSError, AssertionError, KeyError, TypeError):
+                # not there yet: the server away, or a GraphQL answer of another shape while the
+                # code location reloads (an error type where the check reads a field); the timeout
+                # still ends a wait that never comes true, with the servers' logs
                 value = None
             if value:
                 return value

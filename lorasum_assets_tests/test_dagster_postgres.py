@@ -75,8 +75,10 @@ def test_webserver_daemon_and_code_server_as_separate_processes_on_postgres(post
 
         # two runs launched at once: both queued, dequeued by the daemon, their GPU steps one at a time
         queued = [launch(deployment), launch(deployment)]
-        sensor_tick = deployment.wait_until("a tick of the data-change sensor", lambda: deployment.graphql(
-            SENSOR_TICKS, selector=selector(sensorName="retrain_on_data_change"))["sensorOrError"]["sensorState"]["ticks"], timeout=120)[0]
+        # a tick is read once it has ended: one still being evaluated shows STARTED
+        sensor_tick = deployment.wait_until("a finished tick of the data-change sensor", lambda: [
+            t for t in deployment.graphql(SENSOR_TICKS, selector=selector(sensorName="retrain_on_data_change"))[
+                "sensorOrError"]["sensorState"]["ticks"] if t["status"] != "STARTED"], timeout=120)[0]
         print(f"data-change sensor tick: {sensor_tick['status']} ({sensor_tick['skipReason']})")
         assert sensor_tick["status"] == "SKIPPED" and "LORASUM_WATCH_PATH" in sensor_tick["skipReason"]
         def schedule_state() -> dict:
