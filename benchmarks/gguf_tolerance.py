@@ -58,8 +58,8 @@ def main() -> int:
     dialogues = [row.values["dialogue"] for row in sample["test"][:8]]
     prompts = [ids for ids, _ in encode_prompts(tokenizer, dialogues, use_chat_template=False, boundary="natural", max_prompt_tokens=1024)]
     folder = gguf.converters_dir()
-    merged = merge_adapter(spec, str(work / "adapter"), work / "merged", prompts)
     ref = gguf.reference(spec, str(work / "adapter"), prompts)
+    merged = merge_adapter(spec, str(work / "adapter"), work / "merged", prompts, reference_paths=ref.paths)
     figures = {"merged": {"gap": merged.check.max_gap, "same": merged.check.same_greedy, "partings": merged.check.partings}}
     print(f"merged (transformers): {merged.check.describe()}")
 

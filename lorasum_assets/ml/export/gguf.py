@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -222,19 +222,18 @@ def export_gguf(spec: ModelSpec, adapter_path: str, out: Path, prompts: list[lis
         raise write_failure("the GGUF export", out.parent, 0, exc, GgufWriteError) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return GgufExport(folder=out, out_type=out_type, merged=result.merged, model_check=result.model_check,
-                      adapter_check=result.adapter_check, metadata=result.metadata)
+    return replace(result, folder=out)
 
 
 def _export_into(staging: Path, *, spec: ModelSpec, adapter_path: str, prompts, out_type: str, prompt_format, merge_tolerance,
                  folder: Path) -> GgufExport:
-    merged = merge_adapter(spec, adapter_path, staging / "merged", prompts, tolerance=merge_tolerance)
+    ref = reference(spec, adapter_path, prompts)  # one load of base + adapter serves the merged check and both GGUF checks
+    merged = merge_adapter(spec, adapter_path, staging / "merged", prompts, tolerance=merge_tolerance, reference_paths=ref.paths)
     run_converter(folder, "convert_hf_to_gguf.py", [str(merged.folder), "--outtype", out_type, "--outfile", str(staging / "model.gguf")],
                   f"the merged model of {spec.model}")
     run_converter(folder, "convert_lora_to_gguf.py", [adapter_path, "--base", str(merged.folder), "--outtype", out_type,
                                                       "--outfile", str(staging / "adapter.gguf")], f"the adapter {adapter_path}")
     tokenizer = load_tokenizer(spec)
-    ref = reference(spec, adapter_path, prompts)
     model_check, metadata = check_gguf_model(staging / "model.gguf", ref, GGUF_TOLERANCE[out_type])
     if not model_check.ok:
         raise GgufExportError(f"model.gguf in llama.cpp does not compute what base + adapter computes: {model_check.describe()}")

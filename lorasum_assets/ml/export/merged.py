@@ -115,7 +115,12 @@ def judge_paths(paths: list[tuple[list[int], list[int], torch.Tensor]], candidat
 @torch.no_grad()
 def compare_with_reference(reference, merged, prompts: list[list[int]], new_tokens: int = CHECK_NEW_TOKENS,
                            tolerance: float = MERGE_TOLERANCE) -> MergeCheck:
-    paths = [(prompt, *greedy_path(reference, prompt, new_tokens)) for prompt in prompts]
+    return compare_along([(prompt, *greedy_path(reference, prompt, new_tokens)) for prompt in prompts], merged, tolerance)
+
+
+@torch.no_grad()
+def compare_along(paths: list, merged, tolerance: float) -> MergeCheck:
+    """``merged`` teacher-forced along the reference's greedy ``paths``, judged by ``judge_paths``."""
     device = next(merged.parameters()).device
 
     candidate = [merged(input_ids=torch.tensor([prompt + tokens[:-1]], device=device)).logits[0, len(prompt) - 1 :].float().cpu()
@@ -124,7 +129,7 @@ def compare_with_reference(reference, merged, prompts: list[list[int]], new_toke
 
 
 def merge_adapter(spec: ModelSpec, adapter_path: str, out: Path, check_prompts: list[list[int]],
-                  tolerance: float = MERGE_TOLERANCE) -> MergedModel:
+                  tolerance: float = MERGE_TOLERANCE, reference_paths: list | None = None) -> MergedModel:
     """Base + adapter merged with ``merge_and_unload`` into ``out``: safetensors weights in the
     dtype the base computes in (a 4-bit base is dequantized first), the tokenizer and a generation config whose stop ids are
     the ones lorasum generates with. The folder is written aside, reloaded with plain
@@ -155,8 +160,11 @@ def merge_adapter(spec: ModelSpec, adapter_path: str, out: Path, check_prompts: 
         free_accelerator_memory()  # the merged copy goes before its reload and a 4-bit reference load beside it
         device = pick_device(spec)
         reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype).to(device).eval()
-        reference = PeftModel.from_pretrained(load_model(spec), adapter_path, is_trainable=False).eval()
-        check = compare_with_reference(reference, reloaded, check_prompts, tolerance=tolerance)
+        if reference_paths is None:  # base + adapter's greedy paths, unless the caller already has them
+            reference = PeftModel.from_pretrained(load_model(spec), adapter_path, is_trainable=False).eval()
+            reference_paths = [(prompt, *greedy_path(reference, prompt)) for prompt in check_prompts]
+            del reference
+        check = compare_along(reference_paths, reloaded, tolerance)
         if not check.ok:
             raise MergeCheckError(f"the merged model does not compute what base + adapter computes: {check.describe()}; "
                                   f"nothing was written to {out}")
