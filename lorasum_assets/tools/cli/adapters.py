@@ -202,7 +202,7 @@ def register(command: AddCommand) -> None:
     p.add_argument("--dataset", help="which dataset's alias, when several hold one")
     p.add_argument("--reason", help="why, for the record")
 
-    p = command("export-model", "export an adapter with a model card, or (--merged) a model plain transformers loads", cmd_export_model)
+    p = command("export-model", "export an adapter with a model card, (--merged) a model plain transformers loads, or (--gguf) GGUF for llama.cpp and Ollama", cmd_export_model)
     p.add_argument("adapter", help="adapter id")
     p.add_argument("out", help="folder to write")
     p.add_argument("--merged", action="store_true", help="merge the LoRA weights into the base (merge_and_unload) and save the whole model")
