@@ -247,6 +247,12 @@ def test_a_bad_sweep_grid_names_the_file_and_the_field(tmp_path, capsys):
     grid.write_text("lora_adapter:\n  epochs: [0, 1]\n")
     assert main(["sweep", str(grid)]) == 1
     assert "point {'epochs': 0}: TrainSpec.epochs = 0; must be >= 1" in capsys.readouterr().err
+    grid.write_text("lora_adapter:\n  target_modules: [[q_proj], [all-linear, v_proj]]\n")
+    assert main(["sweep", str(grid)]) == 1
+    assert "all-linear already takes every linear layer: give it alone" in capsys.readouterr().err
+    grid.write_text("lora_adapter:\n  epochs: [1]\n")
+    assert main(["sweep", str(grid), "--data", str(tmp_path / "no-such-folder")]) == 1
+    assert f"lorasum sweep: --data {tmp_path / 'no-such-folder'} does not exist" in capsys.readouterr().err
 
 
 def test_lorasum_sql_runs_a_query_on_the_history_and_never_writes_it(seeded):

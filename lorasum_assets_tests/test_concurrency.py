@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from importlib import resources
 from pathlib import Path
 
 import dagster as dg
@@ -104,20 +105,30 @@ def test_four_first_runs_at_once_on_a_fresh_home(fresh_home):
 def test_a_sweep_trains_evaluates_and_ranks_each_point_on_its_own_adapter(fresh_home):
     init_instance(fresh_home)
     grid = fresh_home / "grid.yaml"
-    grid.write_text("lora_adapter:\n  learning_rate: [0.001, 0.003, 0.01]\n")
-    done = subprocess.run([*LORASUM, "sweep", str(grid), "--parallel", "3", "--json"], cwd=REPO, env=environment(fresh_home),
-                          capture_output=True, text=True, timeout=900)
+    grid.write_text("lora_adapter:\n  learning_rate: [0.003, 0.01]\n  target_modules: [[q_proj, v_proj], [all-linear]]\n")
+    # --data: a local folder of the sample's dialogues with 5 of its 12 test dialogues, so the points must score on it
+    sample = [json.loads(line) for line in resources.files("lorasum_assets").joinpath("sample_data/dialogues.jsonl").read_text().splitlines()]
+    kept = [row for row in sample if row["split"] != "test"] + [row for row in sample if row["split"] == "test"][:5]
+    (fresh_home / "data").mkdir()
+    (fresh_home / "data" / "dialogues.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept))
+    done = subprocess.run([*LORASUM, "sweep", str(grid), "--parallel", "3", "--json", "--data", str(fresh_home / "data")], cwd=REPO,
+                          env=environment(fresh_home), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     ranking = json.loads(done.stdout)["rows"]
-    assert sorted(row["point"] for row in ranking) == ["learning_rate=0.001", "learning_rate=0.003", "learning_rate=0.01"]
+    points = {f"learning_rate={rate},target_modules={targets}" for rate in (0.003, 0.01) for targets in (["q_proj", "v_proj"], ["all-linear"])}
+    assert {row["point"] for row in ranking} == points and len(ranking) == 4
     assert [row["rank"] for row in ranking] == sorted(row["rank"] for row in ranking)
     assert all(row["best_adapters_rank"] >= 1 for row in ranking)
     con = database(fresh_home)
+    adapted = {"[q_proj, v_proj]": {"q_proj", "v_proj"}, "[all-linear]": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}}
     for row in ranking:
-        trained_in, rate = con.execute(
-            "SELECT run_id, CAST(config->>'learning_rate' AS DOUBLE) FROM adapters WHERE adapter_id = ?", [row["adapter_id"]]
+        trained_in, rate, path = con.execute(
+            "SELECT run_id, CAST(config->>'learning_rate' AS DOUBLE), path FROM adapters WHERE adapter_id = ?", [row["adapter_id"]]
         ).fetchone()
-        assert trained_in == row["run_id"] and row["point"] == f"learning_rate={rate:g}"
-    assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 3
+        assert trained_in == row["run_id"] and row["point"].startswith(f"learning_rate={rate:g},")
+        targets = json.loads((Path(path) / "adapter_config.json").read_text())["target_modules"]
+        assert {t.split(".")[-1] for t in targets} == adapted[row["point"].split("target_modules=")[1].replace("'", "")]
+        assert con.execute("SELECT n_examples FROM eval_runs WHERE run_id = ?", [row["run_id"]]).fetchone()[0] == 5
+    assert con.execute("SELECT count(*) FROM adapters").fetchone()[0] == 4
     best = subprocess.run([*LORASUM, "adapters", "--best", "--json"], cwd=REPO, env=environment(fresh_home), capture_output=True, text=True)
     assert {row["adapter_id"] for row in json.loads(best.stdout)["rows"]} == {row["adapter_id"] for row in ranking}

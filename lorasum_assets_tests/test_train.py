@@ -19,6 +19,26 @@ from lorasum_assets_tests.helpers import examples
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def test_all_linear_adapts_every_projection_but_the_head_and_the_adapter_lists_them(tiny_model, tiny_tokenizer, tmp_path):
+    spec = TrainSpec(epochs=1, batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.0,
+                     target_modules=["all-linear"], gradient_checkpointing=False)
+    peft_model = prepare_peft_model(tiny_model, spec)
+    adapted = {name.split(".")[-2] for name, _ in peft_model.named_modules() if name.endswith(".lora_A")}
+    assert adapted == set(ALL_LINEAR)
+    assert sum(name.endswith(".lora_A") for name, _ in peft_model.named_modules()) == 2 * len(ALL_LINEAR)
+    train_lora(peft_model, examples(tiny_tokenizer, 4), [], spec, tiny_tokenizer.pad_token_id)
+    save_adapter(peft_model, tiny_tokenizer, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {target.split(".")[-1] for target in saved["target_modules"]} == set(ALL_LINEAR)  # PEFT may save full paths
+
+
+@pytest.mark.parametrize("targets,message", [
+    ([], "name one module or more"),
+    (["all-linear", "q_proj"], "give it alone"),
+])
+def test_target_modules_are_checked(targets, message):
+    with pytest.raises(ValueError, match=message):
+        TrainSpec(target_modules=targets)
 
 
 def test_only_lora_weights_change_and_they_do(tiny_model, tiny_tokenizer):

@@ -15,6 +15,8 @@ from typing import Any
 
 HUB_DATASET_ID = "knkarthick/dialogsum"
 NOTEBOOK_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+# PEFT's shorthand: every linear layer of the model except its output head.
+ALL_LINEAR = "all-linear"
 TINY_MODEL = "builtin:tiny-llama"
 # A 2-layer stand-in for unsloth/Llama-3.2-3B-Instruct-bnb-4bit: Llama 3.2-shaped, NF4, saved prequantized
 TINY_LLAMA32_BNB_4BIT = "builtin:tiny-llama-3.2-bnb-4bit"
@@ -127,7 +129,11 @@ class TrainSpec:
         "cheaper than torch's dropout there; same drop probability within 2e-5) and torch on GPU.",
         choices=LORA_DROPOUT_MASKS,
     )
-    target_modules: tuple[str, ...] = setting(NOTEBOOK_TARGET_MODULES, "Module names that get LoRA weights.")
+    target_modules: tuple[str, ...] = setting(
+        NOTEBOOK_TARGET_MODULES,
+        f"Module names that get LoRA weights, or [{ALL_LINEAR}] alone: every linear layer but the output head "
+        "(attention and MLP projections; the adapter's config lists the modules it found).",
+    )
     bias: str = setting("none", "Which biases train.", choices=("none", "all", "lora_only"))
     learning_rate: float = setting(2e-4, "Peak learning rate.", gt=0.0, le=1.0)
     lr_scheduler: str = setting(
@@ -157,6 +163,13 @@ class TrainSpec:
     logging_steps: int = setting(1, "Log every N optimizer steps.", ge=1)
     checkpoint_steps: int = setting(10, "Write a resumable checkpoint every N optimizer steps.", ge=1)
     seed: int = setting(42, "Seed for batching, dropout and LoRA initialisation.")
+
+    def __post_init__(self) -> None:
+        targets = self.target_modules
+        if not targets or any(not isinstance(t, str) or not t.strip() for t in targets):
+            raise SettingError(f"TrainSpec.target_modules = {list(targets)!r}; name one module or more (such as q_proj), or [{ALL_LINEAR}]")
+        if ALL_LINEAR in targets and len(targets) > 1:
+            raise SettingError(f"TrainSpec.target_modules = {list(targets)!r}; {ALL_LINEAR} already takes every linear layer: give it alone")
 
     def fingerprint(self, data_hash: str, model_id: str) -> str:
         """Identifies a training run for resume: same config, data and base model → same key."""

@@ -128,7 +128,14 @@ def _ranking(sweep_id: str, metric: str) -> list[tuple]:
         con.close()
 
 
-def run_sweep(points: list[dict[str, Any]], parallel: int, metric: str, log: Callable[[str], None]) -> SweepResult:
+def prepare_run_config(data: str | None) -> dict[str, Any]:
+    """Run config of the run that materializes the data and the base predictions the points share."""
+    return {"ops": {"raw_dialogsum": {"config": {"source": "local", "path": data}}}} if data else {}
+
+
+def run_sweep(
+    points: list[dict[str, Any]], parallel: int, metric: str, log: Callable[[str], None], data: str | None = None
+) -> SweepResult:
     if not get_env(DAGSTER_HOME_ENV):
         # Each point's process must find the data materializations the preparing run recorded.
         raise SystemExit("lorasum sweep: set DAGSTER_HOME (the points share its Dagster instance), e.g. DAGSTER_HOME=$PWD/.lorasum/dagster")
@@ -136,7 +143,12 @@ def run_sweep(points: list[dict[str, Any]], parallel: int, metric: str, log: Cal
     sweep_id = f"sweep-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     log(f"{sweep_id}: {len(points)} point(s), {parallel} at a time")
     folder = home_subdir("sweeps", sweep_id)  # run configs and each point's log
-    prepare = subprocess.run([*_dagster("asset", "materialize"), "--select", PREPARED_ASSETS], capture_output=True, text=True)
+    prepare_config = folder / "prepare.yaml"
+    prepare_config.write_text(yaml.safe_dump(prepare_run_config(data)))
+    if data:
+        log(f"data: {data} (source local)")
+    prepare = subprocess.run([*_dagster("asset", "materialize"), "--select", PREPARED_ASSETS, "-c", str(prepare_config)],
+                             capture_output=True, text=True)
     if prepare.returncode != 0:
         raise SystemExit(f"lorasum sweep: preparing the data and base predictions failed:\n{prepare.stdout[-3000:]}{prepare.stderr[-3000:]}")
     codes = _run_points(points, sweep_id, parallel, folder, log)

@@ -78,7 +78,7 @@ def check_adapter_convertible(adapter_path: str) -> None:
     config = json.loads((Path(adapter_path) / "adapter_config.json").read_text())
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
-    refused = sorted({t for t in targets if t in ("embed_tokens", "lm_head")} | set(config.get("modules_to_save") or []))
+    refused = sorted({t for t in targets if t.split(".")[-1] in ("embed_tokens", "lm_head")} | set(config.get("modules_to_save") or []))
     if refused:
         raise GgufExportError(f"adapter {adapter_path} adapts or saves {', '.join(refused)}: llama.cpp's LoRA converter takes "
                               "LoRA on linear projections only (target_modules such as q_proj, v_proj)")

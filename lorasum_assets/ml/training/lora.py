@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from lorasum_assets.ml.models.four_bit import is_quantized
 from lorasum_assets.ml.training.lora_dropout import lora_dropout_mask_for, use_packed_bits_dropout
-from lorasum_assets.settings.specs import TrainSpec
+from lorasum_assets.settings.specs import ALL_LINEAR, TrainSpec
 
 
 def prepare_peft_model(model, spec: TrainSpec):
@@ -29,7 +29,7 @@ def prepare_peft_model(model, spec: TrainSpec):
         r=spec.lora_r,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
-        target_modules=list(spec.target_modules),
+        target_modules=lora_targets(spec.target_modules),
         bias=spec.bias,
         task_type="CAUSAL_LM",
     )
@@ -43,6 +43,11 @@ def prepare_peft_model(model, spec: TrainSpec):
     if spec.compile_layers:
         compile_decoder_layers(peft_model)
     return peft_model
+
+
+def lora_targets(target_modules: tuple[str, ...]) -> str | list[str]:
+    """What LoraConfig takes: PEFT's ``"all-linear"`` string, or the module names."""
+    return ALL_LINEAR if tuple(target_modules) == (ALL_LINEAR,) else list(target_modules)
 
 
 # Widest micro-batch (tokens per row) that trains faster with eager attention than with SDPA on CPU:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lorasum_assets.settings.env import DAGSTER_HOME_ENV, get_env
 from lorasum_assets.settings.specs import EVAL_METRICS
@@ -20,7 +21,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         points = load_grid(args.grid)
     except SweepGridError as exc:
         raise SystemExit(f"lorasum sweep: {exc}") from exc
-    result = run_sweep(points, parallel=args.parallel, metric=args.metric, log=lambda m: print(m, file=sys.stderr))
+    if args.data and not Path(args.data).exists():
+        raise SystemExit(f"lorasum sweep: --data {args.data} does not exist")
+    data = str(Path(args.data).resolve()) if args.data else None
+    result = run_sweep(points, parallel=args.parallel, metric=args.metric, data=data, log=lambda m: print(m, file=sys.stderr))
     emit(args, result.header, result.rows, {"sweep": result.sweep_id, "metric": args.metric})
     return 0 if result.all_succeeded else 1
 
@@ -74,6 +78,8 @@ def register(command: AddCommand) -> None:
     p.add_argument("grid", help="YAML file: lora_adapter: {setting: [values, ...]}")
     p.add_argument("--parallel", type=int, default=2, help="points running at once")
     p.add_argument("--metric", default="bertscore_f1", choices=EVAL_METRICS, help="metric that ranks the points")
+    p.add_argument("--data", help="a DialogSum file or folder (source 'local'; docs/data.md) to train and score on, "
+                   "instead of the profile's data; the points are scored on its test split")
 
     command("recover", "register adapters a run saved but could not record (history server away); fail runs whose "
             "process died and free their GPU pool slots", cmd_recover)
