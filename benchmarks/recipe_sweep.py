@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT, add_data_arguments, dialogsum_splits, print_host, training_examples
@@ -65,7 +66,7 @@ def prepare(argv: list[str]) -> int:
 
 def measure_on_test(argv: list[str]) -> int:
     from lorasum_assets.ml.data.prompts import encode_prompt
-    from lorasum_assets.ml.evaluation.bertscore import BertScoreModel
+    from lorasum_assets.ml.evaluation.bertscore import BertScoreModel, package_minilm_path
     from lorasum_assets.ml.evaluation.scoring import metric_value, score_predictions
     from lorasum_assets.ml.generation.generate import generate_with_adapter
     from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer
@@ -77,6 +78,10 @@ def measure_on_test(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.recipe_sweep test", description="the old and the new default recipe on the test split")
     parser.add_argument("--train", type=int, default=200)
     parser.add_argument("--validation", type=int, default=20)
+    parser.add_argument("--test-every", type=int, default=1, help="score every K-th test dialogue (1: all of them)")
+    parser.add_argument("--adapters", nargs=2, metavar=("OLD", "NEW"),
+                        help="adapter folders already trained with the old and the new recipe on the same dev dialogues "
+                             "(such as the sweep's points): scored as they are, not trained again")
     add_data_arguments(parser)
     args = parser.parse_args(argv)
     if not Path(args.data, "dialogsum.test.jsonl").exists():
@@ -87,6 +92,7 @@ def measure_on_test(argv: list[str]) -> int:
     if recipes["old"] == recipes["new"]:
         raise SystemExit(f"the {PROFILE} profile still has the old recipe: nothing to compare")
     dev, test = dialogsum_splits(args.data)
+    test = test[:: args.test_every]
     train_rows, val_rows = dev[: args.train], dev[args.train : args.train + args.validation]
     spec = ModelSpec(model=profile.model.model, cache_dir=args.cache)
     tokenizer = load_tokenizer(spec)
@@ -99,21 +105,29 @@ def measure_on_test(argv: list[str]) -> int:
     prompts = [encode_prompt(tokenizer, d.dialogue, boundary=boundary)[0] for d in test]
     print_host()
     texts, timings, runs = {}, {}, {}
-    for label, recipe in recipes.items():
-        adapter_dir = Path(args.cache).parent / f"recipe-test-{label}"
-        started = time.perf_counter()
-        result = train_adapter(TrainingRequest(spec=recipe, train_examples=train_examples, val_examples=val_examples, adapter_dir=adapter_dir),
-                               load=lambda: (tokenizer, load_model(spec)))
-        train_s = time.perf_counter() - started
+    for index, (label, recipe) in enumerate(recipes.items()):
+        if args.adapters:
+            adapter_dir = Path(args.adapters[index])
+            check_adapter_recipe(adapter_dir, recipe)
+            trained = f"trained before: {adapter_dir}"
+            runs[label] = {"adapter": str(adapter_dir)}
+            train_s = None
+        else:
+            adapter_dir = Path(args.cache).parent / f"recipe-test-{label}"
+            started = time.perf_counter()
+            result = train_adapter(TrainingRequest(spec=recipe, train_examples=train_examples, val_examples=val_examples, adapter_dir=adapter_dir),
+                                   load=lambda: (tokenizer, load_model(spec)))
+            train_s = time.perf_counter() - started
+            trained = f"trained {train_s:.0f} s ({result.total_steps} steps, val loss {result.val_losses[-1]:.4f})"
+            runs[label] = {"steps": result.total_steps, "val_loss": result.val_losses[-1], "real_tokens": result.real_tokens}
         started = time.perf_counter()
         generations = generate_with_adapter(load_model(spec), str(adapter_dir), tokenizer, prompts, profile.generation)
         timings[label] = {"train_s": train_s, "generate_s": time.perf_counter() - started}
         texts[label] = [g.text for g in generations]
-        runs[label] = {"steps": result.total_steps, "val_loss": result.val_losses[-1], "real_tokens": result.real_tokens}
-        print(f"{label}: {recipe_line(recipe)}; trained {train_s:.0f} s ({result.total_steps} steps, val loss "
-              f"{result.val_losses[-1]:.4f}), summarized {len(test)} test dialogues in {timings[label]['generate_s']:.0f} s", flush=True)
+        print(f"{label}: {recipe_line(recipe)}; {trained}; summarized {len(test)} test dialogues in "
+              f"{timings[label]['generate_s']:.0f} s", flush=True)
 
-    scorer = BertScoreModel(profile.scorer)
+    scorer = BertScoreModel(replace(profile.scorer, model_path=package_minilm_path()))  # the profile's packaged MiniLM
     report = score_predictions(scorer, {"base": texts["old"], "tuned": texts["new"]}, [d.references for d in test], n_resamples=1000, seed=0)
     print(f"\n{len(test)} test dialogues; trained on dev dialogues 1-{args.train}; scorer {scorer.hash}; "
           f"{platform.machine()}, {os.cpu_count()} CPUs\n")
@@ -138,6 +152,18 @@ def measure_on_test(argv: list[str]) -> int:
         "args": vars(args), "recipes": {k: recipe_line(v) for k, v in recipes.items()}, "timings": timings, "runs": runs,
         "rows": rows, "empty": report.empty_predictions}, indent=2))
     return 0
+
+
+def check_adapter_recipe(adapter_dir: Path, recipe) -> None:
+    """An adapter given with --adapters must have the recipe's rank, alpha and targets (its config
+    records those; the learning rate and epochs are in the registry, which the sweep's table shows)."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    targets = {t.split(".")[-1] for t in config["target_modules"]}
+    expected = ({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} if recipe.target_modules == ("all-linear",)
+                else set(recipe.target_modules))
+    if (config["r"], config["lora_alpha"], targets) != (recipe.lora_r, recipe.lora_alpha, expected):
+        raise SystemExit(f"{adapter_dir}: r {config['r']}, alpha {config['lora_alpha']}, targets {sorted(targets)}; "
+                         f"the recipe has {recipe_line(recipe)}")
 
 
 def recipe_line(recipe) -> str:
