@@ -77,6 +77,9 @@ def test_compare(seeded, capsys):
     assert "not comparable" in capsys.readouterr().err
     assert main(["compare", "run-1", "nope"]) == 1
     assert "no evaluation run" in capsys.readouterr().err
+    for given in ("", "run-\udce2"):  # empty, and bytes the shell passed that are not UTF-8
+        assert main(["compare", "run-1", given]) == 1
+        assert "is a Dagster run id or a prefix of one" in capsys.readouterr().err
 
 
 def test_export(seeded, capsys, tmp_path):

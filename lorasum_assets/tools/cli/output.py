@@ -41,6 +41,9 @@ def emit(args: argparse.Namespace, header: Sequence[str], rows: Sequence[Sequenc
 
 def resolve_run(con, given: str) -> str:
     """A full run id from a unique prefix of one (the UI shows the first 8 characters)."""
+    if not given or not given.isprintable() or not given.isascii():
+        # Also what the shell hands over for bytes that are not UTF-8 (surrogate escapes DuckDB cannot take).
+        raise SystemExit(f"no evaluation run {given!r}: a run id is a Dagster run id or a prefix of one")
     matches = queries.evaluation_ids_starting(con, given)
     if given in matches:
         return given
