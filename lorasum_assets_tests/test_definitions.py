@@ -127,3 +127,14 @@ def test_loading_the_code_location_imports_no_ml_library():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "", f"loading the definitions imported {done.stdout.strip()}"
+
+
+def test_the_recipe_profile_trains_as_the_notebook_and_the_default_on_every_linear_layer():
+    from lorasum_assets.settings.profiles import get_profile
+
+    notebook = get_profile("llama-3.2-3b-qlora").training
+    assert (notebook.lora_r, notebook.lora_alpha, notebook.lora_dropout, notebook.target_modules) == (16, 32, 0.1, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert (notebook.batch_size, notebook.gradient_accumulation_steps, notebook.learning_rate, notebook.lr_scheduler, notebook.epochs) == (1, 4, 2e-4, "cosine", 5)
+    assert notebook.gradient_checkpointing
+    default = get_profile("smollm2-135m").training  # docs/results.md: the sweep that chose it
+    assert (default.target_modules, default.lora_r, default.learning_rate, default.epochs) == (("all-linear",), 16, 1e-3, 2)
