@@ -57,14 +57,19 @@ def test_the_modelfile_prompts_as_lorasum_generates_and_stops_where_it_stops(tin
     assert on_base.splitlines()[:2] == ["FROM /base/SmolLM2.gguf", "ADAPTER ./adapter.gguf"]
 
 
-def trained_adapter_id(profile: str) -> str:
+def trained_adapter_id(profile: str, **training: object) -> str:
     from lorasum_assets.defs.assets import ALL_ASSETS
     from lorasum_assets.defs.resources.factory import build_resources
     from lorasum_assets.settings.profiles import get_profile
 
     done = dg.materialize(ALL_ASSETS, resources=build_resources(get_profile(profile)), instance=dg.DagsterInstance.ephemeral(),
-                          selection="*lora_adapter", run_config=SHORT_TRAINING.get(profile, {}))
+                          selection="*lora_adapter", run_config=with_training(SHORT_TRAINING.get(profile, {}), training))
     return done.asset_materializations_for_node("lora_adapter")[0].metadata["lorasum/reference"].value["adapter_id"]
+
+
+def with_training(run_config: dict, training: dict) -> dict:
+    config = {**run_config.get("ops", {}).get("lora_adapter", {}).get("config", {}), **training}
+    return {**run_config, "ops": {**run_config.get("ops", {}), "lora_adapter": {"config": config}}}
 
 
 SHORT_TRAINING = {
@@ -134,7 +139,9 @@ def test_the_default_profiles_adapter_as_gguf_computes_what_it_computes_in_trans
 @needs_llama_cpp
 def test_an_adapter_converted_without_its_qk_permutation_is_refused(fresh_home, tmp_path, monkeypatch, capsys):
     """llama.cpp's rope layout needs q_proj and k_proj rows permuted; for LoRA that is lora_B's rows.
-    A converter that skips it gives an adapter.gguf that computes something else: the export refuses."""
+    A converter that skips it gives an adapter.gguf that computes something else: the export refuses.
+    On a q/k/v/o adapter: on the default's all-linear one the MLP's share of the effect hides the
+    fault within the tolerance (docs/export.md)."""
     from lorasum_assets.tools.cli import main
 
     broken = tmp_path / "broken-converters"
@@ -145,7 +152,7 @@ def test_an_adapter_converted_without_its_qk_permutation_is_refused(fresh_home, 
     script.write_text(source.replace("    def permute(self, *dims: int) -> LoraTorchTensor:\n",
                                      "    def permute(self, *dims: int) -> LoraTorchTensor:\n        return self\n"))
     monkeypatch.setenv("LORASUM_LLAMA_CPP", str(broken))
-    adapter_id = trained_adapter_id("smollm2-135m")
+    adapter_id = trained_adapter_id("smollm2-135m", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     out = tmp_path / "gguf"
     capsys.readouterr()
     assert main(["export-model", adapter_id, str(out), "--gguf"]) == 1
